@@ -1,0 +1,78 @@
+#include "comm/control.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+namespace reattn {
+
+Status mpi_status(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return Status::ok();
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  return Status(ErrorCode::kDevice, std::string(what) + " failed: " + std::string(text, len));
+}
+
+Expected<Control> Control::init(int* argc, char*** argv) {
+  int provided = 0;
+  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread"));
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  Control control;
+  control.owns_mpi_ = true;
+  MPI_Comm_rank(MPI_COMM_WORLD, &control.rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &control.world_);
+  MPI_Comm node;
+  REATTN_RETURN_IF_ERROR(mpi_status(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, control.rank_, MPI_INFO_NULL, &node),
+      "MPI_Comm_split_type"));
+  MPI_Comm_rank(node, &control.local_rank_);
+  MPI_Comm_free(&node);
+  return control;
+}
+
+Control::Control(Control&& other) noexcept
+    : owns_mpi_(other.owns_mpi_), rank_(other.rank_), world_(other.world_), local_rank_(other.local_rank_) {
+  other.owns_mpi_ = false;
+}
+
+Control::~Control() {
+  if (owns_mpi_) MPI_Finalize();
+}
+
+Status Control::broadcast(std::string& bytes, int root) const {
+  uint64_t size = bytes.size();
+  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Bcast(&size, 1, MPI_UINT64_T, root, MPI_COMM_WORLD), "MPI_Bcast"));
+  bytes.resize(size);
+  size_t done = 0;
+  // MPI counts are ints: send in pieces below 2 GiB.
+  while (done < size) {
+    const int piece = static_cast<int>(std::min<uint64_t>(size - done, 1u << 30));
+    REATTN_RETURN_IF_ERROR(mpi_status(MPI_Bcast(&bytes[done], piece, MPI_BYTE, root, MPI_COMM_WORLD), "MPI_Bcast"));
+    done += piece;
+  }
+  return Status::ok();
+}
+
+Status Control::agree(const Status& local) const {
+  int mine = local.is_ok() ? world_ : rank_;
+  int first = world_;
+  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce"));
+  if (first == world_) return Status::ok();
+  int code = static_cast<int>(local.code());
+  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Bcast(&code, 1, MPI_INT, first, MPI_COMM_WORLD), "MPI_Bcast"));
+  std::string message = local.message();
+  REATTN_RETURN_IF_ERROR(broadcast(message, first));
+  return Status(static_cast<ErrorCode>(code), message);
+}
+
+Status Control::barrier() const { return mpi_status(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+
+void Control::abort(int code) const {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::abort();
+}
+
+}  // namespace reattn

@@ -1,0 +1,56 @@
+#include "comm/mpi_communicator.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <cstring>
+#include <string>
+
+#include "comm/control.h"
+
+namespace reattn {
+namespace {
+
+Status check_count(size_t bytes, const char* what) {
+  if (bytes > static_cast<size_t>(INT_MAX)) {
+    return internal_error(std::string(what) + ": " + std::to_string(bytes) + " bytes exceed one MPI message");
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
+MpiCommunicator::MpiCommunicator() {
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_);
+}
+
+Status MpiCommunicator::allgather(const void* send, void* recv, size_t bytes_per_rank) {
+  REATTN_RETURN_IF_ERROR(check_count(bytes_per_rank, "allgather"));
+  const int count = static_cast<int>(bytes_per_rank);
+  return mpi_status(MPI_Allgather(send, count, MPI_BYTE, recv, count, MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
+}
+
+Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) {
+  std::vector<MPI_Request> requests;
+  requests.reserve(sends.size() + recvs.size());
+  // Messages between one pair of ranks match in the order they are listed (same tag).
+  for (const Transfer& r : recvs) {
+    REATTN_RETURN_IF_ERROR(check_count(r.bytes, "exchange"));
+    requests.emplace_back();
+    REATTN_RETURN_IF_ERROR(mpi_status(
+        MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, 0, MPI_COMM_WORLD, &requests.back()),
+        "MPI_Irecv"));
+  }
+  for (const Transfer& s : sends) {
+    REATTN_RETURN_IF_ERROR(check_count(s.bytes, "exchange"));
+    requests.emplace_back();
+    REATTN_RETURN_IF_ERROR(mpi_status(
+        MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, 0, MPI_COMM_WORLD, &requests.back()),
+        "MPI_Isend"));
+  }
+  return mpi_status(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
+                    "MPI_Waitall");
+}
+
+}  // namespace reattn

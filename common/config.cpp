@@ -1,0 +1,424 @@
+// Parsing, validation and printing of the configuration. The only file that includes yaml-cpp.
+#include "common/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <locale>
+#include <set>
+#include <sstream>
+#include <utility>
+
+namespace reattn {
+
+const char* final_attention_name(FinalAttention f) {
+  switch (f) {
+    case FinalAttention::kGather: return "gather";
+    case FinalAttention::kPartial: return "partial";
+  }
+  return "?";
+}
+
+Expected<FinalAttention> parse_final_attention(const std::string& name) {
+  if (name == "gather") return FinalAttention::kGather;
+  if (name == "partial") return FinalAttention::kPartial;
+  return invalid_argument("unknown final attention '" + name + "' (expected gather or partial)");
+}
+
+const char* query_mode_name(QueryMode m) {
+  switch (m) {
+    case QueryMode::kTail: return "tail";
+    case QueryMode::kDetached: return "detached";
+  }
+  return "?";
+}
+
+Expected<QueryMode> parse_query_mode(const std::string& name) {
+  if (name == "tail") return QueryMode::kTail;
+  if (name == "detached") return QueryMode::kDetached;
+  return invalid_argument("unknown query mode '" + name + "' (expected tail or detached)");
+}
+
+const char* backend_kind_name(BackendKind b) {
+  switch (b) {
+    case BackendKind::kAuto: return "auto";
+    case BackendKind::kCpu: return "cpu";
+    case BackendKind::kCuda: return "cuda";
+  }
+  return "?";
+}
+
+Expected<BackendKind> parse_backend_kind(const std::string& name) {
+  if (name == "auto") return BackendKind::kAuto;
+  if (name == "cpu") return BackendKind::kCpu;
+  if (name == "cuda") return BackendKind::kCuda;
+  return invalid_argument("unknown backend kind '" + name + "' (expected auto, cpu or cuda)");
+}
+
+namespace {
+
+constexpr bool kRequired = true;
+
+bool parse_integer(const std::string& text, int64_t* out) {
+  const char* last = text.data() + text.size();
+  const auto [end, ec] = std::from_chars(text.data(), last, *out);
+  return ec == std::errc() && end == last;
+}
+
+bool parse_number(const std::string& text, double* out) {
+  std::istringstream in(text);
+  in.imbue(std::locale::classic());
+  return (in >> *out) && (in >> std::ws).eof();
+}
+
+// Shortest of 15 or 17 significant digits that reads back exactly; independent of the locale.
+std::string format_number(double value) {
+  std::string text;
+  for (int precision : {15, 17}) {
+    std::ostringstream out;
+    out.imbue(std::locale::classic());
+    out.precision(precision);
+    out << value;
+    text = out.str();
+    double back = 0;
+    if (parse_number(text, &back) && back == value) break;
+  }
+  return text;
+}
+
+std::string describe(const YAML::Node& node) {
+  if (!node.IsDefined() || node.IsNull()) return "nothing";
+  if (node.IsScalar()) return "'" + node.Scalar() + "'";
+  return node.IsSequence() ? "a sequence" : "a mapping";
+}
+
+std::string expected(const char* what, const YAML::Node& node) {
+  return std::string("expected ") + what + ", got " + describe(node);
+}
+
+// Each returns an empty string on success, otherwise what was wrong with the value.
+std::string to_value(const YAML::Node& node, int64_t* out) {
+  if (!node.IsScalar() || !parse_integer(node.Scalar(), out)) return expected("an integer", node);
+  return {};
+}
+
+std::string to_value(const YAML::Node& node, int* out) {
+  int64_t wide = 0;
+  if (!node.IsScalar() || !parse_integer(node.Scalar(), &wide)) return expected("an integer", node);
+  if (wide < std::numeric_limits<int>::min() || wide > std::numeric_limits<int>::max()) {
+    return expected("an integer in [-2147483648, 2147483647]", node);
+  }
+  *out = static_cast<int>(wide);
+  return {};
+}
+
+std::string to_value(const YAML::Node& node, double* out) {
+  if (!node.IsScalar() || !parse_number(node.Scalar(), out)) return expected("a number", node);
+  return {};
+}
+
+// An empty value ("key:" or "key: ~") reads as the empty string.
+std::string to_value(const YAML::Node& node, std::string* out) {
+  if (node.IsNull()) {
+    out->clear();
+  } else if (node.IsScalar()) {
+    *out = node.Scalar();
+  } else {
+    return expected("a string", node);
+  }
+  return {};
+}
+
+template <typename T>
+std::string to_named(const YAML::Node& node, T* out, Expected<T> (*parse)(const std::string&)) {
+  if (!node.IsScalar()) return expected("a name", node);
+  Expected<T> parsed = parse(node.Scalar());
+  if (!parsed) return parsed.status().message();
+  *out = *parsed;
+  return {};
+}
+
+std::string to_value(const YAML::Node& node, FinalAttention* out) {
+  return to_named(node, out, parse_final_attention);
+}
+std::string to_value(const YAML::Node& node, BackendKind* out) {
+  return to_named(node, out, parse_backend_kind);
+}
+std::string to_value(const YAML::Node& node, DType* out) { return to_named(node, out, parse_dtype); }
+
+// Reads the keys of one section. Unknown and duplicate keys are reported before bad values,
+// so a misspelt key reads as such rather than as a missing one.
+class SectionReader {
+ public:
+  SectionReader(const YAML::Node& node, std::string section)
+      : node_(node), section_(std::move(section)) {
+    if (node_.IsDefined() && !node_.IsMap() && !node_.IsNull()) {
+      fail(section_ + ": " + expected("a mapping", node_));
+    }
+  }
+
+  template <typename T>
+  void read(const char* key, T* out, bool required = false) {
+    known_.insert(key);
+    const YAML::Node& node = node_;  // the const operator[] never inserts
+    const bool is_map = node.IsDefined() && node.IsMap();
+    const YAML::Node value = is_map ? node[key] : YAML::Node();
+    if (!is_map || !value.IsDefined()) {
+      if (required) fail(path(key) + ": required key is missing");
+      return;
+    }
+    const std::string error = to_value(value, out);
+    if (!error.empty()) fail(path(key) + ": " + error);
+  }
+
+  Status finish() const {
+    if (node_.IsDefined() && node_.IsMap()) {
+      std::set<std::string> seen;
+      for (const auto& entry : node_) {
+        const std::string key = entry.first.Scalar();
+        if (!known_.count(key)) return invalid_argument("unknown key '" + path(key) + "'");
+        if (!seen.insert(key).second) return invalid_argument("duplicate key '" + path(key) + "'");
+      }
+    }
+    return error_;
+  }
+
+ private:
+  std::string path(const std::string& key) const { return section_ + "." + key; }
+  void fail(std::string message) {
+    if (error_.is_ok()) error_ = invalid_argument(std::move(message));
+  }
+
+  YAML::Node node_;
+  std::string section_;
+  std::set<std::string> known_;
+  Status error_;
+};
+
+Expected<Config> parse_config(const YAML::Node& root) {
+  if (!root.IsMap() && !root.IsNull()) {
+    return invalid_argument(expected("a mapping of sections at the top level", root));
+  }
+  static const std::set<std::string> kSections = {"model", "reattention", "backend", "capacity",
+                                                  "server"};
+  std::set<std::string> seen;
+  for (const auto& entry : root) {
+    const std::string name = entry.first.Scalar();
+    if (!kSections.count(name)) return invalid_argument("unknown section '" + name + "'");
+    if (!seen.insert(name).second) return invalid_argument("duplicate section '" + name + "'");
+  }
+  if (!seen.count("model")) return invalid_argument("missing section 'model'");
+
+  Config c;
+  SectionReader model(root["model"], "model");
+  model.read("layers", &c.model.layers, kRequired);
+  model.read("q_heads", &c.model.q_heads, kRequired);
+  model.read("kv_heads", &c.model.kv_heads, kRequired);
+  model.read("head_dim", &c.model.head_dim, kRequired);
+  model.read("rope_theta", &c.model.rope_theta);
+  model.read("scope", &c.model.scope, kRequired);
+  REATTN_RETURN_IF_ERROR(model.finish());
+
+  SectionReader reattention(root["reattention"], "reattention");
+  reattention.read("sink_tokens", &c.reattention.sink_tokens);
+  reattention.read("local_window", &c.reattention.local_window);
+  reattention.read("chunk_tokens", &c.reattention.chunk_tokens);
+  reattention.read("top_k", &c.reattention.top_k);
+  reattention.read("max_recall_chunks", &c.reattention.max_recall_chunks);
+  reattention.read("final_attention", &c.reattention.final_attention);
+  REATTN_RETURN_IF_ERROR(reattention.finish());
+
+  SectionReader backend(root["backend"], "backend");
+  backend.read("kind", &c.backend.kind);
+  backend.read("storage_dtype", &c.backend.storage_dtype);
+  backend.read("threads", &c.backend.threads);
+  REATTN_RETURN_IF_ERROR(backend.finish());
+
+  SectionReader capacity(root["capacity"], "capacity");
+  capacity.read("tokens_per_rank", &c.capacity.tokens_per_rank);
+  capacity.read("max_contexts", &c.capacity.max_contexts);
+  REATTN_RETURN_IF_ERROR(capacity.finish());
+
+  SectionReader server(root["server"], "server");
+  server.read("listen", &c.server.listen);
+  server.read("max_body_bytes", &c.server.max_body_bytes);
+  server.read("api_key_file", &c.server.api_key_file);
+  server.read("queue_depth", &c.server.queue_depth);
+  server.read("max_batch", &c.server.max_batch);
+  server.read("http_threads", &c.server.http_threads);
+  server.read("request_timeout_s", &c.server.request_timeout_s);
+  REATTN_RETURN_IF_ERROR(server.finish());
+
+  REATTN_RETURN_IF_ERROR(c.validate());
+  return c;
+}
+
+// "host:port" with a non-empty host and a decimal port in 1..65535.
+bool is_host_port(const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  const std::string port = listen.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos) {
+    return false;
+  }
+  const int value = std::stoi(port);
+  return value >= 1 && value <= 65535;
+}
+
+}  // namespace
+
+Status Config::validate() const {
+  const ReattentionConfig& r = reattention;
+  struct Minimum {
+    const char* key;
+    int64_t value;
+    int64_t min;
+  };
+  const Minimum minimums[] = {
+      {"model.layers", model.layers, 1},
+      {"model.q_heads", model.q_heads, 1},
+      {"model.kv_heads", model.kv_heads, 1},
+      {"model.head_dim", model.head_dim, 1},
+      {"model.scope", model.scope, 1},
+      {"reattention.sink_tokens", r.sink_tokens, 0},
+      {"reattention.local_window", r.local_window, 1},
+      {"reattention.chunk_tokens", r.chunk_tokens, 1},
+      {"reattention.top_k", r.top_k, 1},
+      {"reattention.max_recall_chunks", r.max_recall_chunks, 1},
+      {"backend.threads", backend.threads, 0},
+      {"capacity.tokens_per_rank", capacity.tokens_per_rank, 1},
+      {"capacity.max_contexts", capacity.max_contexts, 1},
+      {"server.max_body_bytes", server.max_body_bytes, 1},
+      {"server.queue_depth", server.queue_depth, 1},
+      {"server.max_batch", server.max_batch, 1},
+      {"server.http_threads", server.http_threads, 1},
+      {"server.request_timeout_s", server.request_timeout_s, 1},
+  };
+  for (const Minimum& m : minimums) {
+    if (m.value < m.min) {
+      return invalid_argument(std::string(m.key) + ": must be >= " + std::to_string(m.min) +
+                              ", got " + std::to_string(m.value));
+    }
+  }
+  if (model.head_dim % 2 != 0) {
+    return invalid_argument("model.head_dim: must be even, got " + std::to_string(model.head_dim));
+  }
+  if (model.q_heads % model.kv_heads != 0) {
+    return invalid_argument("model.kv_heads: " + std::to_string(model.kv_heads) +
+                            " does not divide model.q_heads " + std::to_string(model.q_heads));
+  }
+  if (!(model.rope_theta > 0) || !std::isfinite(model.rope_theta)) {
+    return invalid_argument("model.rope_theta: must be finite and > 0, got " +
+                            format_number(model.rope_theta));
+  }
+  // Overflow-checked: a huge value must not wrap round and pass.
+  int64_t span = 0;
+  const bool overflow = __builtin_mul_overflow(r.max_recall_chunks, r.chunk_tokens, &span) ||
+                        __builtin_add_overflow(span, r.sink_tokens, &span) ||
+                        __builtin_add_overflow(span, r.local_window, &span) ||
+                        __builtin_add_overflow(span, r.chunk_tokens, &span);
+  if (overflow || span > model.scope) {
+    return invalid_argument(
+        "reattention: sink_tokens + max_recall_chunks*chunk_tokens + local_window + chunk_tokens = " +
+        std::to_string(r.sink_tokens) + " + " + std::to_string(r.max_recall_chunks) + "*" +
+        std::to_string(r.chunk_tokens) + " + " + std::to_string(r.local_window) + " + " +
+        std::to_string(r.chunk_tokens) + " = " +
+        (overflow ? std::string("(overflows int64)") : std::to_string(span)) +
+        " exceeds model.scope " + std::to_string(model.scope));
+  }
+  if (!is_host_port(server.listen)) {
+    return invalid_argument("server.listen: expected host:port with port 1..65535, got '" +
+                            server.listen + "'");
+  }
+  return Status::ok();
+}
+
+std::string Config::to_yaml() const {
+  std::string dtype = dtype_name(backend.storage_dtype);
+  for (char& ch : dtype) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+
+  YAML::Emitter out;
+  auto section = [&](const char* name) {
+    out << YAML::Key << name << YAML::Value << YAML::BeginMap;
+  };
+  auto put = [&](const char* key, const auto& value) { out << YAML::Key << key << YAML::Value << value; };
+  // Quoted so that names like "null" or "" read back as the same string.
+  auto put_string = [&](const char* key, const std::string& value) {
+    out << YAML::Key << key << YAML::Value << YAML::DoubleQuoted << value;
+  };
+
+  out << YAML::BeginMap;
+  section("model");
+  put("layers", model.layers);
+  put("q_heads", model.q_heads);
+  put("kv_heads", model.kv_heads);
+  put("head_dim", model.head_dim);
+  put("rope_theta", format_number(model.rope_theta));
+  put("scope", model.scope);
+  out << YAML::EndMap;
+
+  section("reattention");
+  put("sink_tokens", reattention.sink_tokens);
+  put("local_window", reattention.local_window);
+  put("chunk_tokens", reattention.chunk_tokens);
+  put("top_k", reattention.top_k);
+  put("max_recall_chunks", reattention.max_recall_chunks);
+  put("final_attention", final_attention_name(reattention.final_attention));
+  out << YAML::EndMap;
+
+  section("backend");
+  put("kind", backend_kind_name(backend.kind));
+  put("storage_dtype", dtype);
+  put("threads", backend.threads);
+  out << YAML::EndMap;
+
+  section("capacity");
+  put("tokens_per_rank", capacity.tokens_per_rank);
+  put("max_contexts", capacity.max_contexts);
+  out << YAML::EndMap;
+
+  section("server");
+  put_string("listen", server.listen);
+  put("max_body_bytes", server.max_body_bytes);
+  put_string("api_key_file", server.api_key_file);
+  put("queue_depth", server.queue_depth);
+  put("max_batch", server.max_batch);
+  put("http_threads", server.http_threads);
+  put("request_timeout_s", server.request_timeout_s);
+  out << YAML::EndMap;
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+Expected<Config> load_config_string(const std::string& yaml_text, const std::string& origin) {
+  Expected<Config> config = [&]() -> Expected<Config> {
+    try {
+      return parse_config(YAML::Load(yaml_text));
+    } catch (const std::exception& e) {  // yaml-cpp reports syntax errors by throwing
+      return invalid_argument(e.what());
+    }
+  }();
+  if (!config) return invalid_argument(origin + ": " + config.status().message());
+  return config;
+}
+
+Expected<Config> load_config_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return invalid_argument("config file '" + path + "' is a directory");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return invalid_argument("cannot open config file '" + path + "'");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return invalid_argument("cannot read config file '" + path + "'");
+  return load_config_string(text.str(), path);
+}
+
+}  // namespace reattn

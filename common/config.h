@@ -1,0 +1,84 @@
+// The service's configuration: parsed from YAML, validated at load, printable.
+// Only config.cpp includes the YAML library. Every validation error names the key and the
+// bad value ("reattention.top_k: must be >= 1, got 0").
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace reattn {
+
+enum class FinalAttention { kGather, kPartial };
+enum class QueryMode { kTail, kDetached };
+enum class BackendKind { kAuto, kCpu, kCuda };
+
+const char* final_attention_name(FinalAttention f);
+Expected<FinalAttention> parse_final_attention(const std::string& name);  // "gather" | "partial"
+const char* query_mode_name(QueryMode m);
+Expected<QueryMode> parse_query_mode(const std::string& name);  // "tail" | "detached"
+const char* backend_kind_name(BackendKind b);
+Expected<BackendKind> parse_backend_kind(const std::string& name);  // "auto" | "cpu" | "cuda"
+
+struct ModelConfig {
+  int layers = 0;
+  int q_heads = 0;      // H
+  int kv_heads = 0;     // Hkv; G = H / Hkv
+  int head_dim = 0;     // D, even (RoPE rotates halves)
+  double rope_theta = 10000.0;
+  int64_t scope = 0;    // the model's trained length, in positions
+
+  int group_size() const { return q_heads / kv_heads; }
+};
+
+struct ReattentionConfig {
+  int64_t sink_tokens = 32;        // S
+  int64_t local_window = 4096;     // W
+  int64_t chunk_tokens = 64;       // C
+  int top_k = 4;
+  int64_t max_recall_chunks = 32;  // R
+  FinalAttention final_attention = FinalAttention::kGather;
+};
+
+struct BackendConfig {
+  BackendKind kind = BackendKind::kAuto;
+  DType storage_dtype = DType::kBF16;  // KV storage on the GPU; the CPU backend stores fp32
+  int threads = 0;                     // CPU kernel threads; 0 = all hardware threads
+};
+
+struct CapacityConfig {
+  int64_t tokens_per_rank = 1 << 24;   // KV tokens (all layers of a token count once) per rank
+  int max_contexts = 1024;
+};
+
+struct ServerConfig {
+  std::string listen = "127.0.0.1:8080";
+  int64_t max_body_bytes = 64ll << 20;
+  std::string api_key_file;            // empty: no API key required
+  int queue_depth = 256;               // queued requests before 503
+  int max_batch = 32;                  // queries merged into one step
+  int http_threads = 4;
+  int request_timeout_s = 30;          // slow clients are cut off after this
+};
+
+struct Config {
+  ModelConfig model;
+  ReattentionConfig reattention;
+  BackendConfig backend;
+  CapacityConfig capacity;
+  ServerConfig server;
+
+  // Checks every value and the cross-key rules (kv_heads divides q_heads; the scope rule
+  // S + R*C + W + C <= scope). Returns the first problem, naming key and value.
+  Status validate() const;
+  // The effective configuration as YAML (round-trips through load_config_string).
+  std::string to_yaml() const;
+};
+
+// Parses and validates. Unknown sections or keys are errors, never ignored.
+Expected<Config> load_config_string(const std::string& yaml_text, const std::string& origin = "<string>");
+Expected<Config> load_config_file(const std::string& path);
+
+}  // namespace reattn

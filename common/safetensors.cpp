@@ -1,0 +1,278 @@
+#include "common/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+namespace reattn {
+namespace {
+
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+// Names listed in a NotFound message; model files can hold thousands of tensors.
+constexpr size_t kMaxListedNames = 32;
+
+// A non-negative JSON integer that fits int64, or nullopt.
+std::optional<int64_t> as_index(const nlohmann::json& v) {
+  if (v.is_number_unsigned()) {
+    const auto u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (v.is_number_integer() && v.get<int64_t>() >= 0) return v.get<int64_t>();
+  return std::nullopt;
+}
+
+Expected<DType> parse_safetensors_dtype(const nlohmann::json& v) {
+  // Only the safetensors spelling: parse_dtype also takes config spellings like "bf16".
+  const std::string name = v.is_string() ? v.get<std::string>() : v.dump();
+  if (name == "F32") return DType::kF32;
+  if (name == "F16") return DType::kF16;
+  if (name == "BF16") return DType::kBF16;
+  return invalid_argument("unknown dtype '" + name + "' (expected F32, F16 or BF16)");
+}
+
+}  // namespace
+
+struct SafetensorsFile::Storage {
+  std::string origin;
+  const unsigned char* data = nullptr;
+  size_t size = 0;
+  void* mapping = nullptr;  // set when the bytes are a file mapping
+  std::string buffer;       // set when the bytes were parsed from memory
+
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage() {
+    if (mapping != nullptr) munmap(mapping, size);
+  }
+};
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::vector<float> TensorView::to_f32() const {
+  std::vector<float> out(bytes / dtype_size(dtype));
+  convert_to_f32(dtype, data, out.size(), out.data());
+  return out;
+}
+
+Expected<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return invalid_argument("cannot open '" + path + "': " + std::strerror(errno));
+  struct stat st {};
+  const bool stat_ok = fstat(fd, &st) == 0;
+  if (!stat_ok || !S_ISREG(st.st_mode)) {
+    const std::string why = stat_ok ? "not a regular file" : std::strerror(errno);
+    ::close(fd);
+    return invalid_argument("cannot open '" + path + "': " + why);
+  }
+  auto storage = std::make_shared<Storage>();
+  storage->origin = path;
+  storage->size = static_cast<size_t>(st.st_size);
+  // mmap rejects length 0; an empty file is reported by the parser like any short file.
+  if (storage->size > 0) {
+    void* p = mmap(nullptr, storage->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      const std::string why = std::strerror(errno);
+      ::close(fd);
+      return invalid_argument("cannot map '" + path + "': " + why);
+    }
+    storage->mapping = p;
+    storage->data = static_cast<const unsigned char*>(p);
+  }
+  ::close(fd);  // the mapping stays valid without the descriptor
+  return parse_storage(std::move(storage), path);
+}
+
+Expected<SafetensorsFile> SafetensorsFile::parse(std::string bytes, const std::string& origin) {
+  auto storage = std::make_shared<Storage>();
+  storage->origin = origin;
+  storage->buffer = std::move(bytes);
+  storage->data = reinterpret_cast<const unsigned char*>(storage->buffer.data());
+  storage->size = storage->buffer.size();
+  return parse_storage(std::move(storage), origin);
+}
+
+Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage> storage,
+                                                         const std::string& origin) {
+  const auto fail = [&](const std::string& what) { return invalid_argument(origin + ": " + what); };
+  const size_t size = storage->size;
+  if (size < 8) {
+    return fail(size == 0 ? "empty file" : "truncated: " + std::to_string(size) +
+                                               " bytes, need at least 8 for the header length");
+  }
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | storage->data[i];
+  if (header_len > kMaxHeaderBytes || header_len > size - 8) {
+    return fail("header length " + std::to_string(header_len) + " exceeds " +
+                (header_len > kMaxHeaderBytes ? "the 100 MiB limit"
+                                              : "the file (" + std::to_string(size - 8) +
+                                                    " bytes after the length)"));
+  }
+  const char* header_begin = reinterpret_cast<const char*>(storage->data + 8);
+  const unsigned char* data = storage->data + 8 + header_len;
+  const uint64_t data_size = size - 8 - header_len;
+
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr,
+                                   /*allow_exceptions=*/false);
+  } catch (const std::exception& e) {  // e.g. bad_alloc; parse errors come back as discarded
+    return fail(std::string("cannot parse header: ") + e.what());
+  }
+  if (header.is_discarded()) return fail("header is not valid JSON");
+  if (!header.is_object()) return fail("header is not a JSON object");
+
+  SafetensorsFile file;
+  struct Range {
+    uint64_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Range> ranges;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const std::string where = "tensor '" + name + "': ";
+    if (!entry.is_object()) return fail(where + "entry is not a JSON object");
+    for (const char* key : {"dtype", "shape", "data_offsets"}) {
+      if (!entry.contains(key)) return fail(where + "missing '" + key + "'");
+    }
+    auto dtype = parse_safetensors_dtype(entry["dtype"]);
+    if (!dtype) return fail(where + dtype.status().message());
+
+    const auto& shape_json = entry["shape"];
+    if (!shape_json.is_array()) return fail(where + "'shape' is not an array");
+    TensorView view;
+    view.name = name;
+    view.dtype = *dtype;
+    // numel of the non-zero dims: with a zero dim the tensor is empty, but TensorView::numel()
+    // still multiplies every dim, so the product must fit int64 either way.
+    uint64_t numel = 1;
+    bool empty = false;
+    for (const auto& d : shape_json) {
+      const auto dim = as_index(d);
+      if (!dim) return fail(where + "shape " + shape_json.dump() + " has a negative or non-integer dim");
+      view.shape.push_back(*dim);
+      if (*dim == 0) {
+        empty = true;
+        continue;
+      }
+      if (numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / static_cast<uint64_t>(*dim)) {
+        return fail(where + "shape " + shape_json.dump() + " overflows numel");
+      }
+      numel *= static_cast<uint64_t>(*dim);
+    }
+    if (empty) numel = 0;
+
+    const auto& offsets = entry["data_offsets"];
+    if (!offsets.is_array() || offsets.size() != 2 || !as_index(offsets[0]) || !as_index(offsets[1])) {
+      return fail(where + "'data_offsets' must be [begin, end] of non-negative integers, got " +
+                  offsets.dump());
+    }
+    const auto begin = static_cast<uint64_t>(*as_index(offsets[0]));
+    const auto end = static_cast<uint64_t>(*as_index(offsets[1]));
+    if (begin > end) return fail(where + "data_offsets begin " + std::to_string(begin) + " > end " + std::to_string(end));
+    if (end > data_size) {
+      return fail(where + "data_offsets end " + std::to_string(end) + " is past the data section (" +
+                  std::to_string(data_size) + " bytes)");
+    }
+    // end <= data_size, so a numel whose byte count overflows cannot match anyway.
+    const uint64_t elem = dtype_size(*dtype);
+    if (numel > data_size / elem || end - begin != numel * elem) {
+      return fail(where + "data_offsets span " + std::to_string(end - begin) + " bytes but shape " +
+                  shape_json.dump() + " of " + dtype_name(*dtype) + " needs " +
+                  (numel > data_size / elem ? "more than the file holds"
+                                            : std::to_string(numel * elem) + " bytes"));
+    }
+    view.data = data + begin;
+    view.bytes = static_cast<size_t>(end - begin);
+    auto it = file.tensors_.emplace(name, std::move(view)).first;
+    if (begin != end) ranges.push_back({begin, end, &it->first});
+  }
+
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].begin < ranges[i - 1].end) {
+      return fail("tensors '" + *ranges[i - 1].name + "' and '" + *ranges[i].name + "' overlap in the data section");
+    }
+  }
+  file.storage_ = std::move(storage);
+  return file;
+}
+
+Expected<TensorView> SafetensorsFile::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it != tensors_.end()) return it->second;
+  std::string has;
+  size_t listed = 0;
+  for (const auto& [key, view] : tensors_) {
+    if (listed == kMaxListedNames) {
+      has += ", ... " + std::to_string(tensors_.size() - listed) + " more";
+      break;
+    }
+    has += (listed++ == 0 ? "" : ", ") + key;
+  }
+  const std::string origin = storage_ ? storage_->origin : "<empty>";
+  return not_found("tensor '" + name + "' not found in " + origin + " (it has: " +
+                   (tensors_.empty() ? std::string("no tensors") : has) + ")");
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  for (const auto& [key, view] : tensors_) out.push_back(key);
+  return out;
+}
+
+std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
+  // ordered_json keeps the given order in the header.
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    header[t.name] = {{"dtype", dtype_name(t.dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.data.size()}}};
+    offset += t.data.size();
+  }
+  // replace: a name that is not UTF-8 must not throw.
+  std::string json = header.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  // Pad to 8 bytes so the data section starts aligned, as the reference writer does.
+  json.append((8 - json.size() % 8) % 8, ' ');
+  std::string out;
+  out.reserve(8 + json.size() + offset);
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((json.size() >> (8 * i)) & 0xff));
+  out += json;
+  for (const auto& t : tensors) out += t.data;
+  return out;
+}
+
+TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                          const std::vector<float>& values) {
+  TensorToWrite t{name, dtype, std::move(shape), std::string(values.size() * dtype_size(dtype), '\0')};
+  convert_from_f32(dtype, values.data(), values.size(), t.data.data());
+  return t;
+}
+
+Status write_file(const std::string& path, const std::string& bytes) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return invalid_argument("cannot write '" + path + "': " + std::strerror(errno));
+  const bool wrote = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  const int saved = errno;
+  // fclose flushes, so its failure is a write failure too.
+  if (std::fclose(f) != 0 || !wrote) {
+    return invalid_argument("cannot write '" + path + "': " + std::strerror(wrote ? errno : saved));
+  }
+  return Status::ok();
+}
+
+}  // namespace reattn

@@ -1,0 +1,67 @@
+// Reading and writing the safetensors format (8-byte little-endian header length, a JSON
+// header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the raw data).
+// Every malformed input is an InvalidArgument Status naming what is wrong; nothing here
+// crashes on hostile bytes.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace reattn {
+
+// A view of one tensor inside a parsed file; `data` points into the owning SafetensorsFile.
+struct TensorView {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const unsigned char* data = nullptr;
+  size_t bytes = 0;
+
+  int64_t numel() const;
+  // Copies the tensor out as fp32, converting from its dtype.
+  std::vector<float> to_f32() const;
+};
+
+// A parsed safetensors blob. Owns its bytes (a read-only file mapping or a copied buffer).
+class SafetensorsFile {
+ public:
+  // Maps the file read-only. Errors: missing/unreadable file, truncated header, bad JSON,
+  // unknown dtype, offsets outside the data, size != numel * dtype size, overlapping tensors.
+  static Expected<SafetensorsFile> open(const std::string& path);
+  // Parses a copy of an in-memory blob (e.g. an HTTP body).
+  static Expected<SafetensorsFile> parse(std::string bytes, const std::string& origin = "<body>");
+
+  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  // NotFound naming the tensor and the ones the file has.
+  Expected<TensorView> get(const std::string& name) const;
+  std::vector<std::string> names() const;
+
+ private:
+  struct Storage;
+  static Expected<SafetensorsFile> parse_storage(std::shared_ptr<Storage> storage, const std::string& origin);
+  std::shared_ptr<Storage> storage_;
+  std::map<std::string, TensorView> tensors_;
+};
+
+// One tensor to write: `data` holds numel * dtype_size(dtype) bytes.
+struct TensorToWrite {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::string data;
+};
+
+// Serialises tensors (in the given order) to a safetensors blob.
+std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
+// Convenience: an fp32 vector converted to `dtype`.
+TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                          const std::vector<float>& values);
+Status write_file(const std::string& path, const std::string& bytes);
+
+}  // namespace reattn

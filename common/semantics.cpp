@@ -1,0 +1,122 @@
+#include "common/semantics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+namespace reattn {
+
+Regions compute_regions(int64_t n, const ReattentionConfig& rc) {
+  Regions r;
+  r.tokens = n;
+  r.chunk_tokens = rc.chunk_tokens;
+  r.sink_tokens = rc.sink_tokens;
+  r.sink_end = std::min(rc.sink_tokens, n);
+  const int64_t span = n - rc.sink_tokens - rc.local_window;
+  if (span >= rc.chunk_tokens) {
+    r.num_chunks = span / rc.chunk_tokens;
+    r.mid_end = rc.sink_tokens + r.num_chunks * rc.chunk_tokens;
+  } else {
+    r.num_chunks = 0;
+    r.mid_end = r.sink_end;
+  }
+  return r;
+}
+
+void merge_candidates(const Candidate* gathered, int world, int64_t rows, int k, Candidate* out) {
+  for (int64_t row = 0; row < rows; ++row) {
+    Candidate* top = out + row * k;
+    for (int s = 0; s < k; ++s) top[s] = Candidate{0.0f, -1};
+    for (int rank = 0; rank < world; ++rank) {
+      const Candidate* list = gathered + (static_cast<int64_t>(rank) * rows + row) * k;
+      for (int s = 0; s < k && list[s].chunk >= 0; ++s) topk_insert(top, k, list[s]);
+    }
+  }
+}
+
+std::vector<int64_t> select_recall(const Candidate* topk, int64_t rows, int k, int64_t max_recall) {
+  struct Votes {
+    int64_t count = 0;
+    float best = -INFINITY;
+  };
+  std::map<int32_t, Votes> votes;
+  for (int64_t i = 0; i < rows * k; ++i) {
+    if (topk[i].chunk < 0) continue;
+    Votes& v = votes[topk[i].chunk];
+    ++v.count;
+    v.best = std::max(v.best, topk[i].score);
+  }
+  std::vector<std::pair<int32_t, Votes>> ranked(votes.begin(), votes.end());
+  if (static_cast<int64_t>(ranked.size()) > max_recall) {
+    std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
+      if (a.second.count != b.second.count) return a.second.count > b.second.count;
+      if (a.second.best != b.second.best) return a.second.best > b.second.best;
+      return a.first < b.first;
+    });
+    ranked.resize(max_recall);
+  }
+  std::vector<int64_t> recall;
+  recall.reserve(ranked.size());
+  for (const auto& entry : ranked) recall.push_back(entry.first);
+  std::sort(recall.begin(), recall.end());
+  return recall;
+}
+
+Layout make_layout(const Regions& regions, int64_t recalled_chunks) {
+  Layout layout;
+  layout.sink_count = regions.sink_end;
+  layout.recalled_tokens = recalled_chunks * regions.chunk_tokens;
+  layout.local_count = regions.tokens - regions.local_begin();
+  return layout;
+}
+
+RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode mode,
+                         int64_t qlen, int64_t row) {
+  if (mode == QueryMode::kDetached) return {layout.length(), layout.length()};
+  const int64_t real = regions.tokens - qlen + row;
+  // Without a mid, positions are real positions; a row may then sit among the sinks.
+  const int64_t position = real < regions.local_begin()
+                               ? real
+                               : layout.local_position() + (real - regions.local_begin());
+  return {position, position + 1};
+}
+
+Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
+  if (qlen < 1) return invalid_argument("q: qlen must be >= 1, got " + std::to_string(qlen));
+  if (mode == QueryMode::kDetached) {
+    if (n < 1) return invalid_argument("context is empty: a query needs at least one token");
+    return Status::ok();
+  }
+  if (qlen > rc.local_window) {
+    return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds reattention.local_window " +
+                            std::to_string(rc.local_window) + " in tail mode");
+  }
+  if (qlen > n) {
+    return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds the context's " +
+                            std::to_string(n) + " tokens in tail mode");
+  }
+  return Status::ok();
+}
+
+std::vector<double> rope_inv_freq(int head_dim, double theta) {
+  std::vector<double> inv(head_dim / 2);
+  for (int d = 0; d < head_dim / 2; ++d) inv[d] = std::pow(theta, -2.0 * d / head_dim);
+  return inv;
+}
+
+}  // namespace reattn
+
+namespace reattn {
+
+int64_t tokens_charged(int64_t n, int owner, int rank, int world, const ReattentionConfig& rc) {
+  int64_t charged = rank == owner ? std::min(rc.sink_tokens, n) : 0;
+  const int64_t grid_tokens = n - rc.sink_tokens;
+  if (grid_tokens <= 0) return charged;
+  const int64_t full_blocks = grid_tokens / rc.chunk_tokens;
+  charged += mid_slots_on_rank(full_blocks, rank, world) * rc.chunk_tokens;
+  const int64_t tail = grid_tokens % rc.chunk_tokens;
+  if (tail > 0 && home_rank(full_blocks, world) == rank) charged += tail;
+  return charged;
+}
+
+}  // namespace reattn

@@ -1,0 +1,39 @@
+#include "coordinator/run_inputs.h"
+
+namespace reattn {
+
+Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::string& q_path, const ModelConfig& model) {
+  RunInputs in;
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile kv_file, SafetensorsFile::open(kv_path));
+  in.kv_file = std::make_shared<SafetensorsFile>(std::move(kv_file));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource kv, SafetensorsKvSource::make(*in.kv_file, model));
+  in.kv = std::make_unique<SafetensorsKvSource>(std::move(kv));
+
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile q_file, SafetensorsFile::open(q_path));
+  REATTN_ASSIGN_OR_RETURN(TensorView q, q_file.get("q"));
+  if (q.shape.size() != 3 || q.shape[0] < 1 || q.shape[1] != model.q_heads || q.shape[2] != model.head_dim) {
+    std::string dims;
+    for (size_t i = 0; i < q.shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(q.shape[i]);
+    return invalid_argument(q_path + ": tensor 'q': shape [" + dims + "] does not match [qlen, q_heads=" +
+                            std::to_string(model.q_heads) + ", head_dim=" + std::to_string(model.head_dim) + "]");
+  }
+  REATTN_RETURN_IF_ERROR(check_finite(q));
+  in.qlen = q.shape[0];
+  in.q = q.to_f32();
+  return in;
+}
+
+Expected<RunInputs> make_synthetic_inputs(int64_t tokens, uint64_t seed, const std::vector<int64_t>& needles,
+                                          int64_t qlen, int layer, const ModelConfig& model) {
+  if (tokens < 1) return invalid_argument("--synthetic-tokens: must be >= 1, got " + std::to_string(tokens));
+  if (qlen < 1) return invalid_argument("--qlen: must be >= 1, got " + std::to_string(qlen));
+  REATTN_RETURN_IF_ERROR(validate_needles(needles, tokens));
+  RunInputs in;
+  in.synthetic = SyntheticSpec{seed, needles};
+  in.kv = std::make_unique<SyntheticKvSource>(*in.synthetic, model, 0, tokens);
+  in.qlen = qlen;
+  in.q = synthetic_query(*in.synthetic, model, layer, qlen);
+  return in;
+}
+
+}  // namespace reattn

@@ -1,0 +1,69 @@
+// The compute backend: memory where the KV cache and step workspaces live, and the three
+// operations of a step (score, attend, merge). The cpu backend is the multi-threaded
+// reference; cuda runs the same operations on a GPU. Call only from the step loop's thread.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "common/config.h"
+#include "kernels/params.h"
+
+namespace reattn {
+
+class Backend;
+
+// A block of backend memory, released through the backend that made it.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  Buffer(Buffer&& other) noexcept { *this = std::move(other); }
+  Buffer& operator=(Buffer&& other) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer();
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  // The element type the KV cache is stored in.
+  virtual DType storage_dtype() const = 0;
+  // Whether backend memory is host memory (the cpu backend).
+  virtual bool host_memory() const = 0;
+
+  virtual Expected<Buffer> allocate(size_t bytes) = 0;
+  virtual void release(void* data) = 0;
+  virtual Status upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual Status download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for all issued work.
+  virtual Status synchronize() = 0;
+
+  virtual Status score_chunks(const ScoreParams& p) = 0;
+  virtual Status attend(const AttendParams& p) = 0;
+  virtual Status merge_states(const MergeParams& p) = 0;
+};
+
+// Grows a buffer only when a larger size is asked for: the step's workspace does not
+// allocate on the hot path once warm.
+Status ensure_capacity(Backend& backend, Buffer& buffer, size_t bytes);
+
+// Makes the backend the config asks for ("auto": cuda when a GPU is visible and the CUDA
+// backend was built, else cpu). `local_rank` picks the GPU.
+Expected<std::unique_ptr<Backend>> make_backend(const Config& config, int local_rank);
+
+}  // namespace reattn

@@ -1,0 +1,201 @@
+#include "kernels/cpu/cpu_backend.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+namespace reattn {
+namespace {
+
+// A fixed summation order (8 interleaved partial sums) so every rank and thread count gives
+// bit-identical scores, while the compiler can still vectorise.
+inline float dot(const float* a, const float* b, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
+  }
+  for (; d < n; ++d) acc[d & 7] += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// x rotated by RoPE (rotate_half) at one position, given cos/sin of that position [D/2].
+inline void rotate(const float* x, const float* cs, const float* sn, int dim, float* out) {
+  const int half = dim / 2;
+  for (int d = 0; d < half; ++d) {
+    out[d] = x[d] * cs[d] - x[d + half] * sn[d];
+    out[d + half] = x[d + half] * cs[d] + x[d] * sn[d];
+  }
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {}
+
+Expected<Buffer> CpuBackend::allocate(size_t bytes) {
+  void* data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!data) {
+    return Status(ErrorCode::kCapacity, "host allocation of " + std::to_string(bytes) + " bytes failed");
+  }
+  return Buffer(this, data, bytes);
+}
+
+void CpuBackend::release(void* data) { std::free(data); }
+
+Status CpuBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  std::memcpy(dst, host_src, bytes);
+  return Status::ok();
+}
+
+Status CpuBackend::download(void* host_dst, const void* src, size_t bytes) {
+  std::memcpy(host_dst, src, bytes);
+  return Status::ok();
+}
+
+Status CpuBackend::copy(void* dst, const void* src, size_t bytes) {
+  std::memmove(dst, src, bytes);
+  return Status::ok();
+}
+
+Status CpuBackend::score_chunks(const ScoreParams& p) {
+  const int k = p.top_k;
+  const int group = p.q_heads / p.kv_heads;
+  const int64_t rows = p.qlen * p.q_heads;
+  const int dim = p.head_dim;
+  for (int64_t i = 0; i < rows * k; ++i) p.out[i] = Candidate{0.0f, -1};
+  if (p.block_count == 0) return Status::ok();
+
+  const int threads = static_cast<int>(std::min<int64_t>(threads_, p.block_count));
+  std::vector<Candidate> partial(static_cast<size_t>(threads) * rows * k, Candidate{0.0f, -1});
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
+    std::vector<float> chunk_max(static_cast<size_t>(p.qlen) * group);
+#pragma omp for schedule(static)
+    for (int64_t slot = 0; slot < p.block_count; ++slot) {
+      const auto* block = static_cast<const float*>(p.k_pages[slot / p.blocks_per_page]) +
+                          (slot % p.blocks_per_page) * p.kv_heads * p.chunk_tokens * dim;
+      const auto chunk = static_cast<int32_t>(slot * p.chunk_id_stride + p.chunk_id_offset);
+      for (int g = 0; g < p.kv_heads; ++g) {
+        std::fill(chunk_max.begin(), chunk_max.end(), -INFINITY);
+        const float* keys = block + static_cast<int64_t>(g) * p.chunk_tokens * dim;
+        for (int64_t t = 0; t < p.chunk_tokens; ++t) {
+          for (int64_t i = 0; i < p.qlen; ++i) {
+            for (int r = 0; r < group; ++r) {
+              const float* q = p.q + (i * p.q_heads + g * group + r) * dim;
+              float& best = chunk_max[i * group + r];
+              best = std::max(best, dot(q, keys + t * dim, dim));
+            }
+          }
+        }
+        for (int64_t i = 0; i < p.qlen; ++i) {
+          for (int r = 0; r < group; ++r) {
+            const int64_t row = i * p.q_heads + g * group + r;
+            topk_insert(top + row * k, k, Candidate{chunk_max[i * group + r], chunk});
+          }
+        }
+      }
+    }
+  }
+  // The order is total, so folding the per-thread lists gives the same result for any split.
+  for (int tid = 0; tid < threads; ++tid) {
+    const Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int s = 0; s < k && top[row * k + s].chunk >= 0; ++s) topk_insert(p.out + row * k, k, top[row * k + s]);
+    }
+  }
+  return Status::ok();
+}
+
+Status CpuBackend::attend(const AttendParams& p) {
+  const int dim = p.head_dim;
+  const int half = dim / 2;
+  const int group = p.q_heads / p.kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+
+  // cos/sin of every position that occurs, computed in double.
+  std::vector<float> cos_table(static_cast<size_t>(p.max_position + 1) * half);
+  std::vector<float> sin_table(cos_table.size());
+  const std::vector<double> inv_freq = rope_inv_freq(dim, p.rope_theta);
+  for (int64_t pos = 0; pos <= p.max_position; ++pos) {
+    for (int d = 0; d < half; ++d) {
+      const double angle = static_cast<double>(pos) * inv_freq[d];
+      cos_table[pos * half + d] = static_cast<float>(std::cos(angle));
+      sin_table[pos * half + d] = static_cast<float>(std::sin(angle));
+    }
+  }
+  int64_t total_keys = 0;
+  for (int64_t s = 0; s < p.segment_count; ++s) total_keys += p.segments[s].tokens;
+
+#pragma omp parallel for num_threads(std::min(threads_, p.kv_heads)) schedule(static)
+  for (int g = 0; g < p.kv_heads; ++g) {
+    // Rotate this KV head's keys once, shared by its query heads and rows.
+    std::vector<float> keys(static_cast<size_t>(total_keys) * dim);
+    std::vector<const float*> values(total_keys);
+    std::vector<int64_t> positions(total_keys);
+    int64_t u = 0;
+    for (int64_t s = 0; s < p.segment_count; ++s) {
+      const KeySegment& seg = p.segments[s];
+      const auto* k = static_cast<const float*>(seg.k) + g * seg.head_stride;
+      const auto* v = static_cast<const float*>(seg.v) + g * seg.head_stride;
+      for (int64_t t = 0; t < seg.tokens; ++t, ++u) {
+        const int64_t pos = seg.position + t;
+        positions[u] = pos;
+        rotate(k + t * dim, &cos_table[pos * half], &sin_table[pos * half], dim, &keys[u * dim]);
+        values[u] = v + t * dim;
+      }
+    }
+    std::vector<float> q_rot(dim);
+    std::vector<float> logits(total_keys);
+    for (int64_t i = 0; i < p.qlen; ++i) {
+      const int64_t qpos = p.row_position[i];
+      for (int r = 0; r < group; ++r) {
+        const int64_t row = i * p.q_heads + g * group + r;
+        rotate(p.q + row * dim, &cos_table[qpos * half], &sin_table[qpos * half], dim, q_rot.data());
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < total_keys; ++t) {
+          if (positions[t] >= p.row_visible_end[i]) {
+            logits[t] = -INFINITY;
+            continue;
+          }
+          logits[t] = dot(q_rot.data(), &keys[t * dim], dim) * scale;
+          mx = std::max(mx, logits[t]);
+        }
+        float* out = p.out + row * dim;
+        std::fill(out, out + dim, 0.0f);
+        float sum = 0.0f;
+        if (mx != -INFINITY) {
+          for (int64_t t = 0; t < total_keys; ++t) {
+            if (logits[t] == -INFINITY) continue;
+            const float w = std::exp(logits[t] - mx);
+            sum += w;
+            for (int d = 0; d < dim; ++d) out[d] += w * values[t][d];
+          }
+          for (int d = 0; d < dim; ++d) out[d] /= sum;
+        }
+        p.row_max[row] = mx;
+        p.row_sum[row] = sum;
+      }
+    }
+  }
+  return Status::ok();
+}
+
+Status CpuBackend::merge_states(const MergeParams& p) {
+  for (int64_t c = 0; c < p.count; ++c) {
+    for (int64_t row = 0; row < p.rows; ++row) {
+      const int64_t src = c * p.rows + row;
+      merge_state(p.row_max[row], p.row_sum[row], p.out + row * p.head_dim, p.partial_max[src],
+                  p.partial_sum[src], p.partial_out + src * p.head_dim, p.head_dim);
+    }
+  }
+  return Status::ok();
+}
+
+}  // namespace reattn

@@ -1,0 +1,73 @@
+// Plain parameter structs of the backend operations. Pointers live in backend memory
+// (host memory for the cpu backend, device memory for cuda) unless marked "host"; all are
+// null by default. Shapes are in the comments.
+#pragma once
+
+#include <cstdint>
+
+#include "common/semantics.h"
+
+namespace reattn {
+
+// Position-agnostic chunk scoring and the per-(row, head) local top-k.
+// Block slot s of the rank is global chunk s * chunk_id_stride + chunk_id_offset.
+struct ScoreParams {
+  const void* const* k_pages = nullptr;  // [pages] -> [blocks_per_page, Hkv, C, D] storage dtype
+  int64_t blocks_per_page = 0;
+  int64_t block_count = 0;               // slots [0, block_count) are scored
+  int64_t chunk_id_stride = 1;
+  int64_t chunk_id_offset = 0;
+  const float* q = nullptr;              // [qlen, H, D], pre-RoPE
+  int64_t qlen = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  int64_t chunk_tokens = 0;
+  int top_k = 0;
+  Candidate* out = nullptr;              // [qlen, H, top_k], candidate_before order
+};
+
+// A run of keys of one block-like buffer [Hkv, head_stride/D, D], at consecutive layout
+// positions starting at `position`.
+struct KeySegment {
+  const void* k = nullptr;    // storage dtype
+  const void* v = nullptr;
+  int64_t tokens = 0;
+  int64_t head_stride = 0;    // elements between KV heads
+  int64_t position = 0;       // layout position of the segment's first key
+};
+
+// Windowed attention with RoPE at layout positions over a list of key segments, producing
+// the partial state (out, max, sum) of each (row, head) over those keys.
+struct AttendParams {
+  const KeySegment* segments = nullptr;  // [segment_count]
+  int64_t segment_count = 0;
+  const float* q = nullptr;              // [qlen, H, D], pre-RoPE
+  const int64_t* row_position = nullptr;     // [qlen] rotary position of each row
+  const int64_t* row_visible_end = nullptr;  // [qlen] keys at layout positions < this are visible
+  int64_t qlen = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  double rope_theta = 10000.0;
+  int64_t max_position = 0;              // every position above is < max_position
+  float* out = nullptr;                  // [qlen, H, D] normalised partial output
+  float* row_max = nullptr;              // [qlen, H] max logit (scaled by 1/sqrt(D))
+  float* row_sum = nullptr;              // [qlen, H] sum of exp(logit - max); 0 = no visible key
+};
+
+// Owner-side merge of partial states: states [count][qlen*H] of (out[D], max, sum) folded
+// into the running state `out`/`row_max`/`row_sum` ([qlen*H] rows).
+struct MergeParams {
+  const float* partial_out = nullptr;    // [count, rows, D]
+  const float* partial_max = nullptr;    // [count, rows]
+  const float* partial_sum = nullptr;    // [count, rows]
+  int64_t count = 0;
+  int64_t rows = 0;                      // qlen * H
+  int head_dim = 0;
+  float* out = nullptr;                  // [rows, D]
+  float* row_max = nullptr;              // [rows]
+  float* row_sum = nullptr;              // [rows]
+};
+
+}  // namespace reattn

@@ -1,0 +1,75 @@
+// This rank's share of every context's KV cache, in backend memory, stored without RoPE.
+// Home blocks: chunk-grid block j (tokens [S + jC, S + (j+1)C)) lives on rank j mod world, at
+// slot j / world, in pages of kBlocksPerPage blocks [Hkv, C, D]. The owning rank also keeps
+// the sinks [Hkv, S, D] and a ring of the latest blocks (the local-window replica).
+// Call only from the step loop's thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "worker/kv_source.h"
+
+namespace reattn {
+
+using ContextId = uint64_t;
+
+struct LayerShard {
+  std::vector<Buffer> k_pages;  // [kBlocksPerPage, Hkv, C, D] each
+  std::vector<Buffer> v_pages;
+  Buffer k_page_table;          // [pages] pointers to k_pages, backend memory
+  Buffer v_page_table;
+  Buffer sink_k;                // owner only: [Hkv, S, D]
+  Buffer sink_v;
+  Buffer ring_k;                // owner only: [ring_blocks, Hkv, C, D]; block j at j % ring_blocks
+  Buffer ring_v;
+};
+
+struct ContextShard {
+  ContextId id = 0;
+  int owner_rank = 0;
+  int64_t tokens = 0;              // n, the same on every rank
+  std::vector<bool> resident;      // [layers]: whether the layer is held
+  std::vector<LayerShard> layers;  // [layers]
+};
+
+class KvStore {
+ public:
+  static constexpr int64_t kBlocksPerPage = 256;
+
+  KvStore(Backend& backend, const Config& config, int rank, int world);
+
+  // Every rank, in the same order. resident_layers empty: all layers.
+  Status create(ContextId id, int owner_rank, const std::vector<int>& resident_layers = {});
+  Status erase(ContextId id);
+  const ContextShard* find(ContextId id) const;
+  const std::map<ContextId, ContextShard>& contexts() const { return contexts_; }
+
+  // Appends source.tokens() tokens to every resident layer. Fails with kCapacity, changing
+  // nothing, when any rank would exceed capacity.tokens_per_rank (checked identically on
+  // every rank).
+  Status append(ContextId id, const KvSource& source);
+
+  // Tokens charged to `rank` over all contexts (capacity and metrics).
+  int64_t tokens_charged_to(int rank) const;
+  // Bytes of one block [Hkv, C, D] in storage dtype.
+  size_t block_bytes() const;
+  // Address of block `block` of a layer: its home page (on its home rank) or the ring (owner).
+  const void* home_block(const LayerShard& shard, bool values, int64_t block) const;
+  const void* ring_block(const LayerShard& shard, bool values, int64_t block) const;
+
+ private:
+  Status ensure_pages(LayerShard& shard, int64_t slots);
+  Status write_block_range(LayerShard& shard, ContextShard& ctx, const KvSource& source, int layer,
+                           int64_t n0, int64_t begin, int64_t end);
+
+  Backend& backend_;
+  Config config_;
+  int rank_;
+  int world_;
+  std::map<ContextId, ContextShard> contexts_;
+};
+
+}  // namespace reattn
