@@ -31,14 +31,15 @@ struct RunOptions {
   std::string backend;
   int owner_rank = 0;
   int repeat = 1;
+  bool summary = false;
 };
 
-nlohmann::json needle_report(const std::vector<int64_t>& needles, const Regions& regions,
+nlohmann::ordered_json needle_report(const std::vector<int64_t>& needles, const Regions& regions,
                              const std::vector<int64_t>& recalled) {
-  nlohmann::json list = nlohmann::json::array();
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
   int found = 0;
   for (int64_t token : needles) {
-    nlohmann::json n{{"token", token}};
+    nlohmann::ordered_json n{{"token", token}};
     bool hit = true;
     if (token < regions.sink_end) {
       n["region"] = "sink";
@@ -129,9 +130,9 @@ Status run(const Control& control, const RunOptions& opt) {
   std::sort(timings.begin(), timings.end(), [](const StepTiming& a, const StepTiming& b) { return a.total_ms < b.total_ms; });
   const StepTiming& median = timings[timings.size() / 2];
   const int64_t H = model.q_heads, D = model.head_dim;
-  nlohmann::json out = nlohmann::json::array();
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
   for (int64_t i = 0; i < inputs->qlen; ++i) {
-    nlohmann::json heads = nlohmann::json::array();
+    nlohmann::ordered_json heads = nlohmann::ordered_json::array();
     for (int64_t h = 0; h < H; ++h) {
       const float* row = result.out.data() + (i * H + h) * D;
       heads.push_back(std::vector<float>(row, row + D));
@@ -139,7 +140,7 @@ Status run(const Control& control, const RunOptions& opt) {
     out.push_back(std::move(heads));
   }
   const Regions regions = compute_regions(tokens, config.reattention);
-  nlohmann::json doc{
+  nlohmann::ordered_json doc{
       {"recalled_chunks", result.recalled},
       {"out", std::move(out)},
       {"tokens", tokens},
@@ -156,7 +157,8 @@ Status run(const Control& control, const RunOptions& opt) {
         {"total", median.total_ms},
         {"repeats", opt.repeat}}}};
   if (inputs->synthetic) doc["needles"] = needle_report(inputs->synthetic->needles, regions, result.recalled);
-  std::cout << doc.dump() << std::endl;
+  if (opt.summary) doc.erase("out");
+  std::cout << doc.dump(opt.summary ? 2 : -1) << std::endl;
   return Status::ok();
 }
 
@@ -189,6 +191,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--owner-rank", opt.owner_rank, "rank that owns the context (default 0)");
   app.add_option("--repeat", opt.repeat, "run the query this many times and report the median time");
+  app.add_flag("--summary", opt.summary, "print the recalled chunks, needles and timing, without out, indented");
   kv->needs(q)->excludes(syn);
   q->needs(kv);
   try {

@@ -1,0 +1,58 @@
+// The HTTP/1.1 listener and sessions (Boost.Beast on Asio). Owns all socket I/O: reading
+// headers and bodies with a size limit (413 before the body is read when Content-Length says
+// so), per-read and per-write timeouts for slow clients, Expect: 100-continue, keep-alive.
+// Complete requests go to the handler with a Responder; the handler may answer from any
+// thread, later (the response is written on the session's strand).
+// Thread-safety: construct, listen and stop from one thread; the io_context may run on many.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "coordinator/http_types.h"
+
+namespace boost {
+namespace asio {
+class io_context;
+}  // namespace asio
+}  // namespace boost
+
+namespace reattn {
+
+struct HttpServerOptions {
+  int64_t max_body_bytes = 64ll << 20;
+  int request_timeout_s = 30;    // limit on reading one request and on writing one response
+};
+
+class HttpServer {
+ public:
+  // A complete request; the handler calls `done` exactly once.
+  using Handler = std::function<void(HttpRequest request, Responder done)>;
+  // The response to a request the server refuses before handing it over (body over the
+  // limit, malformed HTTP). `head` has no body. The connection is closed after it.
+  using Rejecter = std::function<HttpResponse(const HttpRequest& head, int status, const std::string& code,
+                                              const std::string& message)>;
+
+  HttpServer(boost::asio::io_context& ioc, HttpServerOptions options, Handler handler, Rejecter rejecter);
+  ~HttpServer();
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  // Binds and starts accepting. host is a numeric address ("127.0.0.1", "0.0.0.0", "::");
+  // port 0 picks a free port. Returns the bound port.
+  Expected<int> listen(const std::string& host, int port);
+  // Closes the listening socket; open connections carry on, and answer with Connection: close.
+  void stop_accepting();
+  // Requests handed to the handler and not yet answered (written or failed).
+  int active_requests() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace reattn

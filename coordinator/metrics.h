@@ -1,0 +1,57 @@
+// Service metrics in the Prometheus text exposition format (version 0.0.4):
+//   reattn_http_requests_total{method,route,status}           counter
+//   reattn_http_request_duration_seconds{route}              histogram
+//   reattn_step_phase_seconds{phase=score|merge|attention|total|queue}  histogram
+//   reattn_step_batch_queries                                histogram (queries per step)
+//   reattn_kv_tokens{rank}, reattn_queue_depth, reattn_contexts, reattn_ready, reattn_ranks  gauges
+// Thread-safety: every method is safe from any thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace reattn {
+
+// Gauges sampled when the page is rendered.
+struct MetricsSnapshot {
+  std::vector<int64_t> tokens_per_rank;
+  size_t queue_depth = 0;
+  size_t contexts = 0;
+  bool ready = false;
+};
+
+class Metrics {
+ public:
+  Metrics();
+
+  void count_request(const std::string& method, const std::string& route, int status, double seconds);
+  // phase: "score", "merge", "attention", "total" (per step) or "queue" (per query).
+  void observe_phase(const std::string& phase, double seconds);
+  void observe_batch(size_t queries);
+
+  std::string render(const MetricsSnapshot& gauges) const;
+
+ private:
+  struct Histogram {
+    std::vector<double> bounds;      // upper bounds, ascending; +Inf is implicit
+    std::vector<uint64_t> counts;    // per bucket (not cumulative), bounds.size() + 1
+    double sum = 0;
+    uint64_t count = 0;
+    void observe(double value);
+  };
+  static Histogram make_histogram(const std::vector<double>& bounds);
+  static void render_histogram(std::string& out, const std::string& name, const std::string& labels,
+                               const Histogram& h);
+
+  mutable std::mutex mu_;
+  std::map<std::tuple<std::string, std::string, int>, uint64_t> requests_;  // (method, route, status)
+  std::map<std::string, Histogram> request_seconds_;                         // by route
+  std::map<std::string, Histogram> phase_seconds_;                           // by phase
+  Histogram batch_queries_;
+};
+
+}  // namespace reattn

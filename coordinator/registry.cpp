@@ -1,0 +1,123 @@
+#include "coordinator/registry.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/semantics.h"
+
+namespace reattn {
+
+Registry::Registry(const Config& config, int world) : config_(config), world_(world) {}
+
+std::optional<ContextInfo> Registry::find(ContextId id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const ContextInfo& c : contexts_) {
+    if (c.id == id) return c;
+  }
+  return std::nullopt;
+}
+
+std::vector<ContextInfo> Registry::list() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return contexts_;
+}
+
+size_t Registry::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return contexts_.size();
+}
+
+std::vector<int64_t> Registry::tokens_per_rank() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int64_t> out(world_, 0);
+  for (const ContextInfo& c : contexts_) {
+    for (int r = 0; r < world_; ++r) out[r] += tokens_charged(c.tokens, c.owner_rank, r, world_, config_.reattention);
+  }
+  return out;
+}
+
+Status Registry::check_exists(ContextId id) const {
+  if (!find(id)) return not_found("context " + std::to_string(id) + " not found");
+  return Status::ok();
+}
+
+Status Registry::check_append(ContextId id, int64_t tokens) const {
+  const std::optional<ContextInfo> ctx = find(id);
+  if (!ctx) return not_found("context " + std::to_string(id) + " not found");
+  std::lock_guard<std::mutex> lock(mu_);
+  return check_append_locked(*ctx, tokens);
+}
+
+Status Registry::check_append_locked(const ContextInfo& ctx, int64_t tokens) const {
+  const ReattentionConfig& rc = config_.reattention;
+  const int64_t limit = config_.capacity.tokens_per_rank;
+  // Larger than any rank could take: also keeps n + tokens from overflowing.
+  if (tokens > limit * static_cast<int64_t>(world_)) {
+    return Status(ErrorCode::kCapacity, "appending " + std::to_string(tokens) + " tokens is over the capacity of " +
+                                            std::to_string(limit) + " tokens per rank on " +
+                                            std::to_string(world_) + " ranks");
+  }
+  for (int r = 0; r < world_; ++r) {
+    int64_t total = 0;
+    for (const ContextInfo& c : contexts_) total += tokens_charged(c.tokens, c.owner_rank, r, world_, rc);
+    const int64_t after = total - tokens_charged(ctx.tokens, ctx.owner_rank, r, world_, rc) +
+                          tokens_charged(ctx.tokens + tokens, ctx.owner_rank, r, world_, rc);
+    if (after > limit) {
+      return Status(ErrorCode::kCapacity, "appending " + std::to_string(tokens) + " tokens would put " +
+                                              std::to_string(after) + " tokens on rank " + std::to_string(r) +
+                                              ", above capacity.tokens_per_rank " + std::to_string(limit));
+    }
+  }
+  return Status::ok();
+}
+
+Status Registry::check_query(ContextId id, int64_t qlen, QueryMode mode) const {
+  const std::optional<ContextInfo> ctx = find(id);
+  if (!ctx) return not_found("context " + std::to_string(id) + " not found");
+  const Status s = validate_query(ctx->tokens, qlen, mode, config_.reattention);
+  if (!s.is_ok()) {
+    return invalid_argument(s.message() + " (context " + std::to_string(id) + " holds " + std::to_string(ctx->tokens) +
+                            " tokens)");
+  }
+  return Status::ok();
+}
+
+Expected<ContextInfo> Registry::plan_create() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (static_cast<int64_t>(contexts_.size()) >= config_.capacity.max_contexts) {
+    return Status(ErrorCode::kCapacity, "the service holds " + std::to_string(contexts_.size()) +
+                                            " contexts, the most capacity.max_contexts allows");
+  }
+  std::vector<int64_t> owned(world_, 0), tokens(world_, 0);
+  for (const ContextInfo& c : contexts_) {
+    ++owned[c.owner_rank];
+    for (int r = 0; r < world_; ++r) tokens[r] += tokens_charged(c.tokens, c.owner_rank, r, world_, config_.reattention);
+  }
+  int best = 0;
+  for (int r = 1; r < world_; ++r) {
+    if (owned[r] < owned[best] || (owned[r] == owned[best] && tokens[r] < tokens[best])) best = r;
+  }
+  return ContextInfo{next_id_++, best, 0};
+}
+
+void Registry::insert(const ContextInfo& info) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto at = std::lower_bound(contexts_.begin(), contexts_.end(), info.id,
+                                   [](const ContextInfo& c, ContextId id) { return c.id < id; });
+  contexts_.insert(at, info);
+}
+
+void Registry::erase(ContextId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  contexts_.erase(std::remove_if(contexts_.begin(), contexts_.end(), [id](const ContextInfo& c) { return c.id == id; }),
+                  contexts_.end());
+}
+
+void Registry::set_tokens(ContextId id, int64_t tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (ContextInfo& c : contexts_) {
+    if (c.id == id) c.tokens = tokens;
+  }
+}
+
+}  // namespace reattn

@@ -1,0 +1,61 @@
+// The coordinator's table of contexts: id, owning rank, length. It mirrors what the ranks'
+// KV stores hold and answers, without asking the ranks, whether a request can go ahead:
+// unknown context (NotFound), capacity (Capacity, from tokens_charged as KvStore computes it),
+// a tail query longer than the context (InvalidArgument).
+// Thread-safety: every method is safe from any thread; the mutators are called only from the
+// step loop, after the ranks have applied the operation, so readers see committed state.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "common/config.h"
+#include "worker/kv_store.h"
+
+namespace reattn {
+
+struct ContextInfo {
+  ContextId id = 0;
+  int owner_rank = 0;
+  int64_t tokens = 0;
+};
+
+class Registry {
+ public:
+  Registry(const Config& config, int world);
+
+  std::optional<ContextInfo> find(ContextId id) const;
+  std::vector<ContextInfo> list() const;  // by id
+  size_t size() const;
+  // KV tokens charged to each rank, [world].
+  std::vector<int64_t> tokens_per_rank() const;
+  int world() const { return world_; }
+
+  // NotFound for an unknown context.
+  Status check_exists(ContextId id) const;
+  // NotFound, or Capacity when appending `tokens` would put any rank over
+  // capacity.tokens_per_rank.
+  Status check_append(ContextId id, int64_t tokens) const;
+  // NotFound, or InvalidArgument when the query does not fit the context as it is now.
+  Status check_query(ContextId id, int64_t qlen, QueryMode mode) const;
+
+  // Step loop only. The id and owner of the next context: owners balanced by fewest
+  // contexts, then fewest tokens, then the lowest rank. Capacity when max_contexts are held.
+  Expected<ContextInfo> plan_create();
+  void insert(const ContextInfo& info);
+  void erase(ContextId id);
+  void set_tokens(ContextId id, int64_t tokens);
+
+ private:
+  Status check_append_locked(const ContextInfo& ctx, int64_t tokens) const;
+
+  const Config config_;
+  const int world_;
+  mutable std::mutex mu_;
+  std::vector<ContextInfo> contexts_;  // by id, ascending
+  ContextId next_id_ = 1;
+};
+
+}  // namespace reattn

@@ -1,0 +1,49 @@
+// Parsing and validation of request bodies, before anything is queued: pure functions from
+// bytes to plain values or an InvalidArgument Status that names the field and what was wrong.
+// Checks that depend on a context's current state (its length) live in the registry and run
+// again in the step loop. Thread-safe (no state).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/status.h"
+
+namespace reattn {
+
+// POST /v1/contexts/{id}/query
+struct QueryRequest {
+  int layer = 0;
+  QueryMode mode = QueryMode::kTail;
+  int64_t qlen = 0;
+  std::vector<float> q;  // [qlen, H, D] fp32, pre-RoPE, all finite
+};
+
+// The body is JSON {"layer", "q": [qlen][H][D], "mode"} (or "synthetic_q": {"seed", "qlen"}
+// in place of "q": the synthetic generator's query), or a safetensors body with a tensor "q"
+// [qlen, H, D] (F32/F16/BF16) whose layer and mode come from the query string
+// ("layer=3&mode=detached"). `content_type` picks the form; without one the body is sniffed.
+Expected<QueryRequest> parse_query_request(const std::string& body, const std::string& content_type,
+                                           const std::string& query_string, const Config& config);
+
+// POST /v1/contexts/{id}/synthetic: {"tokens": >= 1, "seed": >= 0 (default 0), "needles": [token, ...]}
+struct SyntheticRequest {
+  int64_t tokens = 0;
+  uint64_t seed = 0;
+  std::vector<int64_t> needles;  // absolute token positions; the step loop checks they fall in the append
+};
+Expected<SyntheticRequest> parse_synthetic_request(const std::string& body);
+
+// POST /v1/contexts/{id}/kv: a safetensors body with k and v, each [layers, Hkv, tokens, D].
+// Parses and checks it fully (shapes, dtypes, finite values); returns the tokens it appends.
+Expected<int64_t> check_kv_body(const std::string& body, const ModelConfig& model);
+
+// POST /v1/contexts: an empty body or a JSON object (no fields are read yet).
+Status check_create_body(const std::string& body);
+
+// Whether a body should be read as JSON (by content type, else by its first byte).
+bool is_json_body(const std::string& body, const std::string& content_type);
+
+}  // namespace reattn

@@ -1,0 +1,71 @@
+// The bounded, id-keyed queue between the HTTP threads and the one step loop (llama.cpp's
+// server_queue / server_response split): HTTP threads push tasks, each with a completion that
+// receives its result; the step loop pops them in arrival order, a run of consecutive queries
+// as one batch, any other task alone.
+// Thread-safety: push, close, depth and closed from any thread; pop_batch only from the step loop.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "coordinator/registry.h"
+#include "coordinator/requests.h"
+#include "worker/step.h"
+
+namespace reattn {
+
+enum class TaskKind { kCreate, kErase, kAppendKv, kSynthetic, kQuery };
+
+struct TaskResult {
+  Status status;
+  ContextInfo context;        // kCreate: the new context; others: the context afterwards
+  QueryResult query;          // kQuery
+  StepTiming timing;          // kQuery: the step it ran in
+  double queue_ms = 0;        // from push to the start of its step
+  size_t batch_size = 0;      // kQuery: queries in its step
+};
+
+struct Task {
+  uint64_t id = 0;            // set by push
+  TaskKind kind = TaskKind::kCreate;
+  std::string request_id;
+  ContextId context_id = 0;
+  std::string kv_body;        // kAppendKv: checked safetensors bytes
+  int64_t kv_tokens = 0;      // kAppendKv
+  SyntheticRequest synthetic; // kSynthetic
+  QueryRequest query;         // kQuery
+  std::chrono::steady_clock::time_point enqueued;
+  // Called once with the result, on an HTTP thread (the step loop posts it there).
+  std::function<void(TaskResult)> done;
+};
+
+class TaskQueue {
+ public:
+  explicit TaskQueue(size_t capacity);
+
+  // Unavailable when `capacity` tasks are waiting, or after close(). Returns the task's id.
+  Expected<uint64_t> push(Task task);
+  // Waits up to `wait` for a task, then takes either the first task alone (not a query) or
+  // the run of consecutive queries at the front, at most `max_queries`. Empty when none came.
+  std::vector<Task> pop_batch(size_t max_queries, std::chrono::milliseconds wait);
+  // No new tasks; those queued are still popped.
+  void close();
+  bool closed() const;
+  size_t depth() const;
+
+ private:
+  const size_t capacity_;
+  mutable std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<Task> tasks_;
+  uint64_t next_id_ = 1;
+  bool closed_ = false;
+};
+
+}  // namespace reattn

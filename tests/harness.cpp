@@ -1,0 +1,60 @@
+#include "tests/harness.h"
+
+namespace reattn::test {
+
+void ContextSource::read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {
+  (void)layer;
+  const int D = ctx_.model.head_dim;
+  const size_t base = (static_cast<size_t>(kv_head) * ctx_.n + first_ + offset) * D;
+  for (int64_t i = 0; i < count * D; ++i) {
+    k[i] = static_cast<float>(ctx_.k[base + i]);
+    v[i] = static_cast<float>(ctx_.v[base + i]);
+  }
+}
+
+Status LoopbackCommunicator::exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) {
+  if (sends.size() != recvs.size()) return internal_error("loopback exchange: sends and receives differ in count");
+  for (size_t i = 0; i < sends.size(); ++i) {
+    if (sends[i].bytes != recvs[i].bytes) return internal_error("loopback exchange: size mismatch");
+    std::memmove(recvs[i].data, sends[i].data, sends[i].bytes);
+  }
+  return Status::ok();
+}
+
+PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
+                            const std::vector<float>& q, int64_t qlen, const PipelineCase& c) {
+  PipelineResult result;
+  KvStore store(backend, config, comm.rank(), comm.world());
+  constexpr ContextId kId = 7;
+  result.status = store.create(kId, c.owner_rank, {c.layer});
+  if (!result.status.is_ok()) return result;
+  std::vector<int64_t> pieces = c.append_pieces;
+  if (pieces.empty()) pieces.push_back(ctx.n);
+  int64_t first = 0;
+  for (int64_t count : pieces) {
+    result.status = store.append(kId, ContextSource(ctx, c.layer, first, count));
+    if (!result.status.is_ok()) return result;
+    first += count;
+  }
+  StepPlan plan;
+  plan.strategy = c.strategy;
+  QueryPlan qp;
+  qp.context_id = kId;
+  qp.tokens = first;
+  qp.qlen = qlen;
+  qp.layer = c.layer;
+  qp.mode = static_cast<int32_t>(c.mode);
+  qp.owner_rank = c.owner_rank;
+  plan.queries.push_back(qp);
+  plan.q = q;
+  StepRunner runner(backend, comm, config, store);
+  std::vector<QueryResult> results;
+  result.status = runner.run(plan, &results, nullptr);
+  if (!result.status.is_ok() || comm.rank() != 0) return result;
+  result.status = results[0].status;
+  result.recalled = results[0].recalled;
+  result.out = results[0].out;
+  return result;
+}
+
+}  // namespace reattn::test

@@ -1,0 +1,60 @@
+// Runs one query through the real pipeline (KvStore + StepRunner on a backend and a
+// communicator) over a reference context, for the unit and multi-rank tests.
+#pragma once
+
+#include <cstring>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "tests/reference.h"
+#include "worker/step.h"
+
+namespace reattn::test {
+
+// K/V of a reference context as a KvSource (one layer, tokens [first, first + count)).
+class ContextSource final : public KvSource {
+ public:
+  ContextSource(const ref::Context& ctx, int layer, int64_t first, int64_t count)
+      : ctx_(ctx), layer_(layer), first_(first), count_(count) {}
+  int64_t tokens() const override { return count_; }
+  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+
+ private:
+  const ref::Context& ctx_;
+  int layer_;
+  int64_t first_;
+  int64_t count_;
+};
+
+struct PipelineResult {
+  Status status;
+  std::vector<int64_t> recalled;
+  std::vector<float> out;
+};
+
+struct PipelineCase {
+  int layer = 0;
+  QueryMode mode = QueryMode::kTail;
+  FinalAttention strategy = FinalAttention::kGather;
+  int owner_rank = 0;
+  std::vector<int64_t> append_pieces;  // token counts of successive appends; empty: one append
+};
+
+// Every rank calls it; the result is meaningful on rank 0.
+PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
+                            const std::vector<float>& q, int64_t qlen, const PipelineCase& c);
+
+// A communicator of one rank, for tests without MPI.
+class LoopbackCommunicator final : public Communicator {
+ public:
+  const char* name() const override { return "loopback"; }
+  int rank() const override { return 0; }
+  int world() const override { return 1; }
+  Status allgather(const void* send, void* recv, size_t bytes) override {
+    std::memmove(recv, send, bytes);
+    return Status::ok();
+  }
+  Status exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) override;
+};
+
+}  // namespace reattn::test
