@@ -73,7 +73,9 @@ inline void topk_insert(Candidate* top, int k, Candidate c) {
 void merge_candidates(const Candidate* gathered, int world, int64_t rows, int k, Candidate* out);
 
 // The recall set U from the per-(row, head) top-k lists [rows][k]: the union, capped at R by
-// (count desc, best score desc, chunk asc), returned sorted by chunk ascending.
+// (count desc, best score desc, chunk asc), returned sorted by chunk ascending. A chunk's
+// count is the number of (row, head) whose top-k holds it; its best score is the highest
+// score among those choices.
 std::vector<int64_t> select_recall(const Candidate* topk, int64_t rows, int k, int64_t max_recall);
 
 // Where every key sits in the final attention, and where each query row stands.

@@ -373,7 +373,7 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
     if (owner == plan.reply_rank) continue;
     if (rank == owner) sends.push_back({plan.reply_rank, own, s.rows * dim * sizeof(float)});
   }
-  // The reply rank receives into host memory through a staging copy in `states`' tail.
+  // The reply rank receives other owners' outputs in backend memory, then downloads.
   size_t reply_floats = 0;
   std::vector<size_t> reply_offset(nq, 0);
   if (replying) {
@@ -383,9 +383,9 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
       reply_floats += qs[i].rows * dim;
     }
   }
-  Buffer reply;
+  Buffer& reply = ws_.reply;
   if (reply_floats > 0) {
-    REATTN_ASSIGN_OR_RETURN(reply, backend_.allocate(reply_floats * sizeof(float)));
+    REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, reply, reply_floats * sizeof(float)));
     for (size_t i = 0; i < nq; ++i) {
       if (!qs[i].status.is_ok() || qs[i].plan->owner_rank == rank) continue;
       recvs.push_back({qs[i].plan->owner_rank, reply.as<float>() + reply_offset[i], qs[i].rows * dim * sizeof(float)});

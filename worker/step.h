@@ -60,7 +60,7 @@ class StepRunner {
 
  private:
   struct Workspace {
-    Buffer q, send, recv, staging, states, meta;
+    Buffer q, send, recv, staging, states, meta, reply;
   };
   Backend& backend_;
   Communicator& comm_;
