@@ -25,14 +25,20 @@ uint64_t key_of(uint64_t seed, uint64_t stream, uint64_t layer, uint64_t head, u
   return mix(h ^ token);
 }
 
-// Uniform on [-sqrt(3), sqrt(3)) (unit variance), quantised to 2^-6 so bf16 holds it exactly.
+// Uniform on [-2, 2) in steps of 1/32: 7 significant bits, so bf16, f16 and fp32 storage
+// all hold exactly the same values.
 float uniform_unit(uint64_t key, int d) {
   const uint64_t bits = mix(key + static_cast<uint64_t>(d) * 0x632be59bd9b4e019ull);
   const int q = static_cast<int>(bits >> 57) - 64;  // [-64, 64)
-  return static_cast<float>(q) * (1.7320508f / 64.0f);
+  return static_cast<float>(q) * (1.0f / 32.0f);
 }
 
-float to_bf16_exact(float x) { return bf16_to_float(float_to_bf16(x)); }
+// Rounds to bf16 and flushes magnitudes below f16's smallest normal (2^-14) to zero: the
+// result is exact in bf16, f16 and fp32.
+float storage_exact(float x) {
+  const float b = bf16_to_float(float_to_bf16(x));
+  return std::fabs(b) < 6.103515625e-05f ? 0.0f : b;
+}
 
 }  // namespace
 
@@ -73,7 +79,7 @@ void synthetic_kv(const SyntheticSpec& spec, const ModelConfig& model, int layer
   const double strength = 2.0 * std::sqrt(static_cast<double>(dim)) *
                           (1.0 + 0.05 * static_cast<double>(it - spec.needles.begin()));
   const std::vector<float> dir = needle_direction(spec.seed, model, layer, kv_head);
-  for (int d = 0; d < dim; ++d) k[d] = to_bf16_exact(static_cast<float>(strength * dir[d]));
+  for (int d = 0; d < dim; ++d) k[d] = storage_exact(static_cast<float>(strength * dir[d]));
 }
 
 std::vector<float> synthetic_query(const SyntheticSpec& spec, const ModelConfig& model, int layer,
@@ -87,7 +93,7 @@ std::vector<float> synthetic_query(const SyntheticSpec& spec, const ModelConfig&
       for (int h = g * model.group_size(); h < (g + 1) * model.group_size(); ++h) {
         const uint64_t key = key_of(spec.seed, kQuery, layer, h, i);
         float* row = q.data() + (i * model.q_heads + h) * dim;
-        for (int d = 0; d < dim; ++d) row[d] = to_bf16_exact(scale * dir[d] + 0.5f * uniform_unit(key, d));
+        for (int d = 0; d < dim; ++d) row[d] = storage_exact(scale * dir[d] + 0.5f * uniform_unit(key, d));
       }
     }
   }

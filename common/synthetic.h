@@ -20,8 +20,9 @@ struct SyntheticSpec {
 // Checks needles against a context of `tokens` tokens (each in [0, tokens)), naming the bad one.
 Status validate_needles(const std::vector<int64_t>& needles, int64_t tokens);
 
-// K and V of one token of one KV head, [D] each. Values are uniform with unit variance,
-// exactly representable in bf16 (so every storage dtype holds the same numbers).
+// K and V of one token of one KV head, [D] each. Values are uniform on [-2, 2) and, like the
+// needle keys and queries, exactly representable in bf16 and f16 (so every storage dtype
+// holds the same numbers).
 void synthetic_kv(const SyntheticSpec& spec, const ModelConfig& model, int layer, int kv_head,
                   int64_t token, float* k, float* v);
 

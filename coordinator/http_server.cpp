@@ -6,6 +6,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <optional>
 #include <utility>
@@ -20,8 +22,6 @@ using tcp = boost::asio::ip::tcp;
 namespace {
 
 constexpr uint32_t kHeaderLimit = 64 * 1024;
-
-bool iequals(beast::string_view a, beast::string_view b) { return beast::iequals(a, b); }
 
 }  // namespace
 
@@ -70,14 +70,18 @@ class Session : public std::enable_shared_from_this<Session> {
         ec == net::error::connection_reset || ec == net::error::eof) {
       return close();
     }
-    if (ec) return reject(ec == http::error::header_limit ? 431 : 400, "bad_request",
-                          "malformed HTTP request: " + ec.message());
+    // Beast checks Content-Length against the body limit while parsing the header.
+    if (ec == http::error::body_limit) return reject_too_large();
+    if (ec == http::error::header_limit) {
+      return reject(431, "headers_too_large", "request headers are over " + std::to_string(kHeaderLimit) + " bytes");
+    }
+    if (ec) return reject(400, "bad_request", "malformed HTTP request: " + ec.message());
     const auto& req = parser_->get();
     const auto length = parser_->content_length();
     if (length && *length > static_cast<uint64_t>(server_->options.max_body_bytes)) {
       return reject_too_large();
     }
-    if (iequals(req[http::field::expect], "100-continue")) {
+    if (beast::iequals(req[http::field::expect], "100-continue")) {
       continue_.emplace(http::status::continue_, req.version());
       http::async_write(stream_, *continue_, beast::bind_front_handler(&Session::on_continue, shared_from_this()));
       return;
@@ -170,14 +174,33 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_write(bool counted, beast::error_code ec, size_t) {
     if (counted) --server_->active;
-    if (ec || !response_->keep_alive()) return close();
+    if (ec) return close();
+    if (!response_->keep_alive()) return linger();
     response_.reset();
     read_header();
   }
 
-  void close() {
+  // Half-closes, then reads and drops what the client still sends (e.g. the rest of a body
+  // over the limit) until it closes too: closing with unread data would reset the connection
+  // and the client could lose the response.
+  void linger() {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    if (ec) return close();
+    stream_.expires_after(std::chrono::seconds(std::min(server_->options.request_timeout_s, 5)));
+    drain_some();
+  }
+
+  void drain_some() {
+    stream_.async_read_some(net::buffer(scratch_), [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) return self->close();
+      self->drain_some();
+    });
+  }
+
+  void close() {
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.socket().close(ec);
   }
 
@@ -187,6 +210,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::string_body>> parser_;
   std::optional<http::response<http::empty_body>> continue_;
   std::optional<http::response<http::string_body>> response_;
+  std::array<char, 16384> scratch_;
   bool keep_alive_ = true;
   unsigned version_ = 11;
 };

@@ -50,8 +50,9 @@ class HttpServer {
   // Requests handed to the handler and not yet answered (written or failed).
   int active_requests() const;
 
+  struct Impl;  // the listener's and sessions' shared state (http_server.cpp)
+
  private:
-  struct Impl;
   std::shared_ptr<Impl> impl_;
 };
 

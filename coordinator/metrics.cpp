@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 namespace reattn {
 namespace {
@@ -10,9 +11,12 @@ const std::vector<double> kSecondsBounds = {0.0001, 0.00025, 0.0005, 0.001, 0.00
                                             0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,     10};
 const std::vector<double> kBatchBounds = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
+// The shortest of 15 or 17 significant digits that reads back exactly ("0.0025", not
+// "0.0025000000000000001"): bucket bounds are label values and should read as written.
 std::string number(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  std::snprintf(buf, sizeof(buf), "%.15g", v);
+  if (std::strtod(buf, nullptr) != v) std::snprintf(buf, sizeof(buf), "%.17g", v);
   return buf;
 }
 

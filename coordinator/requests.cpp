@@ -1,8 +1,10 @@
 #include "coordinator/requests.h"
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -184,7 +186,9 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   }
   REATTN_RETURN_IF_ERROR(check_layer(layer, config.model));
   req.layer = static_cast<int>(layer);
-  if (params.count("mode")) REATTN_ASSIGN_OR_RETURN(req.mode, parse_query_mode(params.at("mode")));
+  if (params.count("mode")) {
+    REATTN_ASSIGN_OR_RETURN(req.mode, parse_query_mode(params.at("mode")));
+  }
 
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "query body"));
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));

@@ -10,7 +10,7 @@
 #include <iostream>
 
 #include "comm/control.h"
-#include "comm/mpi_communicator.h"
+#include "comm/make_communicator.h"
 #include "coordinator/run_inputs.h"
 #include "worker/step.h"
 
@@ -93,7 +93,9 @@ Status run(const Control& control, const RunOptions& opt) {
 
   Expected<std::unique_ptr<Backend>> backend = make_backend(config, control.local_rank());
   REATTN_RETURN_IF_ERROR(control.agree(backend.status()));
-  MpiCommunicator comm;
+  Expected<std::unique_ptr<Communicator>> communicator = make_communicator(**backend, control);
+  REATTN_RETURN_IF_ERROR(control.agree(communicator.status()));
+  Communicator& comm = **communicator;
   KvStore store(**backend, config, control.rank(), control.world());
   constexpr ContextId kContext = 1;
   REATTN_RETURN_IF_ERROR(control.agree(store.create(kContext, opt.owner_rank, {opt.layer})));

@@ -33,8 +33,14 @@ Status ensure_capacity(Backend& backend, Buffer& buffer, size_t bytes) {
 Expected<std::unique_ptr<Backend>> make_backend(const Config& config, int local_rank) {
   BackendKind kind = config.backend.kind;
 #if defined(REATTN_HAVE_CUDA)
-  if (kind == BackendKind::kAuto) kind = cuda_device_count() > 0 ? BackendKind::kCuda : BackendKind::kCpu;
-  if (kind == BackendKind::kCuda) return make_cuda_backend(config, local_rank);
+  // auto: cuda when a GPU is visible and the CUDA kernels cover the config's shapes.
+  if (kind == BackendKind::kAuto) {
+    kind = cuda_device_count() > 0 && cuda_backend_supports(config).is_ok() ? BackendKind::kCuda : BackendKind::kCpu;
+  }
+  if (kind == BackendKind::kCuda) {
+    REATTN_RETURN_IF_ERROR(cuda_backend_supports(config));
+    return make_cuda_backend(config, local_rank);
+  }
 #else
   (void)local_rank;
   if (kind == BackendKind::kAuto) kind = BackendKind::kCpu;

@@ -5,7 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-  build-essential cmake python3 \
+  build-essential cmake python3 python3-yaml \
   libopenmpi-dev openmpi-bin \
   libyaml-cpp-dev libboost-dev nlohmann-json3-dev libspdlog-dev libcli11-dev libgtest-dev \
   > /dev/null

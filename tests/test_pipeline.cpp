@@ -244,3 +244,34 @@ TEST(StepPlan, EncodeDecodeRoundTrip) {
 
 }  // namespace
 }  // namespace reattn
+
+namespace reattn {
+namespace {
+
+TEST(Synthetic, ValuesAreExactInEveryStorageDtypeAndRegenerate) {
+  const Config config = tiny_config(4, 2, 64);
+  const SyntheticSpec spec{5, {10, 300}};
+  std::vector<float> k(64), v(64), k2(64), v2(64);
+  for (int64_t token : {0, 10, 299, 300, 5000}) {
+    synthetic_kv(spec, config.model, 1, 1, token, k.data(), v.data());
+    synthetic_kv(spec, config.model, 1, 1, token, k2.data(), v2.data());
+    EXPECT_EQ(k, k2);
+    for (float x : k) {
+      EXPECT_EQ(bf16_to_float(float_to_bf16(x)), x);
+      EXPECT_EQ(f16_to_float(float_to_f16(x)), x);
+    }
+  }
+  for (float x : synthetic_query(spec, config.model, 1, 3)) {
+    EXPECT_EQ(bf16_to_float(float_to_bf16(x)), x);
+    EXPECT_EQ(f16_to_float(float_to_f16(x)), x);
+  }
+  // A needle key points along its group's query direction and stands far above noise.
+  synthetic_kv(spec, config.model, 1, 1, 300, k.data(), v.data());
+  const std::vector<float> dir = needle_direction(5, config.model, 1, 1);
+  double along = 0;
+  for (int d = 0; d < 64; ++d) along += k[d] * dir[d];
+  EXPECT_GT(along, 15.0);
+}
+
+}  // namespace
+}  // namespace reattn

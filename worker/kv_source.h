@@ -15,7 +15,8 @@ class KvSource {
   virtual ~KvSource() = default;
   // Tokens this append adds.
   virtual int64_t tokens() const = 0;
-  // K and V of tokens [offset, offset + count) of the append, [count, D] fp32 each.
+  // K and V of tokens [offset, offset + count) of the append, [count, D] fp32 each. Called
+  // from several threads at once: implementations keep no mutable state.
   virtual void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const = 0;
 };
 

@@ -1,11 +1,64 @@
 #include "worker/kv_store.h"
 
 #include <algorithm>
+#include <atomic>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "common/semantics.h"
 
 namespace reattn {
+namespace {
+
+// Runs fn(i) for i in [0, count) on the hardware threads (KvSource::read is const and
+// keeps no state, so sources are read concurrently). Bulk loads of millions of tokens spend
+// their time generating and converting values; this spreads that over the cores.
+template <typename Fn>
+void parallel_for(int64_t count, Fn fn) {
+  const int64_t threads = std::min<int64_t>(count, std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  auto work = [&]() {
+    for (int64_t i = next++; i < count; i = next++) fn(i);
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& th : pool) th.join();
+}
+
+// Full home blocks written by one upload per K and V at most (bounds the host staging).
+constexpr int64_t kBatchBlocks = 64;
+
+// Writes whole home blocks first_block, first_block + world, ... (`blocks` of them, in
+// consecutive slots of one page starting at k_dst / v_dst) with one upload for K and one for V.
+Status write_home_blocks(Backend& backend, const ModelConfig& m, const ReattentionConfig& rc, int world,
+                         size_t block_bytes, void* k_dst, void* v_dst, const KvSource& source, int layer, int64_t n0,
+                         int64_t first_block, int64_t blocks) {
+  const DType dtype = backend.storage_dtype();
+  const size_t esize = dtype_size(dtype);
+  const size_t head_elems = static_cast<size_t>(rc.chunk_tokens) * m.head_dim;
+  std::vector<char> k_store(blocks * block_bytes), v_store(k_store.size());
+  parallel_for(blocks * m.kv_heads, [&](int64_t item) {
+    const int64_t b = item / m.kv_heads;
+    const int g = static_cast<int>(item % m.kv_heads);
+    const int64_t first_token = rc.sink_tokens + (first_block + b * world) * rc.chunk_tokens;
+    std::vector<float> k(head_elems), v(head_elems);
+    source.read(layer, g, first_token - n0, rc.chunk_tokens, k.data(), v.data());
+    const size_t offset = (static_cast<size_t>(b) * m.kv_heads + g) * head_elems * esize;
+    convert_from_f32(dtype, k.data(), head_elems, k_store.data() + offset);
+    convert_from_f32(dtype, v.data(), head_elems, v_store.data() + offset);
+  });
+  REATTN_RETURN_IF_ERROR(backend.upload(k_dst, k_store.data(), k_store.size()));
+  return backend.upload(v_dst, v_store.data(), v_store.size());
+}
+
+}  // namespace
 
 KvStore::KvStore(Backend& backend, const Config& config, int rank, int world)
     : backend_(backend), config_(config), rank_(rank), world_(world) {}
@@ -109,8 +162,9 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   const DType dtype = backend_.storage_dtype();
   const size_t esize = dtype_size(dtype);
   const int64_t count = end - begin;
-  std::vector<float> k(count * m.head_dim), v(count * m.head_dim);
-  std::vector<char> k_store(k.size() * esize), v_store(v.size() * esize);
+  const size_t head_elems = static_cast<size_t>(count) * m.head_dim;
+  // [Hkv][count][D] in storage dtype.
+  std::vector<char> k_store(m.kv_heads * head_elems * esize), v_store(k_store.size());
 
   struct Target {
     char* k;
@@ -137,14 +191,23 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
     }
   }
   if (targets.empty()) return Status::ok();
-  for (int g = 0; g < m.kv_heads; ++g) {
-    source.read(layer, g, begin - n0, count, k.data(), v.data());
-    convert_from_f32(dtype, k.data(), k.size(), k_store.data());
-    convert_from_f32(dtype, v.data(), v.size(), v_store.data());
-    for (const Target& t : targets) {
+  parallel_for(m.kv_heads, [&](int64_t g) {
+    std::vector<float> k(head_elems), v(head_elems);
+    source.read(layer, static_cast<int>(g), begin - n0, count, k.data(), v.data());
+    convert_from_f32(dtype, k.data(), head_elems, k_store.data() + g * head_elems * esize);
+    convert_from_f32(dtype, v.data(), head_elems, v_store.data() + g * head_elems * esize);
+  });
+  for (const Target& t : targets) {
+    if (begin == t.first_token && count == t.head_stride_tokens) {
+      // The range covers whole rows of every head: one contiguous copy.
+      REATTN_RETURN_IF_ERROR(backend_.upload(t.k, k_store.data(), k_store.size()));
+      REATTN_RETURN_IF_ERROR(backend_.upload(t.v, v_store.data(), v_store.size()));
+      continue;
+    }
+    for (int g = 0; g < m.kv_heads; ++g) {
       const size_t offset = ((g * t.head_stride_tokens) + (begin - t.first_token)) * m.head_dim * esize;
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.k + offset, k_store.data(), k_store.size()));
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.v + offset, v_store.data(), v_store.size()));
+      REATTN_RETURN_IF_ERROR(backend_.upload(t.k + offset, k_store.data() + g * head_elems * esize, head_elems * esize));
+      REATTN_RETURN_IF_ERROR(backend_.upload(t.v + offset, v_store.data() + g * head_elems * esize, head_elems * esize));
     }
   }
   return Status::ok();
@@ -189,6 +252,31 @@ Status KvStore::append(ContextId id, const KvSource& source) {
         const bool in_ring = ctx.owner_rank == rank_ && end > ring_floor;
         if (!home && !in_ring) {
           t = end;
+          continue;
+        }
+        const int64_t block_first = rc.sink_tokens + block * rc.chunk_tokens;
+        if (home && !in_ring && t == block_first && end == block_first + rc.chunk_tokens) {
+          // A run of whole home blocks below the ring floor, in consecutive slots of one page
+          // (the other ranks' blocks between them are skipped here anyway). Their ring copy is
+          // skipped too: a block below the floor is overwritten in the ring by the end of this
+          // append before anything reads it.
+          int64_t blocks = 1;
+          while (blocks < kBatchBlocks) {
+            const int64_t next = block + blocks * world_;
+            const int64_t next_end = rc.sink_tokens + (next + 1) * rc.chunk_tokens;
+            const bool next_in_ring = ctx.owner_rank == rank_ && next_end > ring_floor;
+            if (next_end > n1 || next_in_ring ||
+                home_slot(next, world_) / kBlocksPerPage != home_slot(block, world_) / kBlocksPerPage) {
+              break;
+            }
+            ++blocks;
+          }
+          REATTN_RETURN_IF_ERROR(ensure_pages(shard, home_slot(block + (blocks - 1) * world_, world_) + 1));
+          REATTN_RETURN_IF_ERROR(write_home_blocks(backend_, config_.model, rc, world_, block_bytes(),
+                                                   const_cast<void*>(home_block(shard, false, block)),
+                                                   const_cast<void*>(home_block(shard, true, block)), source, layer,
+                                                   n0, block, blocks));
+          t = rc.sink_tokens + (block + (blocks - 1) * world_ + 1) * rc.chunk_tokens;
           continue;
         }
       }

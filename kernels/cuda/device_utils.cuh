@@ -37,11 +37,18 @@ __device__ __forceinline__ void load8<__half>(const __half* src, float (&out)[8]
   }
 }
 
+// 8 consecutive floats (32 bytes, 16-byte aligned).
 __device__ __forceinline__ void load8_f32(const float* src, float (&out)[8]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(src));
   const float4 b = __ldg(reinterpret_cast<const float4*>(src) + 1);
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = a.z;
+  out[3] = a.w;
+  out[4] = b.x;
+  out[5] = b.y;
+  out[6] = b.z;
+  out[7] = b.w;
 }
 
 }  // namespace reattn::cuda

@@ -1,0 +1,270 @@
+// reattn_bench: one layer of LLaMA-3.1-8B shapes (H=32, Hkv=8, D=128, bf16) on the CUDA
+// backend, at the token counts given, qlen 1. Per size: the query end to end through
+// KvStore + StepRunner + the communicator (NCCL), the scoring kernel alone (events), needle
+// recall as a check, and device memory; once: a read-bandwidth probe. Runs alone or under
+// mpirun (one GPU per rank; the context is sharded as in the service). JSON on rank 0.
+#include <mpi.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "comm/control.h"
+#include "comm/make_communicator.h"
+#include "common/synthetic.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_check.h"
+#include "worker/kv_store.h"
+#include "worker/step.h"
+
+namespace reattn {
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+Config llama_layer_config(const std::string& final_attention) {
+  Config c;
+  c.model.layers = 1;
+  c.model.q_heads = 32;
+  c.model.kv_heads = 8;
+  c.model.head_dim = 128;
+  c.model.rope_theta = 500000.0;
+  c.model.scope = 8192;
+  c.reattention.sink_tokens = 32;
+  c.reattention.local_window = 4096;
+  c.reattention.chunk_tokens = 64;
+  c.reattention.top_k = 4;
+  c.reattention.max_recall_chunks = 32;
+  c.reattention.final_attention = final_attention == "partial" ? FinalAttention::kPartial : FinalAttention::kGather;
+  c.backend.kind = BackendKind::kCuda;
+  c.backend.storage_dtype = DType::kBF16;
+  c.capacity.tokens_per_rank = int64_t{1} << 27;
+  return c;
+}
+
+size_t device_used_bytes() {
+  size_t free_bytes = 0, total = 0;
+  if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
+  return total - free_bytes;
+}
+
+// Times `fn` (queued on `stream`) with events, `repeat` times after `warmup`; median ms.
+template <typename Fn>
+Expected<double> time_events(cudaStream_t stream, int warmup, int repeat, Fn fn) {
+  cudaEvent_t start, stop;
+  REATTN_CUDA_CHECK(cudaEventCreate(&start));
+  REATTN_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> ms;
+  for (int r = 0; r < warmup + repeat; ++r) {
+    REATTN_CUDA_CHECK(cudaEventRecord(start, stream));
+    REATTN_RETURN_IF_ERROR(fn());
+    REATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
+    REATTN_CUDA_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    REATTN_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    if (r >= warmup) ms.push_back(t);
+  }
+  (void)cudaEventDestroy(start);
+  (void)cudaEventDestroy(stop);
+  return median(ms);
+}
+
+Expected<nlohmann::json> read_bandwidth(CudaBackend& backend, size_t bytes) {
+  REATTN_ASSIGN_OR_RETURN(Buffer buf, backend.allocate(bytes));
+  REATTN_ASSIGN_OR_RETURN(Buffer sink, backend.allocate(sizeof(unsigned long long)));
+  REATTN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x5a, bytes, backend.stream()));
+  REATTN_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), backend.stream()));
+  REATTN_ASSIGN_OR_RETURN(double ms, time_events(backend.stream(), 3, 20, [&]() {
+    return cuda::run_read_probe(buf.data(), bytes, sink.as<unsigned long long>(), backend.device_info(), backend.stream());
+  }));
+  return nlohmann::json{{"bytes", bytes}, {"ms", ms}, {"gb_per_s", bytes / ms / 1e6}};
+}
+
+Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, const Control& control, const Config& cfg,
+                                    int64_t tokens, int repeat) {
+  const ModelConfig& m = cfg.model;
+  const ReattentionConfig& rc = cfg.reattention;
+  const Regions regions = compute_regions(tokens, rc);
+  const int rank = control.rank(), world = control.world();
+  SyntheticSpec spec;
+  spec.seed = 2026;
+  spec.needles = {regions.chunk_first_token(regions.num_chunks / 7) + 11, regions.chunk_first_token(regions.num_chunks / 2),
+                  regions.chunk_first_token(regions.num_chunks - 3) + 63};
+  const std::vector<float> q = synthetic_query(spec, m, 0, 1);
+
+  backend.reset_peak_allocated_bytes();
+  const size_t used_before = device_used_bytes();
+  const size_t alloc_before = backend.allocated_bytes();
+  KvStore store(backend, cfg, rank, world);
+  constexpr ContextId kContext = 1;
+  const auto t_load = std::chrono::steady_clock::now();
+  REATTN_RETURN_IF_ERROR(control.agree(store.create(kContext, 0, {0})));
+  REATTN_RETURN_IF_ERROR(control.agree(store.append(kContext, SyntheticKvSource(spec, m, 0, tokens))));
+  REATTN_RETURN_IF_ERROR(backend.synchronize());
+  REATTN_RETURN_IF_ERROR(control.barrier());
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+
+  // End to end: the whole step on every rank, timed on rank 0 (owner and reply rank).
+  StepPlan plan;
+  plan.strategy = rc.final_attention;
+  QueryPlan qp;
+  qp.context_id = kContext;
+  qp.tokens = tokens;
+  qp.qlen = 1;
+  qp.mode = static_cast<int32_t>(QueryMode::kTail);
+  plan.queries.push_back(qp);
+  plan.q = q;
+  StepRunner runner(backend, comm, cfg, store);
+  std::vector<QueryResult> results;
+  std::vector<double> e2e_ms, score_ms, merge_ms, attention_ms;
+  for (int r = 0; r < 3 + repeat; ++r) {
+    REATTN_RETURN_IF_ERROR(control.barrier());
+    StepTiming timing;
+    const auto t0 = std::chrono::steady_clock::now();
+    REATTN_RETURN_IF_ERROR(runner.run(plan, &results, &timing));
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (r >= 3) {
+      e2e_ms.push_back(ms);
+      score_ms.push_back(timing.score_ms);
+      merge_ms.push_back(timing.merge_ms);
+      attention_ms.push_back(timing.attention_ms);
+    }
+  }
+  nlohmann::json needles = nlohmann::json::array();
+  bool all_found = true;
+  if (rank == 0) {
+    REATTN_RETURN_IF_ERROR(results.at(0).status);
+    for (int64_t token : spec.needles) {
+      const int64_t chunk = (token - rc.sink_tokens) / rc.chunk_tokens;
+      const bool found = std::binary_search(results[0].recalled.begin(), results[0].recalled.end(), chunk);
+      all_found = all_found && found;
+      needles.push_back({{"token", token}, {"chunk", chunk}, {"found", found}});
+    }
+  }
+
+  // The scoring kernel alone, on this rank's mid chunks.
+  const LayerShard& shard = store.find(kContext)->layers[0];
+  REATTN_ASSIGN_OR_RETURN(Buffer q_dev, backend.allocate(q.size() * sizeof(float)));
+  REATTN_RETURN_IF_ERROR(backend.upload(q_dev.data(), q.data(), q.size() * sizeof(float)));
+  REATTN_ASSIGN_OR_RETURN(Buffer cand, backend.allocate(static_cast<size_t>(m.q_heads) * rc.top_k * sizeof(Candidate)));
+  ScoreParams p;
+  p.k_pages = shard.k_page_table.as<const void* const>();
+  p.blocks_per_page = KvStore::kBlocksPerPage;
+  p.block_count = mid_slots_on_rank(regions.num_chunks, rank, world);
+  p.chunk_id_stride = world;
+  p.chunk_id_offset = rank;
+  p.q = q_dev.as<float>();
+  p.qlen = 1;
+  p.q_heads = m.q_heads;
+  p.kv_heads = m.kv_heads;
+  p.head_dim = m.head_dim;
+  p.chunk_tokens = rc.chunk_tokens;
+  p.top_k = rc.top_k;
+  p.out = cand.as<Candidate>();
+  REATTN_ASSIGN_OR_RETURN(double kernel_ms, time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
+  const double key_bytes = static_cast<double>(p.block_count) * m.kv_heads * rc.chunk_tokens * m.head_dim * 2;
+
+  const double kv_bytes = static_cast<double>(tokens_charged(tokens, 0, rank, world, rc)) * m.kv_heads * m.head_dim * 2 * 2;
+  const size_t peak_alloc = backend.peak_allocated_bytes() - alloc_before;
+  const size_t used_after = device_used_bytes();
+  nlohmann::json doc{
+      {"tokens", tokens},
+      {"rank", rank},
+      {"world", world},
+      {"load_s", load_s},
+      {"e2e_ms", median(e2e_ms)},
+      {"e2e_min_ms", *std::min_element(e2e_ms.begin(), e2e_ms.end())},
+      {"step_score_ms", median(score_ms)},
+      {"step_merge_ms", median(merge_ms)},
+      {"step_attention_ms", median(attention_ms)},
+      {"score_kernel_ms", kernel_ms},
+      {"score_key_bytes", key_bytes},
+      {"score_kernel_gb_per_s", key_bytes / kernel_ms / 1e6},
+      {"kv_bytes", kv_bytes},
+      {"peak_alloc_bytes", peak_alloc},
+      {"alloc_overhead", (peak_alloc - kv_bytes) / kv_bytes},
+      {"device_used_delta_bytes", used_after - used_before},
+      {"recalled", rank == 0 ? nlohmann::json(results[0].recalled) : nlohmann::json()},
+      {"needles", needles},
+      {"all_needles_found", all_found}};
+  return doc;
+}
+
+Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat, const std::string& strategy,
+           const std::string& json_path) {
+  const Config cfg = llama_layer_config(strategy);
+  REATTN_RETURN_IF_ERROR(cfg.validate());
+  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(cfg, control.local_rank());
+  REATTN_RETURN_IF_ERROR(control.agree(made.status()));
+  auto& backend = static_cast<CudaBackend&>(**made);
+  Expected<std::unique_ptr<Communicator>> comm = make_communicator(backend, control);
+  REATTN_RETURN_IF_ERROR(control.agree(comm.status()));
+  cudaDeviceProp prop{};
+  REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, backend.device()));
+
+  nlohmann::json out{{"device", prop.name}, {"world", control.world()}, {"final_attention", strategy},
+                     {"sizes", nlohmann::json::array()}};
+  REATTN_ASSIGN_OR_RETURN(out["read_bandwidth"], read_bandwidth(backend, size_t{4} << 30));
+  for (int64_t tokens : sizes) {
+    REATTN_ASSIGN_OR_RETURN(nlohmann::json r, bench_size(backend, **comm, control, cfg, tokens, repeat));
+    // Every rank's kernel time (the slowest bounds the step).
+    double mine = r["score_kernel_ms"].get<double>();
+    double slowest = 0;
+    MPI_Reduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+    r["score_kernel_ms_slowest_rank"] = slowest;
+    if (control.rank() == 0) {
+      std::fprintf(stderr, "[bench] world=%d tokens=%lld e2e=%.3f ms score_kernel=%.3f ms (%.0f GB/s) needles=%s\n",
+                   control.world(), static_cast<long long>(tokens), r["e2e_ms"].get<double>(),
+                   r["score_kernel_ms"].get<double>(), r["score_kernel_gb_per_s"].get<double>(),
+                   r["all_needles_found"].get<bool>() ? "found" : "MISSED");
+    }
+    out["sizes"].push_back(r);
+  }
+  out["peak_alloc_bytes"] = backend.peak_allocated_bytes();
+  if (control.rank() == 0) {
+    std::ofstream f(json_path);
+    f << out.dump(2) << "\n";
+    if (!f) return invalid_argument("--json: cannot write " + json_path);
+  }
+  return Status::ok();
+}
+
+}  // namespace
+}  // namespace reattn
+
+int main(int argc, char** argv) {
+  using namespace reattn;
+  Expected<Control> control = Control::init(&argc, &argv);
+  if (!control) {
+    std::fprintf(stderr, "reattn_bench: %s\n", control.status().to_string().c_str());
+    return 3;
+  }
+  std::vector<int64_t> sizes{262144, 1048576, 4194304};
+  int repeat = 30;
+  std::string strategy = "gather";
+  std::string json_path = "bench.json";
+  CLI::App app{"reattn_bench: LLaMA-3.1-8B-shaped decode on the CUDA backend"};
+  app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
+  app.add_option("--repeat", repeat, "timed repetitions (median reported)");
+  app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
+  app.add_option("--json", json_path, "where rank 0 writes the results");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return control->rank() == 0 ? app.exit(e) : 2;
+  }
+  const Status st = run(*control, sizes, repeat, strategy, json_path);
+  if (!st.is_ok()) {
+    std::fprintf(stderr, "reattn_bench: rank %d: %s\n", control->rank(), st.to_string().c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,45 @@
+// The data plane over NCCL, for the cuda backend (device memory). Bootstrapped over MPI:
+// rank 0 makes the ncclUniqueId and broadcasts it; each rank uses the device of its backend
+// (device = local rank). Every operation is queued on the backend's one stream. Call only
+// from the step loop's thread.
+#pragma once
+
+#include <nccl.h>
+
+#include <memory>
+
+#include "comm/communicator.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace reattn {
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Collective over MPI_COMM_WORLD (MPI must be initialised): every rank calls it together,
+  // and every rank gets an error if rank 0 could not make the unique id.
+  static Expected<std::unique_ptr<NcclCommunicator>> make(CudaBackend& backend, int rank, int world);
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  const char* name() const override { return "nccl"; }
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  // Queued on the stream; later work on the backend's stream sees the result.
+  Status allgather(const void* send, void* recv, size_t bytes_per_rank) override;
+  // One NCCL group of sends and receives (self transfers are device copies, paired in the
+  // order listed); complete when it returns.
+  Status exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) override;
+
+ private:
+  NcclCommunicator() = default;
+  Status nccl_status(ncclResult_t rc, const char* statement, const char* file, int line) const;
+
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  int rank_ = 0;
+  int world_ = 1;
+  int device_ = 0;
+};
+
+}  // namespace reattn

@@ -1,0 +1,49 @@
+// The step loop on rank 0: pops tasks from the queue, turns them into operations for every
+// rank (ServiceLoop::submit), and completes them. A run of queries goes out as one batched
+// StepPlan (one broadcast, one allgather, one final phase); other tasks go one at a time, in
+// arrival order. Each task is checked again against the registry as it is now (a context may
+// have been deleted or grown since the request was read). The registry is updated only after
+// the ranks have applied an operation.
+// Thread-safety: run() on the thread that makes MPI calls; nothing else is called on it.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "common/config.h"
+#include "coordinator/metrics.h"
+#include "coordinator/registry.h"
+#include "coordinator/service_state.h"
+#include "coordinator/task_queue.h"
+#include "worker/service_loop.h"
+
+namespace reattn {
+
+class Batcher {
+ public:
+  // `post` runs a completion on an HTTP thread, so the step loop never formats responses.
+  using Post = std::function<void(std::function<void()>)>;
+
+  Batcher(ServiceLoop& loop, TaskQueue& queue, Registry& registry, Metrics& metrics, ServiceState& state,
+          const Config& config, Post post);
+
+  // Serves until the queue is closed and empty (returns ok) or a fault (returns it, after
+  // failing every task it holds and every queued one with 503).
+  Status run();
+
+ private:
+  Status run_queries(std::vector<Task>& tasks);
+  Status run_operation(Task& task);
+  void complete(Task& task, TaskResult result);
+  void fail_queued(const Status& why);
+
+  ServiceLoop& loop_;
+  TaskQueue& queue_;
+  Registry& registry_;
+  Metrics& metrics_;
+  ServiceState& state_;
+  const Config config_;
+  Post post_;
+};
+
+}  // namespace reattn

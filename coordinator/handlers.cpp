@@ -1,0 +1,337 @@
+#include "coordinator/handlers.h"
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <utility>
+
+#include "common/semantics.h"
+#include "coordinator/logging.h"
+
+namespace reattn {
+namespace {
+
+using nlohmann::json;
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// A client's X-Request-Id is echoed when it is short and printable; otherwise one is made.
+bool usable_request_id(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (char c : id) {
+    if (c < 0x21 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+// Errors from parsing a body are the client's (400), whatever code the parser used (a
+// missing tensor is NotFound to the safetensors reader).
+HttpResponse body_error(const Status& s) { return error_response(400, "invalid_argument", s.message()); }
+
+std::string unknown_context(const RouteMatch& m) { return "context '" + m.id_text + "' not found"; }
+
+json out_json(const std::vector<float>& out, int64_t qlen, int64_t heads, int64_t dim) {
+  json rows = json::array();
+  for (int64_t i = 0; i < qlen; ++i) {
+    json row = json::array();
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* v = out.data() + (i * heads + h) * dim;
+      row.push_back(std::vector<float>(v, v + dim));
+    }
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+}  // namespace
+
+json context_json(const ContextInfo& c) {
+  return {{"id", c.id}, {"owner_rank", c.owner_rank}, {"tokens", c.tokens}};
+}
+
+Handlers::Handlers(const Config& config, ServiceInfo info, std::string api_key, Registry& registry, TaskQueue& queue,
+                   Metrics& metrics, ServiceState& state)
+    : config_(config),
+      info_(std::move(info)),
+      api_key_(std::move(api_key)),
+      registry_(registry),
+      queue_(queue),
+      metrics_(metrics),
+      state_(state) {
+  std::random_device rd;
+  char prefix[16];
+  std::snprintf(prefix, sizeof(prefix), "%08x", rd());
+  id_prefix_ = prefix;
+}
+
+void Handlers::set_info(ServiceInfo info) {
+  std::lock_guard<std::mutex> lock(info_mu_);
+  info_ = std::move(info);
+}
+
+std::string Handlers::request_id_for(const std::string& given) {
+  if (usable_request_id(given)) return given;
+  return id_prefix_ + "-" + std::to_string(next_request_++);
+}
+
+bool Handlers::authorized(const std::string& authorization) const {
+  if (api_key_.empty()) return true;
+  const std::string want = "Bearer " + api_key_;
+  // Compare in time independent of where the strings differ.
+  unsigned diff = authorization.size() != want.size() ? 1u : 0u;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff |= static_cast<unsigned char>(want[i]) ^ static_cast<unsigned char>(i < authorization.size() ? authorization[i] : 0);
+  }
+  return diff == 0;
+}
+
+Responder Handlers::finish(const HttpRequest& request, const std::string& route, Responder done) {
+  return [this, method = request.method, path = request.path, route, id = request.request_id, peer = request.peer,
+          received = request.received, done = std::move(done)](HttpResponse response) {
+    response.route = route;
+    response.headers.emplace_back("X-Request-Id", id);
+    const double seconds = seconds_since(received);
+    metrics_.count_request(method, route, response.status, seconds);
+    json fields = {{"request_id", id}, {"method", method}, {"path", path}, {"route", route},
+                   {"status", response.status}, {"ms", seconds * 1e3}, {"peer", peer}};
+    if (response.status >= 400) {
+      // The error body is small JSON; keep its code in the log line.
+      const json body = json::parse(response.body, nullptr, false);
+      if (body.is_object() && body.contains("error")) fields["error"] = body["error"];
+    }
+    log_event(response.status >= 500 ? LogLevel::kWarn : LogLevel::kInfo, "request", fields);
+    done(std::move(response));
+  };
+}
+
+HttpResponse Handlers::reject(const HttpRequest& head, int status, const std::string& code, const std::string& message) {
+  HttpRequest request = head;
+  request.request_id = request_id_for(head.request_id);
+  if (request.received == std::chrono::steady_clock::time_point{}) request.received = std::chrono::steady_clock::now();
+  const RouteMatch m = match_route(request.method, request.path);
+  HttpResponse out;
+  finish(request, m.pattern, [&out](HttpResponse r) { out = std::move(r); })(error_response(status, code, message));
+  return out;
+}
+
+void Handlers::handle(HttpRequest request, Responder done) {
+  request.request_id = request_id_for(request.request_id);
+  const RouteMatch m = match_route(request.method, request.path);
+  Responder reply = finish(request, m.pattern, std::move(done));
+  if (m.error_status == 404) {
+    return reply(error_response(404, "not_found", "no route for " + request.method + " " + request.path));
+  }
+  if (m.error_status == 405) {
+    HttpResponse r = error_response(405, "method_not_allowed",
+                                    request.method + " is not allowed on " + m.pattern + " (allowed: " + m.allow + ")");
+    r.headers.emplace_back("Allow", m.allow);
+    return reply(std::move(r));
+  }
+  if (is_api_route(m.route)) {
+    if (!authorized(request.authorization)) {
+      HttpResponse r = error_response(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)");
+      r.headers.emplace_back("WWW-Authenticate", "Bearer");
+      return reply(std::move(r));
+    }
+    if (!state_.ready()) return reply(error_response(503, "unavailable", state_.reason()));
+  }
+  switch (m.route) {
+    case Route::kHealthLive: return reply(json_response(200, {{"status", "live"}}));
+    case Route::kHealthReady: return reply(health_ready());
+    case Route::kMetrics: return reply(metrics_page());
+    case Route::kInfo: return reply(info());
+    case Route::kListContexts: return reply(list_contexts());
+    case Route::kGetContext: return reply(get_context(m));
+    case Route::kCreateContext: return create_context(request, std::move(reply));
+    case Route::kDeleteContext: return delete_context(request, m, std::move(reply));
+    case Route::kAppendKv: return append_kv(request, m, std::move(reply));
+    case Route::kSynthetic: return synthetic(request, m, std::move(reply));
+    case Route::kQuery: return query(request, m, std::move(reply));
+    case Route::kNone: break;
+  }
+  reply(error_response(404, "not_found", "no route for " + request.method + " " + request.path));
+}
+
+HttpResponse Handlers::health_ready() const {
+  if (state_.ready()) return json_response(200, {{"status", "ready"}});
+  return error_response(503, "unavailable", state_.reason());
+}
+
+HttpResponse Handlers::metrics_page() const {
+  MetricsSnapshot g;
+  g.tokens_per_rank = registry_.tokens_per_rank();
+  g.queue_depth = queue_.depth();
+  g.contexts = registry_.size();
+  g.ready = state_.ready();
+  HttpResponse r;
+  r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+  r.body = metrics_.render(g);
+  return r;
+}
+
+HttpResponse Handlers::info() const {
+  ServiceInfo si;
+  {
+    std::lock_guard<std::mutex> lock(info_mu_);
+    si = info_;
+  }
+  const ModelConfig& m = config_.model;
+  const ReattentionConfig& rc = config_.reattention;
+  return json_response(
+      200, {{"service", "reattn"},
+            {"ranks", si.world},
+            {"backend", si.backend},
+            {"communicator", si.communicator},
+            {"model",
+             {{"layers", m.layers},
+              {"q_heads", m.q_heads},
+              {"kv_heads", m.kv_heads},
+              {"head_dim", m.head_dim},
+              {"rope_theta", m.rope_theta},
+              {"scope", m.scope}}},
+            {"reattention",
+             {{"sink_tokens", rc.sink_tokens},
+              {"local_window", rc.local_window},
+              {"chunk_tokens", rc.chunk_tokens},
+              {"top_k", rc.top_k},
+              {"max_recall_chunks", rc.max_recall_chunks},
+              {"final_attention", final_attention_name(rc.final_attention)}}},
+            {"capacity",
+             {{"tokens_per_rank", config_.capacity.tokens_per_rank},
+              {"max_contexts", config_.capacity.max_contexts},
+              {"tokens_used_per_rank", registry_.tokens_per_rank()},
+              {"contexts", registry_.size()}}},
+            {"server",
+             {{"max_body_bytes", config_.server.max_body_bytes},
+              {"queue_depth", config_.server.queue_depth},
+              {"max_batch", config_.server.max_batch},
+              {"request_timeout_s", config_.server.request_timeout_s},
+              {"api_key_required", !api_key_.empty()}}}});
+}
+
+HttpResponse Handlers::list_contexts() const {
+  json list = json::array();
+  for (const ContextInfo& c : registry_.list()) list.push_back(context_json(c));
+  return json_response(200, {{"contexts", list}});
+}
+
+HttpResponse Handlers::get_context(const RouteMatch& m) const {
+  const std::optional<ContextInfo> c = m.id_valid ? registry_.find(m.id) : std::nullopt;
+  if (!c) return error_response(404, "not_found", unknown_context(m));
+  return json_response(200, context_json(*c));
+}
+
+void Handlers::enqueue(Task task, std::function<HttpResponse(const TaskResult&)> respond, Responder done) {
+  // The completion must reach `done` even if the push fails; keep a copy for that case.
+  auto shared_done = std::make_shared<Responder>(std::move(done));
+  task.done = [respond = std::move(respond), shared_done](TaskResult result) {
+    if (!result.status.is_ok()) return (*shared_done)(status_response(result.status));
+    (*shared_done)(respond(result));
+  };
+  Expected<uint64_t> pushed = queue_.push(std::move(task));
+  if (!pushed) (*shared_done)(status_response(pushed.status()));
+}
+
+void Handlers::create_context(const HttpRequest& req, Responder done) {
+  if (Status s = check_create_body(req.body); !s.is_ok()) return done(body_error(s));
+  Task task;
+  task.kind = TaskKind::kCreate;
+  task.request_id = req.request_id;
+  enqueue(std::move(task), [](const TaskResult& r) { return json_response(201, context_json(r.context)); },
+          std::move(done));
+}
+
+void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  Task task;
+  task.kind = TaskKind::kErase;
+  task.request_id = req.request_id;
+  task.context_id = m.id;
+  enqueue(std::move(task),
+          [id = m.id](const TaskResult&) { return json_response(200, {{"id", id}, {"deleted", true}}); },
+          std::move(done));
+}
+
+void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  Expected<int64_t> tokens = check_kv_body(req.body, config_.model);
+  if (!tokens) return done(body_error(tokens.status()));
+  if (Status s = registry_.check_append(m.id, *tokens); !s.is_ok()) return done(status_response(s));
+  Task task;
+  task.kind = TaskKind::kAppendKv;
+  task.request_id = req.request_id;
+  task.context_id = m.id;
+  task.kv_body = std::move(req.body);  // up to max_body_bytes: not copied
+  task.kv_tokens = *tokens;
+  enqueue(std::move(task),
+          [appended = *tokens](const TaskResult& r) {
+            json body = context_json(r.context);
+            body["appended"] = appended;
+            return json_response(200, body);
+          },
+          std::move(done));
+}
+
+void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  Expected<SyntheticRequest> spec = parse_synthetic_request(req.body);
+  if (!spec) return done(body_error(spec.status()));
+  if (Status s = registry_.check_append(m.id, spec->tokens); !s.is_ok()) return done(status_response(s));
+  Task task;
+  task.kind = TaskKind::kSynthetic;
+  task.request_id = req.request_id;
+  task.context_id = m.id;
+  task.synthetic = std::move(*spec);
+  const int64_t appended = task.synthetic.tokens;
+  enqueue(std::move(task),
+          [appended](const TaskResult& r) {
+            json body = context_json(r.context);
+            body["appended"] = appended;
+            return json_response(200, body);
+          },
+          std::move(done));
+}
+
+void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  Expected<QueryRequest> q = parse_query_request(req.body, req.content_type, req.query_string, config_);
+  if (!q) return done(body_error(q.status()));
+  if (Status s = registry_.check_query(m.id, q->qlen, q->mode); !s.is_ok()) return done(status_response(s));
+  Task task;
+  task.kind = TaskKind::kQuery;
+  task.request_id = req.request_id;
+  task.context_id = m.id;
+  const int layer = q->layer;
+  const QueryMode mode = q->mode;
+  const int64_t qlen = q->qlen;
+  task.query = std::move(*q);
+  const ModelConfig model = config_.model;
+  const ReattentionConfig rc = config_.reattention;
+  enqueue(std::move(task),
+          [id = m.id, layer, mode, qlen, model, rc](const TaskResult& r) {
+            json chunks = json::array();
+            for (int64_t j : r.query.recalled) {
+              const int64_t first = rc.sink_tokens + j * rc.chunk_tokens;
+              chunks.push_back({{"chunk", j}, {"first_token", first}, {"last_token", first + rc.chunk_tokens - 1}});
+            }
+            return json_response(
+                200, {{"context_id", id},
+                      {"layer", layer},
+                      {"mode", query_mode_name(mode)},
+                      {"tokens", r.context.tokens},
+                      {"recalled_chunks", chunks},
+                      {"out", out_json(r.query.out, qlen, model.q_heads, model.head_dim)},
+                      {"timing",
+                       {{"score_ms", r.timing.score_ms},
+                        {"merge_ms", r.timing.merge_ms},
+                        {"attention_ms", r.timing.attention_ms},
+                        {"total_ms", r.timing.total_ms},
+                        {"queue_ms", r.queue_ms},
+                        {"batch_size", r.batch_size}}}});
+          },
+          std::move(done));
+}
+
+}  // namespace reattn

@@ -1,0 +1,42 @@
+// The route table of the HTTP API (DESIGN.md section 5): maps a method and a path to a route
+// and its path parameter, or says why none matches (404 unknown route, 405 wrong method, with
+// the methods the path allows). Pure and thread-safe.
+#pragma once
+
+#include <string>
+
+#include "worker/kv_store.h"
+
+namespace reattn {
+
+enum class Route {
+  kNone,
+  kHealthLive,        // GET /health/live
+  kHealthReady,       // GET /health/ready
+  kMetrics,           // GET /metrics
+  kInfo,              // GET /v1/info
+  kCreateContext,     // POST /v1/contexts
+  kListContexts,      // GET /v1/contexts
+  kGetContext,        // GET /v1/contexts/{id}
+  kDeleteContext,     // DELETE /v1/contexts/{id}
+  kAppendKv,          // POST /v1/contexts/{id}/kv
+  kSynthetic,         // POST /v1/contexts/{id}/synthetic
+  kQuery,             // POST /v1/contexts/{id}/query
+};
+
+struct RouteMatch {
+  Route route = Route::kNone;
+  std::string pattern;        // the route template, for metrics and logs ("unmatched" when none)
+  int error_status = 0;       // 0 matched; 404 no such path; 405 path known, method not
+  std::string allow;          // 405: the allowed methods, "GET, DELETE"
+  std::string id_text;        // the {id} segment as given
+  bool id_valid = false;      // {id} parses as a context id
+  ContextId id = 0;
+};
+
+RouteMatch match_route(const std::string& method, const std::string& path);
+
+// Routes under /v1 (API key, readiness) versus operational ones (health, metrics).
+bool is_api_route(Route route);
+
+}  // namespace reattn

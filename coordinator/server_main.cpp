@@ -1,0 +1,317 @@
+// reattn-server: the long-running service. `mpirun -np N reattn-server --config C.yaml`.
+// Rank 0 hosts the coordinator (HTTP on Boost.Beast/Asio threads) and runs the step loop on
+// its main thread, which is the only thread that makes MPI calls; every other rank runs the
+// worker loop (ServiceLoop::serve) until rank 0 broadcasts shutdown.
+// SIGTERM/SIGINT on rank 0: readiness turns 503, new requests are refused, queued and running
+// requests finish, then every rank is told to shut down and exits 0. Other ranks ignore
+// SIGTERM/SIGINT (mpirun forwards them) and wait for rank 0.
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/control.h"
+#include "coordinator/batcher.h"
+#include "coordinator/handlers.h"
+#include "coordinator/http_server.h"
+#include "coordinator/logging.h"
+#include "coordinator/metrics.h"
+#include "coordinator/registry.h"
+#include "coordinator/service_state.h"
+#include "coordinator/task_queue.h"
+#include "kernels/backend.h"
+#include "worker/service_loop.h"
+
+#if __has_include("comm/make_communicator.h")
+#include "comm/make_communicator.h"
+#define REATTN_HAVE_MAKE_COMMUNICATOR 1
+#else
+#include "comm/mpi_communicator.h"
+#endif
+
+namespace reattn {
+namespace {
+
+struct ServerOptions {
+  std::string config_path;
+  std::string listen;
+  std::string api_key_file;
+  int64_t max_body_bytes = 0;
+  std::string backend;
+  std::string log_level = "info";
+};
+
+// The config file with the command line's overrides, validated.
+Expected<Config> effective_config(const ServerOptions& opt) {
+  REATTN_ASSIGN_OR_RETURN(Config c, load_config_file(opt.config_path));
+  if (!opt.listen.empty()) c.server.listen = opt.listen;
+  if (!opt.api_key_file.empty()) c.server.api_key_file = opt.api_key_file;
+  if (opt.max_body_bytes != 0) c.server.max_body_bytes = opt.max_body_bytes;
+  if (!opt.backend.empty()) {
+    REATTN_ASSIGN_OR_RETURN(c.backend.kind, parse_backend_kind(opt.backend));
+  }
+  if (Status s = c.validate(); !s.is_ok()) return invalid_argument("after command-line overrides: " + s.message());
+  return c;
+}
+
+// The first line of the key file, without surrounding whitespace. Never logged.
+Expected<std::string> read_api_key(const std::string& path) {
+  if (path.empty()) return std::string();
+  std::ifstream in(path);
+  if (!in) return invalid_argument("server.api_key_file: cannot read '" + path + "'");
+  std::string key;
+  std::getline(in, key);
+  const auto first = key.find_first_not_of(" \t\r\n");
+  const auto last = key.find_last_not_of(" \t\r\n");
+  key = first == std::string::npos ? "" : key.substr(first, last - first + 1);
+  if (key.empty()) return invalid_argument("server.api_key_file: '" + path + "' holds no key");
+  return key;
+}
+
+// "host:port" (IPv6 as "[::1]:8080").
+Status split_listen(const std::string& listen, std::string* host, int* port) {
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) return invalid_argument("listen: expected host:port, got '" + listen + "'");
+  *host = listen.substr(0, colon);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
+  if (*host == "localhost") *host = "127.0.0.1";
+  try {
+    *port = std::stoi(listen.substr(colon + 1));
+  } catch (...) {
+    return invalid_argument("listen: bad port in '" + listen + "'");
+  }
+  return Status::ok();
+}
+
+Expected<std::unique_ptr<Communicator>> make_comm(Backend& backend, const Control& control) {
+#ifdef REATTN_HAVE_MAKE_COMMUNICATOR
+  return make_communicator(backend, control);
+#else
+  (void)backend;
+  (void)control;
+  return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>());
+#endif
+}
+
+// The coordinator's HTTP side on rank 0: its threads, the signal handling and the drain.
+class Coordinator {
+ public:
+  Coordinator(const Config& config, const std::string& api_key, int world)
+      : config_(config),
+        registry_(config, world),
+        queue_(static_cast<size_t>(config.server.queue_depth)),
+        handlers_(config, ServiceInfo{world, "", ""}, api_key, registry_, queue_, metrics_, state_),
+        server_(ioc_, HttpServerOptions{config.server.max_body_bytes, config.server.request_timeout_s},
+                [this](HttpRequest r, Responder d) { handlers_.handle(std::move(r), std::move(d)); },
+                [this](const HttpRequest& h, int s, const std::string& c, const std::string& m) {
+                  return handlers_.reject(h, s, c, m);
+                }),
+        signals_(ioc_, SIGTERM, SIGINT),
+        work_(boost::asio::make_work_guard(ioc_)) {}
+
+  ~Coordinator() { stop(); }
+
+  Status start() {
+    std::string host;
+    int port = 0;
+    REATTN_RETURN_IF_ERROR(split_listen(config_.server.listen, &host, &port));
+    REATTN_ASSIGN_OR_RETURN(const int bound, server_.listen(host, port));
+    signals_.async_wait([this](const boost::system::error_code& ec, int signo) {
+      if (!ec) drain(signo);
+    });
+    for (int i = 0; i < config_.server.http_threads; ++i) threads_.emplace_back([this] { ioc_.run(); });
+    log_event(LogLevel::kInfo, "listening", {{"address", host}, {"port", bound}, {"pid", static_cast<int64_t>(getpid())}});
+    return Status::ok();
+  }
+
+  void set_ready(const ServiceInfo& info) {
+    handlers_.set_info(info);
+    state_.set_ready();
+    if (state_.ready()) log_event(LogLevel::kInfo, "ready", {{"ranks", info.world}, {"backend", info.backend}});
+  }
+
+  // The step loop; returns when draining is done or on a fault.
+  Status run(ServiceLoop& loop) {
+    Batcher batcher(loop, queue_, registry_, metrics_, state_, config_,
+                    [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
+    return batcher.run();
+  }
+
+  void fault(const Status& why) {
+    state_.set_faulted(why.message());
+    queue_.close();
+  }
+
+  // Waits for answered requests to be written (up to the request timeout), then stops.
+  void stop() {
+    if (stopped_) return;
+    stopped_ = true;
+    server_.stop_accepting();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(config_.server.request_timeout_s);
+    while (server_.active_requests() > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    work_.reset();
+    ioc_.stop();
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+  }
+
+ private:
+  // Readiness turns 503 and new work is refused with 503, but the listener stays open until
+  // stop() so probes and clients get an answer rather than a refused connection.
+  void drain(int signo) {
+    log_event(LogLevel::kInfo, "draining", {{"signal", signo}, {"queued", queue_.depth()}});
+    state_.set_draining();
+    queue_.close();
+  }
+
+  const Config config_;
+  boost::asio::io_context ioc_;
+  Metrics metrics_;
+  ServiceState state_;
+  Registry registry_;
+  TaskQueue queue_;
+  Handlers handlers_;
+  HttpServer server_;
+  boost::asio::signal_set signals_;
+  // Keeps the HTTP threads running while no socket operation is pending: completions from
+  // the step loop are posted to them.
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
+  std::vector<std::thread> threads_;
+  bool stopped_ = false;
+};
+
+// Every rank: config, backend, communicator; rank 0 also the coordinator. Failures before the
+// loop are agreed, so all ranks exit together with the same message.
+int serve(const Control& control, const ServerOptions& opt) {
+  const int rank = control.rank();
+  Expected<Config> config = effective_config(opt);
+  Status s = control.agree(config.status());
+  if (!s.is_ok()) {
+    if (rank == 0) log_event(LogLevel::kError, "bad configuration", {{"error", s.message()}});
+    return 2;
+  }
+  if (rank == 0) {
+    log_event(LogLevel::kInfo, "starting",
+              {{"ranks", control.world()}, {"config", opt.config_path}, {"listen", config->server.listen},
+               {"api_key_required", !config->server.api_key_file.empty()},
+               {"effective_config", config->to_yaml()}});
+  }
+
+  std::unique_ptr<Coordinator> coordinator;
+  Status up = Status::ok();
+  if (rank == 0) {
+    Expected<std::string> key = read_api_key(config->server.api_key_file);
+    if (!key) {
+      up = key.status();
+    } else {
+      coordinator = std::make_unique<Coordinator>(*config, *key, control.world());
+      up = coordinator->start();
+    }
+  } else {
+    // mpirun forwards SIGTERM/SIGINT to every rank; only rank 0 decides when to stop.
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
+  }
+  if (s = control.agree(up); !s.is_ok()) {
+    if (rank == 0) log_event(LogLevel::kError, "cannot start the coordinator", {{"error", s.message()}});
+    return 2;
+  }
+
+  Expected<std::unique_ptr<Backend>> backend = make_backend(*config, control.local_rank());
+  if (s = control.agree(backend.status()); !s.is_ok()) {
+    log_event(LogLevel::kError, "cannot make the backend", {{"error", s.message()}});
+    return 2;
+  }
+  Expected<std::unique_ptr<Communicator>> comm = make_comm(**backend, control);
+  if (s = control.agree(comm.status()); !s.is_ok()) {
+    log_event(LogLevel::kError, "cannot make the communicator", {{"error", s.message()}});
+    return 2;
+  }
+  ServiceLoop loop(control, **backend, **comm, *config);
+  // Every rank reached this point: the service is up.
+  if (s = control.barrier(); !s.is_ok()) {
+    log_event(LogLevel::kError, "start-up barrier failed", {{"error", s.message()}});
+    control.abort(3);
+  }
+  log_event(LogLevel::kInfo, "rank up", {{"backend", (*backend)->name()}, {"communicator", (*comm)->name()}});
+
+  if (rank != 0) {
+    const Status served = loop.serve();
+    if (!served.is_ok()) {
+      log_event(LogLevel::kError, "fault in the worker loop; ending the job", {{"error", served.to_string()}});
+      control.abort(3);
+    }
+    log_event(LogLevel::kInfo, "shut down");
+    return 0;
+  }
+
+  coordinator->set_ready(ServiceInfo{control.world(), (*backend)->name(), (*comm)->name()});
+  const Status ran = coordinator->run(loop);
+  if (!ran.is_ok()) {
+    // The ranks may be stuck in a collective: answer what can be answered, then end the job.
+    coordinator->fault(ran);
+    coordinator->stop();
+    log_event(LogLevel::kError, "fault in the step loop; ending the job", {{"error", ran.to_string()}});
+    control.abort(3);
+  }
+  Operation shutdown;
+  shutdown.kind = OperationKind::kShutdown;
+  OperationResult ignored;
+  if (s = loop.submit(shutdown, &ignored); !s.is_ok()) {
+    log_event(LogLevel::kError, "cannot broadcast shutdown; ending the job", {{"error", s.to_string()}});
+    control.abort(3);
+  }
+  coordinator->stop();
+  log_event(LogLevel::kInfo, "shut down");
+  return 0;
+}
+
+}  // namespace
+}  // namespace reattn
+
+int main(int argc, char** argv) {
+  using namespace reattn;
+  Expected<Control> control = Control::init(&argc, &argv);
+  if (!control) {
+    std::fprintf(stderr, "reattn-server: error: %s\n", control.status().message().c_str());
+    return 3;
+  }
+  ServerOptions opt;
+  CLI::App app{"reattn-server: the ReAttention service. Run under mpirun; rank 0 serves HTTP.\n"
+               "  mpirun -np N reattn-server --config C.yaml [--listen 127.0.0.1:8080]\n"
+               "Command-line values override the config file's server section."};
+  app.add_option("--config", opt.config_path, "YAML config (model, reattention, backend, capacity, server)")
+      ->required();
+  app.add_option("--listen", opt.listen, "address:port to serve HTTP on (default 127.0.0.1:8080)");
+  app.add_option("--api-key-file", opt.api_key_file,
+                 "file whose first line is the API key; /v1 requests then need Authorization: Bearer <key>");
+  app.add_option("--max-body-bytes", opt.max_body_bytes, "largest request body accepted (413 above)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--log-level", opt.log_level, "debug, info, warn or error")
+      ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (control->rank() == 0) return app.exit(e);
+    return e.get_exit_code();
+  }
+  init_logging(control->rank(), opt.log_level);
+  return serve(*control, opt);
+}

@@ -1,0 +1,192 @@
+#include "kernels/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/semantics.h"
+#include "kernels/cuda/cuda_check.h"
+
+namespace reattn {
+
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+Status cuda_backend_supports(const Config& config) {
+  const DType dtype = config.backend.storage_dtype;
+  if (dtype != DType::kBF16 && dtype != DType::kF16) {
+    return invalid_argument(std::string("backend.storage_dtype: the cuda backend stores KV as bf16 or f16, got ") +
+                            dtype_name(dtype));
+  }
+  if (config.model.head_dim != 64 && config.model.head_dim != 128) {
+    return invalid_argument("model.head_dim: the cuda backend supports 64 or 128, got " +
+                            std::to_string(config.model.head_dim));
+  }
+  if (config.reattention.top_k > cuda::kMaxTopK) {
+    return invalid_argument("reattention.top_k: the cuda backend keeps at most " + std::to_string(cuda::kMaxTopK) +
+                            ", got " + std::to_string(config.reattention.top_k));
+  }
+  return Status::ok();
+}
+
+Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int local_rank) {
+  REATTN_RETURN_IF_ERROR(cuda_backend_supports(config));
+  const DType dtype = config.backend.storage_dtype;
+  const int count = cuda_device_count();
+  if (count == 0) return Status(ErrorCode::kDevice, "backend 'cuda': no CUDA device is visible");
+  if (local_rank < 0 || local_rank >= count) {
+    return Status(ErrorCode::kDevice, "backend 'cuda': local rank " + std::to_string(local_rank) +
+                                          " has no GPU of its own (" + std::to_string(count) + " visible)");
+  }
+  std::unique_ptr<CudaBackend> backend(new CudaBackend());
+  backend->dtype_ = dtype;
+  backend->info_.device = local_rank;
+  REATTN_CUDA_CHECK(cudaSetDevice(local_rank));
+  cudaDeviceProp prop{};
+  REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, local_rank));
+  backend->info_.sm_count = prop.multiProcessorCount;
+  backend->info_.max_shared_per_block = prop.sharedMemPerBlockOptin;
+  REATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
+  REATTN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&backend->ring_), CudaBackend::kRingBytes));
+  REATTN_CUDA_CHECK(cudaEventCreateWithFlags(&backend->ring_done_, cudaEventDisableTiming));
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) (void)cudaStreamSynchronize(stream_);
+  for (void* scratch : {score_ws_, attend_ws_, rope_ws_}) {
+    if (scratch) (void)cudaFree(scratch);
+  }
+  if (ring_done_) (void)cudaEventDestroy(ring_done_);
+  if (ring_) (void)cudaFreeHost(ring_);
+  if (stream_) (void)cudaStreamDestroy(stream_);
+}
+
+Expected<Buffer> CudaBackend::allocate(size_t bytes) {
+  void* data = nullptr;
+  REATTN_CUDA_CHECK(cudaMalloc(&data, bytes == 0 ? 1 : bytes));
+  sizes_[data] = bytes;
+  live_bytes_ += bytes;
+  peak_bytes_ = std::max(peak_bytes_, live_bytes_);
+  return Buffer(this, data, bytes);
+}
+
+void CudaBackend::release(void* data) {
+  const auto it = sizes_.find(data);
+  if (it != sizes_.end()) {
+    live_bytes_ -= it->second;
+    sizes_.erase(it);
+  }
+  // Work queued on the stream may still read the buffer.
+  (void)cudaStreamSynchronize(stream_);
+  (void)cudaFree(data);
+}
+
+Status CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return Status::ok();
+  if (bytes <= kRingBytes / 4) {
+    // Step-sized data (q, flags, segments): copy into the pinned ring, then an asynchronous
+    // DMA; the caller's buffer is free at once and the copy stays ordered on the stream.
+    const size_t size = (bytes + 255) / 256 * 256;
+    if (ring_head_ + size > kRingBytes) {
+      REATTN_CUDA_CHECK(cudaEventSynchronize(ring_done_));
+      ring_head_ = 0;
+    }
+    char* slot = ring_ + ring_head_;
+    ring_head_ += size;
+    std::memcpy(slot, host_src, bytes);
+    REATTN_CUDA_CHECK(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream_));
+    REATTN_CUDA_CHECK(cudaEventRecord(ring_done_, stream_));
+    return Status::ok();
+  }
+  REATTN_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+  // From pageable memory the copy returns once the source is staged; from pinned memory it
+  // does not, so wait there for the caller's buffer to be free again.
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, host_src) == cudaSuccess && attr.type == cudaMemoryTypeHost) {
+    REATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  (void)cudaGetLastError();
+  return Status::ok();
+}
+
+Status CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status::ok();
+  REATTN_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  REATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return Status::ok();
+}
+
+Status CudaBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status::ok();
+  REATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  return Status::ok();
+}
+
+Status CudaBackend::synchronize() {
+  REATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return Status::ok();
+}
+
+Status CudaBackend::ensure_scratch(void** ptr, size_t* capacity, size_t bytes) {
+  if (*capacity >= bytes && *ptr) return Status::ok();
+  const size_t grown = std::max<size_t>((bytes + (1 << 20) - 1) >> 20 << 20, 1 << 20);
+  if (*ptr) {
+    REATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    REATTN_CUDA_CHECK(cudaFree(*ptr));
+    live_bytes_ -= *capacity;
+    *ptr = nullptr;
+    *capacity = 0;
+  }
+  REATTN_CUDA_CHECK(cudaMalloc(ptr, grown));
+  *capacity = grown;
+  live_bytes_ += grown;
+  peak_bytes_ = std::max(peak_bytes_, live_bytes_);
+  return Status::ok();
+}
+
+Status CudaBackend::ensure_rope_table(double theta, int head_dim, int64_t positions) {
+  if (rope_ws_ && theta == rope_theta_ && head_dim == rope_dim_ && positions <= rope_positions_) return Status::ok();
+  const int half = head_dim / 2;
+  const int64_t rows = (std::max<int64_t>(positions, 1) + 4095) / 4096 * 4096;
+  const size_t table_bytes = static_cast<size_t>(rows) * half * sizeof(float);
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&rope_ws_, &rope_ws_bytes_, 2 * table_bytes + half * sizeof(double)));
+  auto* cos_table = static_cast<float*>(rope_ws_);
+  auto* sin_table = reinterpret_cast<float*>(static_cast<char*>(rope_ws_) + table_bytes);
+  auto* inv_freq = reinterpret_cast<double*>(static_cast<char*>(rope_ws_) + 2 * table_bytes);
+  const std::vector<double> host_inv = rope_inv_freq(head_dim, theta);
+  REATTN_RETURN_IF_ERROR(upload(inv_freq, host_inv.data(), host_inv.size() * sizeof(double)));
+  REATTN_RETURN_IF_ERROR(cuda::build_rope_table(inv_freq, head_dim, rows, cos_table, sin_table, stream_));
+  rope_theta_ = theta;
+  rope_dim_ = head_dim;
+  rope_positions_ = rows;
+  return Status::ok();
+}
+
+Status CudaBackend::score_chunks(const ScoreParams& p) {
+  const cuda::ScorePlan plan = cuda::plan_score(p, info_);
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&score_ws_, &score_ws_bytes_, plan.workspace_bytes));
+  return cuda::run_score(p, dtype_, plan, score_ws_, stream_);
+}
+
+Status CudaBackend::attend(const AttendParams& p) {
+  REATTN_RETURN_IF_ERROR(ensure_rope_table(p.rope_theta, p.head_dim, p.max_position + 1));
+  const cuda::AttendPlan plan = cuda::plan_attend(p, info_);
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&attend_ws_, &attend_ws_bytes_, plan.workspace_bytes));
+  const int half = p.head_dim / 2;
+  const size_t table_bytes = static_cast<size_t>(rope_positions_) * half * sizeof(float);
+  const auto* cos_table = static_cast<const float*>(rope_ws_);
+  const auto* sin_table = reinterpret_cast<const float*>(static_cast<const char*>(rope_ws_) + table_bytes);
+  return cuda::run_attend(p, dtype_, plan, cos_table, sin_table, attend_ws_, stream_);
+}
+
+Status CudaBackend::merge_states(const MergeParams& p) { return cuda::run_merge_states(p, stream_); }
+
+}  // namespace reattn

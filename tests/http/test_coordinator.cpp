@@ -1,0 +1,395 @@
+// Unit tests of the coordinator's pure parts: routes, request parsing, the task queue's
+// batching order and bound, the registry's balance and capacity checks (against KvStore's),
+// the operation wire format, metrics text, and the handlers' status codes without a socket.
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "common/safetensors.h"
+#include "common/semantics.h"
+#include "common/synthetic.h"
+#include "coordinator/handlers.h"
+#include "coordinator/metrics.h"
+#include "coordinator/registry.h"
+#include "coordinator/requests.h"
+#include "coordinator/router.h"
+#include "coordinator/task_queue.h"
+#include "kernels/backend.h"
+#include "worker/service_loop.h"
+
+namespace reattn {
+namespace {
+
+using nlohmann::json;
+
+Config tiny_config() {
+  Expected<Config> c = load_config_string(
+      "model: {layers: 2, q_heads: 4, kv_heads: 2, head_dim: 16, rope_theta: 10000, scope: 1024}\n"
+      "reattention: {sink_tokens: 4, local_window: 32, chunk_tokens: 8, top_k: 2, max_recall_chunks: 6}\n"
+      "backend: {kind: cpu}\n"
+      "capacity: {tokens_per_rank: 1000, max_contexts: 3}\n"
+      "server: {queue_depth: 4, max_batch: 8}\n");
+  EXPECT_TRUE(c.is_ok()) << c.status().to_string();
+  return *c;
+}
+
+json q_json(int64_t qlen, int heads, int dim, float value = 0.25f) {
+  json q = json::array();
+  for (int64_t i = 0; i < qlen; ++i) {
+    json row = json::array();
+    for (int h = 0; h < heads; ++h) row.push_back(std::vector<float>(dim, value));
+    q.push_back(row);
+  }
+  return q;
+}
+
+TEST(Router, MatchesRoutesAndIds) {
+  RouteMatch m = match_route("POST", "/v1/contexts/12/query");
+  EXPECT_EQ(m.route, Route::kQuery);
+  EXPECT_EQ(m.pattern, "/v1/contexts/{id}/query");
+  EXPECT_TRUE(m.id_valid);
+  EXPECT_EQ(m.id, 12u);
+  EXPECT_EQ(match_route("GET", "/v1/contexts/").route, Route::kListContexts);
+  EXPECT_EQ(match_route("DELETE", "/v1/contexts/3").route, Route::kDeleteContext);
+  m = match_route("GET", "/v1/contexts/abc");
+  EXPECT_EQ(m.route, Route::kGetContext);
+  EXPECT_FALSE(m.id_valid);
+}
+
+TEST(Router, UnknownPathIs404AndWrongMethodIs405WithAllow) {
+  EXPECT_EQ(match_route("GET", "/v2/x").error_status, 404);
+  EXPECT_EQ(match_route("POST", "/v1/contexts/1/bogus").error_status, 404);
+  RouteMatch m = match_route("PUT", "/v1/contexts");
+  EXPECT_EQ(m.error_status, 405);
+  EXPECT_EQ(m.allow, "POST, GET");
+  m = match_route("GET", "/v1/contexts/7/query");
+  EXPECT_EQ(m.error_status, 405);
+  EXPECT_EQ(m.allow, "POST");
+  EXPECT_FALSE(is_api_route(Route::kHealthReady));
+  EXPECT_TRUE(is_api_route(Route::kInfo));
+}
+
+TEST(Requests, JsonQueryParsesAndChecksShapeAndValues) {
+  const Config c = tiny_config();
+  Expected<QueryRequest> q =
+      parse_query_request(json{{"layer", 1}, {"q", q_json(2, 4, 16)}, {"mode", "detached"}}.dump(), "", "", c);
+  ASSERT_TRUE(q.is_ok()) << q.status().to_string();
+  EXPECT_EQ(q->layer, 1);
+  EXPECT_EQ(q->mode, QueryMode::kDetached);
+  EXPECT_EQ(q->qlen, 2);
+  EXPECT_EQ(q->q.size(), 2u * 4 * 16);
+
+  const auto bad = [&](const std::string& body) {
+    Expected<QueryRequest> r = parse_query_request(body, "application/json", "", c);
+    EXPECT_FALSE(r.is_ok()) << body;
+    return r.status().message();
+  };
+  EXPECT_NE(bad(json{{"layer", 2}, {"q", q_json(1, 4, 16)}}.dump()).find("layer"), std::string::npos);
+  EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(1, 3, 16)}}.dump()).find("q[0]"), std::string::npos);
+  EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(1, 4, 15)}}.dump()).find("q[0][0]"), std::string::npos);
+  bad(json{{"layer", 0}, {"q", q_json(33, 4, 16)}}.dump());  // tail qlen > local_window
+  bad(json{{"layer", 0.5}, {"q", q_json(1, 4, 16)}}.dump());
+  bad(json{{"layer", 0}, {"q", q_json(1, 4, 16)}, {"typo", 1}}.dump());
+  bad("{\"layer\": 0, \"q\": [[[NaN]]]}");
+  bad("{\"layer\": 0, \"q\": [");
+  std::string inf = json{{"layer", 0}, {"q", q_json(1, 4, 16, 0.5f)}}.dump();
+  inf.replace(inf.find("0.5"), 3, "1e39");
+  EXPECT_NE(bad(inf).find("finite"), std::string::npos);
+}
+
+TEST(Requests, SyntheticQueryIsTheGeneratorsQuery) {
+  const Config c = tiny_config();
+  Expected<QueryRequest> q =
+      parse_query_request(R"({"layer": 1, "synthetic_q": {"seed": 9, "qlen": 3}})", "", "", c);
+  ASSERT_TRUE(q.is_ok()) << q.status().to_string();
+  EXPECT_EQ(q->q, synthetic_query(SyntheticSpec{9, {}}, c.model, 1, 3));
+}
+
+TEST(Requests, SafetensorsQueryTakesLayerAndModeFromTheUrl) {
+  const Config c = tiny_config();
+  const std::string body =
+      serialize_safetensors({make_tensor("q", DType::kBF16, {2, 4, 16}, std::vector<float>(128, 0.5f))});
+  Expected<QueryRequest> q = parse_query_request(body, "application/octet-stream", "layer=1&mode=detached", c);
+  ASSERT_TRUE(q.is_ok()) << q.status().to_string();
+  EXPECT_EQ(q->layer, 1);
+  EXPECT_EQ(q->mode, QueryMode::kDetached);
+  EXPECT_EQ(q->qlen, 2);
+  EXPECT_FALSE(parse_query_request(body, "application/octet-stream", "", c).is_ok());
+  EXPECT_FALSE(parse_query_request(body, "application/octet-stream", "layer=x", c).is_ok());
+  EXPECT_FALSE(parse_query_request(body.substr(0, body.size() - 3), "", "layer=0", c).is_ok());
+  std::vector<float> nan(128, 0.0f);
+  nan[5] = std::nanf("");
+  EXPECT_FALSE(parse_query_request(serialize_safetensors({make_tensor("q", DType::kF32, {2, 4, 16}, nan)}), "",
+                                   "layer=0", c)
+                   .is_ok());
+}
+
+TEST(Requests, KvBodyAndSyntheticBody) {
+  const Config c = tiny_config();
+  const std::vector<float> vals(2 * 2 * 5 * 16, 0.5f);
+  const std::string kv = serialize_safetensors({make_tensor("k", DType::kF16, {2, 2, 5, 16}, vals),
+                                                make_tensor("v", DType::kF16, {2, 2, 5, 16}, vals)});
+  Expected<int64_t> tokens = check_kv_body(kv, c.model);
+  ASSERT_TRUE(tokens.is_ok()) << tokens.status().to_string();
+  EXPECT_EQ(*tokens, 5);
+  EXPECT_FALSE(check_kv_body(kv.substr(0, 20), c.model).is_ok());
+  EXPECT_FALSE(check_kv_body("", c.model).is_ok());
+
+  Expected<SyntheticRequest> s = parse_synthetic_request(R"({"tokens": 100, "seed": 3, "needles": [5, 50]})");
+  ASSERT_TRUE(s.is_ok());
+  EXPECT_EQ(s->tokens, 100);
+  EXPECT_EQ(s->seed, 3u);
+  EXPECT_EQ(s->needles, (std::vector<int64_t>{5, 50}));
+  EXPECT_FALSE(parse_synthetic_request(R"({"tokens": 0})").is_ok());
+  EXPECT_FALSE(parse_synthetic_request(R"({"tokens": 5, "needles": [-1]})").is_ok());
+  EXPECT_FALSE(parse_synthetic_request(R"({"seed": 1})").is_ok());
+  EXPECT_TRUE(check_create_body("").is_ok());
+  EXPECT_TRUE(check_create_body(" {} ").is_ok());
+  EXPECT_FALSE(check_create_body("{\"x\": 1}").is_ok());
+}
+
+Task make_task(TaskKind kind) {
+  Task t;
+  t.kind = kind;
+  return t;
+}
+
+TEST(TaskQueue, BatchesRunsOfQueriesInArrivalOrderAndIsBounded) {
+  TaskQueue q(5);
+  for (TaskKind k : {TaskKind::kQuery, TaskKind::kQuery, TaskKind::kAppendKv, TaskKind::kQuery, TaskKind::kQuery}) {
+    ASSERT_TRUE(q.push(make_task(k)).is_ok());
+  }
+  Expected<uint64_t> over = q.push(make_task(TaskKind::kQuery));
+  ASSERT_FALSE(over.is_ok());
+  EXPECT_EQ(over.status().code(), ErrorCode::kUnavailable);
+  std::vector<Task> b = q.pop_batch(8, std::chrono::milliseconds(0));
+  ASSERT_EQ(b.size(), 2u);
+  EXPECT_LT(b[0].id, b[1].id);
+  b = q.pop_batch(8, std::chrono::milliseconds(0));
+  ASSERT_EQ(b.size(), 1u);
+  EXPECT_EQ(b[0].kind, TaskKind::kAppendKv);
+  b = q.pop_batch(1, std::chrono::milliseconds(0));
+  EXPECT_EQ(b.size(), 1u);
+  q.close();
+  EXPECT_FALSE(q.push(make_task(TaskKind::kQuery)).is_ok());
+  EXPECT_EQ(q.pop_batch(8, std::chrono::milliseconds(0)).size(), 1u);  // queued work still drains
+  EXPECT_TRUE(q.pop_batch(8, std::chrono::milliseconds(0)).empty());
+}
+
+TEST(Registry, BalancesOwnersAndLimitsContexts) {
+  const Config c = tiny_config();
+  Registry r(c, 2);
+  Expected<ContextInfo> a = r.plan_create();
+  ASSERT_TRUE(a.is_ok());
+  r.insert(*a);
+  Expected<ContextInfo> b = r.plan_create();
+  ASSERT_TRUE(b.is_ok());
+  r.insert(*b);
+  EXPECT_NE(a->owner_rank, b->owner_rank);
+  EXPECT_NE(a->id, b->id);
+  r.set_tokens(a->id, 100);
+  Expected<ContextInfo> d = r.plan_create();  // both own one; rank of b holds fewer tokens
+  ASSERT_TRUE(d.is_ok());
+  EXPECT_EQ(d->owner_rank, b->owner_rank);
+  r.insert(*d);
+  Expected<ContextInfo> e = r.plan_create();
+  ASSERT_FALSE(e.is_ok());
+  EXPECT_EQ(e.status().code(), ErrorCode::kCapacity);
+  EXPECT_EQ(r.check_exists(999).code(), ErrorCode::kNotFound);
+  EXPECT_EQ(r.check_query(b->id, 1, QueryMode::kTail).code(), ErrorCode::kInvalidArgument);  // empty context
+  EXPECT_TRUE(r.check_query(a->id, 4, QueryMode::kTail).is_ok());
+}
+
+// The registry's capacity answer is KvStore's, for every append size around the limit.
+TEST(Registry, CapacityCheckAgreesWithKvStore) {
+  const Config c = tiny_config();
+  const int world = 2;
+  Expected<std::unique_ptr<Backend>> backend = make_backend(c, 0);
+  ASSERT_TRUE(backend.is_ok());
+  for (int rank = 0; rank < world; ++rank) {
+    KvStore store(**backend, c, rank, world);
+    Registry reg(c, world);
+    ASSERT_TRUE(store.create(1, 0).is_ok());
+    ASSERT_TRUE(store.create(2, 1).is_ok());
+    reg.insert({1, 0, 0});
+    reg.insert({2, 1, 0});
+    const SyntheticKvSource fill(SyntheticSpec{1, {}}, c.model, 0, 777);
+    ASSERT_TRUE(store.append(1, fill).is_ok());
+    reg.set_tokens(1, 777);
+    for (int64_t n : {1, 100, 600, 1000, 1100, 1222, 1223, 1224, 1300, 2000}) {
+      const SyntheticKvSource src(SyntheticSpec{2, {}}, c.model, 0, n);
+      KvStore probe(**backend, c, rank, world);
+      ASSERT_TRUE(probe.create(1, 0).is_ok());
+      ASSERT_TRUE(probe.create(2, 1).is_ok());
+      ASSERT_TRUE(probe.append(1, fill).is_ok());
+      const Status want = probe.append(2, src);
+      const Status got = reg.check_append(2, n);
+      EXPECT_EQ(got.code(), want.code()) << "append " << n << " on rank " << rank << ": " << got.to_string()
+                                         << " vs " << want.to_string();
+    }
+  }
+}
+
+TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
+  Operation op;
+  op.kind = OperationKind::kSynthetic;
+  op.context_id = 42;
+  op.owner_rank = 1;
+  op.tokens = 1000;
+  op.seed = 7;
+  op.needles = {3, 500};
+  op.payload = std::string("\0abc", 4);
+  const std::string bytes = encode_operation(op);
+  Expected<Operation> back = decode_operation(bytes);
+  ASSERT_TRUE(back.is_ok());
+  EXPECT_EQ(back->kind, op.kind);
+  EXPECT_EQ(back->context_id, 42u);
+  EXPECT_EQ(back->owner_rank, 1);
+  EXPECT_EQ(back->tokens, 1000);
+  EXPECT_EQ(back->seed, 7u);
+  EXPECT_EQ(back->needles, op.needles);
+  EXPECT_EQ(back->payload, op.payload);
+  for (size_t cut : {size_t{0}, size_t{3}, bytes.size() - 1}) {
+    EXPECT_FALSE(decode_operation(bytes.substr(0, cut)).is_ok()) << cut;
+  }
+  EXPECT_FALSE(decode_operation(bytes + "x").is_ok());
+}
+
+TEST(Metrics, RendersPrometheusText) {
+  Metrics m;
+  m.count_request("POST", "/v1/contexts/{id}/query", 200, 0.002);
+  m.count_request("POST", "/v1/contexts/{id}/query", 400, 0.0001);
+  m.observe_phase("score", 0.003);
+  m.observe_batch(4);
+  MetricsSnapshot g;
+  g.tokens_per_rank = {10, 20};
+  g.queue_depth = 2;
+  const std::string text = m.render(g);
+  EXPECT_NE(text.find("reattn_http_requests_total{method=\"POST\",route=\"/v1/contexts/{id}/query\",status=\"200\"} 1"),
+            std::string::npos);
+  EXPECT_NE(text.find("reattn_step_phase_seconds_bucket{phase=\"score\",le=\"0.0025\"} 0"), std::string::npos);
+  EXPECT_NE(text.find("reattn_step_phase_seconds_bucket{phase=\"score\",le=\"0.005\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("reattn_step_phase_seconds_count{phase=\"score\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("reattn_kv_tokens{rank=\"1\"} 20"), std::string::npos);
+  EXPECT_NE(text.find("reattn_queue_depth 2"), std::string::npos);
+  EXPECT_NE(text.find("# TYPE reattn_step_batch_queries histogram"), std::string::npos);
+}
+
+// Handlers without a socket: the response of each request, taken from the responder.
+class HandlersTest : public ::testing::Test {
+ protected:
+  HandlersTest()
+      : config_(tiny_config()),
+        registry_(config_, 2),
+        queue_(4),
+        handlers_(config_, ServiceInfo{2, "cpu", "mpi"}, "k3y", registry_, queue_, metrics_, state_) {
+    spdlog::set_level(spdlog::level::err);  // the request log lines are not under test here
+  }
+
+  HttpResponse call(const std::string& method, const std::string& path, const std::string& body = "",
+                    const std::string& auth = "Bearer k3y") {
+    HttpRequest r;
+    r.method = method;
+    r.path = path;
+    r.body = body;
+    r.authorization = auth;
+    r.request_id = "t-1";
+    r.received = std::chrono::steady_clock::now();
+    std::optional<HttpResponse> out;
+    handlers_.handle(r, [&out](HttpResponse resp) { out = std::move(resp); });
+    EXPECT_TRUE(out.has_value()) << method << " " << path << " did not answer at once";
+    return out ? *out : HttpResponse{};
+  }
+
+  static std::string code_of(const HttpResponse& r) { return json::parse(r.body)["error"]["code"]; }
+
+  Config config_;
+  Metrics metrics_;
+  ServiceState state_;
+  Registry registry_;
+  TaskQueue queue_;
+  Handlers handlers_;
+};
+
+TEST_F(HandlersTest, ReadinessFollowsTheServiceState) {
+  EXPECT_EQ(call("GET", "/health/live").status, 200);
+  HttpResponse r = call("GET", "/health/ready");
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(code_of(r), "unavailable");
+  EXPECT_EQ(call("GET", "/v1/info").status, 503);
+  state_.set_ready();
+  EXPECT_EQ(call("GET", "/health/ready").status, 200);
+  EXPECT_EQ(call("GET", "/v1/info").status, 200);
+  state_.set_draining();
+  EXPECT_EQ(call("GET", "/health/ready").status, 503);
+  state_.set_ready();  // draining is final
+  EXPECT_EQ(call("GET", "/health/ready").status, 503);
+}
+
+TEST_F(HandlersTest, ErrorsHaveTheRightStatusAndEchoTheRequestId) {
+  state_.set_ready();
+  HttpResponse r = call("GET", "/v1/contexts", "", "");
+  EXPECT_EQ(r.status, 401);
+  EXPECT_EQ(code_of(r), "unauthorized");
+  EXPECT_EQ(call("GET", "/v1/contexts", "", "Bearer nope").status, 401);
+  EXPECT_EQ(call("GET", "/metrics", "", "").status, 200);
+  EXPECT_EQ(call("GET", "/nowhere").status, 404);
+  r = call("DELETE", "/v1/contexts");
+  EXPECT_EQ(r.status, 405);
+  EXPECT_EQ(code_of(r), "method_not_allowed");
+  EXPECT_EQ(call("POST", "/v1/contexts/5/query", R"({"layer": 0, "q": [[[1]]]})").status, 404);
+  r = call("GET", "/v1/contexts/5");
+  EXPECT_EQ(r.status, 404);
+  bool echoed = false;
+  for (const auto& [k, v] : r.headers) echoed = echoed || (k == "X-Request-Id" && v == "t-1");
+  EXPECT_TRUE(echoed);
+}
+
+TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
+  state_.set_ready();
+  registry_.insert({1, 0, 40});
+  const std::string body = json{{"layer", 0}, {"q", q_json(1, 4, 16)}}.dump();
+  EXPECT_EQ(call("POST", "/v1/contexts/1/query", json{{"layer", 5}, {"q", q_json(1, 4, 16)}}.dump()).status, 400);
+  EXPECT_EQ(queue_.depth(), 0u);  // a bad request changes nothing
+  std::vector<std::optional<HttpResponse>> answers(5);
+  for (int i = 0; i < 5; ++i) {
+    HttpRequest r;
+    r.method = "POST";
+    r.path = "/v1/contexts/1/query";
+    r.body = body;
+    r.authorization = "Bearer k3y";
+    handlers_.handle(r, [&answers, i](HttpResponse resp) { answers[i] = std::move(resp); });
+  }
+  EXPECT_EQ(queue_.depth(), 4u);
+  ASSERT_TRUE(answers[4].has_value());
+  EXPECT_EQ(answers[4]->status, 503);
+  bool retry_after = false;
+  for (const auto& [k, v] : answers[4]->headers) retry_after = retry_after || k == "Retry-After";
+  EXPECT_TRUE(retry_after);
+  std::vector<Task> batch = queue_.pop_batch(8, std::chrono::milliseconds(0));
+  ASSERT_EQ(batch.size(), 4u);
+  TaskResult result;
+  result.context = {1, 0, 40};
+  result.query.recalled = {0, 2};
+  result.query.out.assign(4 * 16, 0.5f);
+  batch[0].done(result);
+  ASSERT_TRUE(answers[0].has_value());
+  EXPECT_EQ(answers[0]->status, 200);
+  const json doc = json::parse(answers[0]->body);
+  EXPECT_EQ(doc["recalled_chunks"][1]["chunk"], 2);
+  EXPECT_EQ(doc["recalled_chunks"][1]["first_token"], 4 + 2 * 8);
+  EXPECT_EQ(doc["recalled_chunks"][1]["last_token"], 4 + 3 * 8 - 1);
+  EXPECT_EQ(doc["out"].size(), 1u);
+  EXPECT_EQ(doc["out"][0].size(), 4u);
+  EXPECT_EQ(doc["out"][0][0].size(), 16u);
+  TaskResult failed;
+  failed.status = Status(ErrorCode::kCapacity, "full");
+  batch[1].done(failed);
+  EXPECT_EQ(answers[1]->status, 507);
+}
+
+}  // namespace
+}  // namespace reattn

@@ -1,0 +1,184 @@
+// Two (or more) ranks under mpirun, one GPU each: the CUDA backend with the NCCL communicator
+// against the CPU backend with MPI on the same ranks, and against the fp64 reference, for both
+// final-attention strategies, both owners, tail and detached queries, qlen 1 to 64, odd n.
+// Prints "N passed, M failed" on rank 0 and exits non-zero on any mismatch (on every rank).
+// Without a GPU per rank it prints a skip line and exits 0.
+#include <mpi.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/control.h"
+#include "comm/make_communicator.h"
+#include "comm/mpi_communicator.h"
+#include "common/synthetic.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "tests/reference.h"
+#include "worker/kv_store.h"
+#include "worker/step.h"
+
+namespace reattn {
+namespace {
+
+struct Case {
+  int64_t n;
+  int64_t qlen;
+  QueryMode mode;
+  FinalAttention strategy;
+  int owner;
+  DType dtype;
+};
+
+Config make_config(DType dtype) {
+  Config cfg;
+  cfg.model.layers = 1;
+  cfg.model.q_heads = 8;
+  cfg.model.kv_heads = 2;
+  cfg.model.head_dim = 128;
+  cfg.model.rope_theta = 500000.0;
+  cfg.reattention.sink_tokens = 16;
+  cfg.reattention.local_window = 300;
+  cfg.reattention.chunk_tokens = 64;
+  cfg.reattention.top_k = 3;
+  cfg.reattention.max_recall_chunks = 5;
+  cfg.model.scope = 16 + 5 * 64 + 300 + 64;
+  cfg.backend.storage_dtype = dtype;
+  cfg.backend.threads = 2;
+  return cfg;
+}
+
+struct Outcome {
+  Status status;
+  std::vector<int64_t> recalled;
+  std::vector<float> out;
+};
+
+// One query on every rank; the result lands on rank 0.
+Outcome run_query(Backend& backend, Communicator& comm, const Config& cfg, const Case& c, const SyntheticSpec& spec,
+                  const std::vector<float>& q) {
+  Outcome o;
+  KvStore store(backend, cfg, comm.rank(), comm.world());
+  o.status = store.create(1, c.owner, {0});
+  if (o.status.is_ok()) o.status = store.append(1, SyntheticKvSource(spec, cfg.model, 0, c.n - 5));
+  if (o.status.is_ok()) o.status = store.append(1, SyntheticKvSource(spec, cfg.model, c.n - 5, 5));
+  if (!o.status.is_ok()) return o;
+  StepPlan plan;
+  plan.strategy = c.strategy;
+  QueryPlan qp;
+  qp.context_id = 1;
+  qp.tokens = c.n;
+  qp.qlen = c.qlen;
+  qp.mode = static_cast<int32_t>(c.mode);
+  qp.owner_rank = c.owner;
+  plan.queries.push_back(qp);
+  plan.q = q;
+  StepRunner runner(backend, comm, cfg, store);
+  std::vector<QueryResult> results;
+  for (int rep = 0; rep < 2 && o.status.is_ok(); ++rep) o.status = runner.run(plan, &results, nullptr);
+  if (o.status.is_ok() && comm.rank() == 0) {
+    o.status = results.at(0).status;
+    o.recalled = results[0].recalled;
+    o.out = results[0].out;
+  }
+  return o;
+}
+
+std::string join(const std::vector<int64_t>& v) {
+  std::string s;
+  for (int64_t x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
+  return s;
+}
+
+int run_all(const Control& control) {
+  int passed = 0, failed = 0;
+  std::vector<Case> cases;
+  for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
+    for (int owner = 0; owner < std::min(2, control.world()); ++owner) {
+      cases.push_back({4099, 1, QueryMode::kTail, strategy, owner, DType::kBF16});
+      cases.push_back({5003, 64, QueryMode::kTail, strategy, owner, DType::kBF16});
+      cases.push_back({4501, 9, QueryMode::kDetached, strategy, owner, DType::kF16});
+    }
+  }
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    const Config cfg = make_config(c.dtype);
+    const Regions regions = compute_regions(c.n, cfg.reattention);
+    const SyntheticSpec spec{100 + ci,
+                             {regions.chunk_first_token(1) + 7, regions.chunk_first_token(regions.num_chunks / 2 + 1),
+                              regions.chunk_first_token(regions.num_chunks - 2) + 63}};
+    const std::vector<float> q = synthetic_query(spec, cfg.model, 0, c.qlen);
+
+    Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, control.local_rank());
+    Status st = control.agree(cuda.status());
+    Outcome gpu, host;
+    if (st.is_ok()) {
+      Expected<std::unique_ptr<Communicator>> nccl = make_communicator(**cuda, control);
+      st = control.agree(nccl.status());
+      if (st.is_ok()) {
+        gpu = run_query(**cuda, **nccl, cfg, c, spec, q);
+        st = control.agree(gpu.status);
+      }
+    }
+    if (st.is_ok()) {
+      CpuBackend cpu(cfg.backend.threads);
+      MpiCommunicator mpi;
+      host = run_query(cpu, mpi, cfg, c, spec, q);
+      st = control.agree(host.status);
+    }
+    bool ok = st.is_ok();
+    std::string why = st.is_ok() ? "" : st.to_string();
+    if (ok && control.rank() == 0) {
+      const ref::Context ctx = ref::synthetic_context(cfg.model, cfg.reattention, c.n, spec.seed, spec.needles, 0);
+      const ref::Result want = ref::query(ctx, q, c.qlen, c.mode);
+      const double tol = c.dtype == DType::kBF16 ? 2e-2 : 2e-3;
+      const double err = ref::relative_error(gpu.out, want.out);
+      const double cpu_err = ref::relative_error(host.out, want.out);
+      if (gpu.recalled != want.recalled || gpu.recalled != host.recalled) {
+        ok = false;
+        why = "recalled cuda [" + join(gpu.recalled) + "] cpu [" + join(host.recalled) + "] ref [" +
+              join(want.recalled) + "]";
+      } else if (!(err < tol)) {
+        ok = false;
+        why = "cuda relative error " + std::to_string(err) + " >= " + std::to_string(tol);
+      } else if (!(cpu_err < 1e-4)) {
+        ok = false;
+        why = "cpu relative error " + std::to_string(cpu_err);
+      }
+      std::printf("%s case %zu: n=%lld qlen=%lld %s %s owner=%d %s err=%.2e%s%s\n", ok ? "PASS" : "FAIL", ci,
+                  static_cast<long long>(c.n), static_cast<long long>(c.qlen), query_mode_name(c.mode),
+                  final_attention_name(c.strategy), c.owner, dtype_name(c.dtype), err, ok ? "" : " : ",
+                  why.c_str());
+      std::fflush(stdout);
+    }
+    int flag = ok ? 1 : 0;
+    MPI_Bcast(&flag, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    (flag ? passed : failed)++;
+    if (!st.is_ok()) break;  // a device fault: stop
+  }
+  if (control.rank() == 0) std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace reattn
+
+int main(int argc, char** argv) {
+  using namespace reattn;
+  Expected<Control> control = Control::init(&argc, &argv);
+  if (!control) {
+    std::fprintf(stderr, "test_cuda_distributed: %s\n", control.status().to_string().c_str());
+    return 1;
+  }
+  int gpus = cuda_device_count();
+  int enough = gpus > control->local_rank() ? 1 : 0;
+  int all_enough = 0;
+  MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (!all_enough) {
+    if (control->rank() == 0) std::printf("SKIPPED: not every rank has a GPU of its own (rank 0 sees %d)\n", gpus);
+    return 0;
+  }
+  return run_all(*control);
+}
