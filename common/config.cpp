@@ -259,7 +259,7 @@ Expected<Config> parse_config(const YAML::Node& root) {
   return c;
 }
 
-// "host:port" with a non-empty host and a decimal port in 1..65535.
+// "host:port" with a non-empty host and a decimal port in 0..65535 (0: any free port).
 bool is_host_port(const std::string& listen) {
   const size_t colon = listen.rfind(':');
   if (colon == std::string::npos || colon == 0) return false;
@@ -268,7 +268,7 @@ bool is_host_port(const std::string& listen) {
     return false;
   }
   const int value = std::stoi(port);
-  return value >= 1 && value <= 65535;
+  return value >= 0 && value <= 65535;
 }
 
 }  // namespace
@@ -333,7 +333,7 @@ Status Config::validate() const {
         " exceeds model.scope " + std::to_string(model.scope));
   }
   if (!is_host_port(server.listen)) {
-    return invalid_argument("server.listen: expected host:port with port 1..65535, got '" +
+    return invalid_argument("server.listen: expected host:port with port 0..65535 (0: any free port), got '" +
                             server.listen + "'");
   }
   return Status::ok();
