@@ -7,6 +7,7 @@
 
 #include "common/semantics.h"
 #include "coordinator/logging.h"
+#include "coordinator/output_json.h"
 
 namespace reattn {
 namespace {
@@ -31,19 +32,6 @@ bool usable_request_id(const std::string& id) {
 HttpResponse body_error(const Status& s) { return error_response(400, "invalid_argument", s.message()); }
 
 std::string unknown_context(const RouteMatch& m) { return "context '" + m.id_text + "' not found"; }
-
-json out_json(const std::vector<float>& out, int64_t qlen, int64_t heads, int64_t dim) {
-  json rows = json::array();
-  for (int64_t i = 0; i < qlen; ++i) {
-    json row = json::array();
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* v = out.data() + (i * heads + h) * dim;
-      row.push_back(std::vector<float>(v, v + dim));
-    }
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
 
 }  // namespace
 
@@ -322,7 +310,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
                       {"mode", query_mode_name(mode)},
                       {"tokens", r.context.tokens},
                       {"recalled_chunks", chunks},
-                      {"out", out_json(r.query.out, qlen, model.q_heads, model.head_dim)},
+                      {"out", nested_output<json>(r.query.out, qlen, model.q_heads, model.head_dim)},
                       {"timing",
                        {{"score_ms", r.timing.score_ms},
                         {"merge_ms", r.timing.merge_ms},

@@ -11,6 +11,7 @@
 
 #include "comm/control.h"
 #include "comm/make_communicator.h"
+#include "coordinator/output_json.h"
 #include "coordinator/run_inputs.h"
 #include "worker/step.h"
 
@@ -132,19 +133,10 @@ Status run(const Control& control, const RunOptions& opt) {
   std::sort(timings.begin(), timings.end(), [](const StepTiming& a, const StepTiming& b) { return a.total_ms < b.total_ms; });
   const StepTiming& median = timings[timings.size() / 2];
   const int64_t H = model.q_heads, D = model.head_dim;
-  nlohmann::ordered_json out = nlohmann::ordered_json::array();
-  for (int64_t i = 0; i < inputs->qlen; ++i) {
-    nlohmann::ordered_json heads = nlohmann::ordered_json::array();
-    for (int64_t h = 0; h < H; ++h) {
-      const float* row = result.out.data() + (i * H + h) * D;
-      heads.push_back(std::vector<float>(row, row + D));
-    }
-    out.push_back(std::move(heads));
-  }
   const Regions regions = compute_regions(tokens, config.reattention);
   nlohmann::ordered_json doc{
       {"recalled_chunks", result.recalled},
-      {"out", std::move(out)},
+      {"out", nested_output<nlohmann::ordered_json>(result.out, inputs->qlen, H, D)},
       {"tokens", tokens},
       {"layer", opt.layer},
       {"mode", query_mode_name(mode)},
