@@ -17,6 +17,10 @@ Status mpi_status(int rc, const char* what) {
 }
 
 Expected<Control> Control::init(int* argc, char*** argv) {
+  // The one place the environment is set, at start-up (every binary starts here): NVLink
+  // multicast (NVLS) stays off, whatever the caller's environment says; on shared hosts it
+  // can take every GPU out of service.
+  setenv("NCCL_NVLS_ENABLE", "0", 1);
   int provided = 0;
   REATTN_RETURN_IF_ERROR(mpi_status(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread"));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);

@@ -11,7 +11,8 @@ namespace reattn {
 
 class Control {
  public:
-  // MPI_Init_thread (serialized) with errors returned, not fatal.
+  // MPI_Init_thread (serialized) with errors returned, not fatal. Also pins
+  // NCCL_NVLS_ENABLE=0 in the environment before anything reads it.
   static Expected<Control> init(int* argc, char*** argv);
   Control(Control&& other) noexcept;
   Control& operator=(Control&&) = delete;

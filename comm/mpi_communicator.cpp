@@ -32,18 +32,23 @@ Status MpiCommunicator::allgather(const void* send, void* recv, size_t bytes_per
 }
 
 Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) {
+  // Check every transfer before posting any, so a refusal leaves no request in flight.
+  for (const auto* list : {&sends, &recvs}) {
+    for (const Transfer& t : *list) {
+      REATTN_RETURN_IF_ERROR(check_count(t.bytes, "exchange"));
+      if (t.peer < 0 || t.peer >= world_) return internal_error("exchange: peer " + std::to_string(t.peer) + " is not a rank");
+    }
+  }
   std::vector<MPI_Request> requests;
   requests.reserve(sends.size() + recvs.size());
   // Messages between one pair of ranks match in the order they are listed (same tag).
   for (const Transfer& r : recvs) {
-    REATTN_RETURN_IF_ERROR(check_count(r.bytes, "exchange"));
     requests.emplace_back();
     REATTN_RETURN_IF_ERROR(mpi_status(
         MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, 0, MPI_COMM_WORLD, &requests.back()),
         "MPI_Irecv"));
   }
   for (const Transfer& s : sends) {
-    REATTN_RETURN_IF_ERROR(check_count(s.bytes, "exchange"));
     requests.emplace_back();
     REATTN_RETURN_IF_ERROR(mpi_status(
         MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, 0, MPI_COMM_WORLD, &requests.back()),

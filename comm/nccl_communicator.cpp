@@ -45,9 +45,6 @@ Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& 
   comm->world_ = world;
   comm->device_ = backend.device();
   comm->stream_ = backend.stream();
-  // NVLink multicast (NVLS) stays off: on shared hosts it can take every GPU out of service.
-  // Set before NCCL reads its environment, whatever the caller's environment says.
-  setenv("NCCL_NVLS_ENABLE", "0", 1);
   REATTN_CUDA_CHECK(cudaSetDevice(comm->device_));
   Bootstrap boot;
   Status made;

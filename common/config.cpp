@@ -300,6 +300,10 @@ Status Config::validate() const {
       {"server.http_threads", server.http_threads, 1},
       {"server.request_timeout_s", server.request_timeout_s, 1},
   };
+  // Capacity sums over ranks; keep it far from int64 overflow.
+  if (capacity.tokens_per_rank > (int64_t{1} << 40)) {
+    return invalid_argument("capacity.tokens_per_rank: must be <= 2^40, got " + std::to_string(capacity.tokens_per_rank));
+  }
   for (const Minimum& m : minimums) {
     if (m.value < m.min) {
       return invalid_argument(std::string(m.key) + ": must be >= " + std::to_string(m.min) +

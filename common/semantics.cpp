@@ -83,13 +83,15 @@ RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode
 
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
   if (qlen < 1) return invalid_argument("q: qlen must be >= 1, got " + std::to_string(qlen));
+  // Tail rows must lie in the local window; detached blocks are held to the same bound, which
+  // also bounds every step workspace.
+  if (qlen > rc.local_window) {
+    return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds reattention.local_window " +
+                            std::to_string(rc.local_window) + " in " + query_mode_name(mode) + " mode");
+  }
   if (mode == QueryMode::kDetached) {
     if (n < 1) return invalid_argument("context is empty: a query needs at least one token");
     return Status::ok();
-  }
-  if (qlen > rc.local_window) {
-    return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds reattention.local_window " +
-                            std::to_string(rc.local_window) + " in tail mode");
   }
   if (qlen > n) {
     return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds the context's " +

@@ -105,7 +105,7 @@ struct RowPosition {
 RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode mode,
                          int64_t qlen, int64_t row);
 
-// Checks a query against a context of n tokens: qlen >= 1; tail needs qlen <= W and
+// Checks a query against a context of n tokens: 1 <= qlen <= W in both modes; tail needs
 // qlen <= n; a detached query needs n >= 1.
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 

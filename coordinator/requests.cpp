@@ -86,9 +86,9 @@ Status check_layer(int64_t layer, const ModelConfig& model) {
 
 Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
   if (qlen < 1) return invalid_argument("q: must hold at least one row");
-  if (mode == QueryMode::kTail && qlen > rc.local_window) {
-    return invalid_argument("q: " + std::to_string(qlen) + " rows in tail mode is over reattention.local_window " +
-                            std::to_string(rc.local_window));
+  if (qlen > rc.local_window) {
+    return invalid_argument("q: " + std::to_string(qlen) + " rows in " + query_mode_name(mode) +
+                            " mode is over reattention.local_window " + std::to_string(rc.local_window));
   }
   return Status::ok();
 }

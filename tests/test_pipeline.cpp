@@ -75,7 +75,7 @@ TEST_P(Pipeline, PartialLastChunkAndLongContexts) {
   for (int64_t n : {4 + 32 + 8 * 5 + 3, 301, 1001}) {
     expect_matches_reference(config, n, 1, QueryMode::kTail, 21);
     expect_matches_reference(config, n, 7, QueryMode::kTail, 22);
-    expect_matches_reference(config, n, 40, QueryMode::kDetached, 23);
+    expect_matches_reference(config, n, 32, QueryMode::kDetached, 23);
   }
 }
 

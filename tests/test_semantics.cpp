@@ -163,7 +163,10 @@ TEST(Queries, ValidateNamesTheProblem) {
   const Status too_long = validate_query(100, 33, QueryMode::kTail, rc);
   EXPECT_FALSE(too_long.is_ok());
   EXPECT_NE(too_long.message().find("local_window"), std::string::npos);
-  EXPECT_TRUE(validate_query(100, 33, QueryMode::kDetached, rc).is_ok());
+  EXPECT_TRUE(validate_query(100, 32, QueryMode::kDetached, rc).is_ok());
+  EXPECT_TRUE(validate_query(5, 32, QueryMode::kDetached, rc).is_ok());  // detached rows need not fit n
+  const Status detached_too_long = validate_query(100, 33, QueryMode::kDetached, rc);
+  EXPECT_NE(detached_too_long.message().find("detached"), std::string::npos);
   EXPECT_FALSE(validate_query(5, 6, QueryMode::kTail, rc).is_ok());
   EXPECT_FALSE(validate_query(0, 1, QueryMode::kDetached, rc).is_ok());
   EXPECT_FALSE(validate_query(10, 0, QueryMode::kTail, rc).is_ok());

@@ -230,6 +230,18 @@ Status KvStore::append(ContextId id, const KvSource& source) {
                         std::to_string(config_.capacity.tokens_per_rank));
     }
   }
+  // Allocate every page this append needs before writing anything: a refused allocation then
+  // leaves the context as it was (the owner's ring is only overwritten once nothing can fail
+  // short of a device fault).
+  if (n1 > rc.sink_tokens) {
+    const int64_t last_grid_block = (n1 - 1 - rc.sink_tokens) / rc.chunk_tokens;
+    const int64_t my_last = last_grid_block - ((last_grid_block - rank_) % world_ + world_) % world_;
+    if (my_last >= 0) {
+      for (int layer = 0; layer < config_.model.layers; ++layer) {
+        if (ctx.resident[layer]) REATTN_RETURN_IF_ERROR(ensure_pages(ctx.layers[layer], home_slot(my_last, world_) + 1));
+      }
+    }
+  }
   // Blocks that end below this floor are out of the owner's ring by the end of the append.
   const int64_t last_block = n1 > rc.sink_tokens ? (n1 - 1 - rc.sink_tokens) / rc.chunk_tokens : 0;
   const int64_t ring_floor = rc.sink_tokens + std::max<int64_t>(0, last_block - ring_blocks(rc) + 1) * rc.chunk_tokens;
