@@ -2,6 +2,7 @@
 # One device call: build the CUDA backend, run its tests (1 GPU, and 2 GPUs under mpirun when
 # there are two), time the decode benchmark and torch's full-attention baseline, and print a
 # table. Logs and JSON go to $OUT (default bench/out). Usage: bench/run_gpu.sh [TOKENS]
+# (TESTS_ONLY=1: build and run the GPU tests only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast stays off everywhere (it can take a shared host's GPUs out of service).
@@ -40,6 +41,10 @@ if [ "$GPUS" -ge 2 ]; then
   two_rc=${PIPESTATUS[0]}
 fi
 say "tests: 1-GPU rc=$one_rc, 2-GPU rc=$two_rc ($((SECONDS - t0)) s)"
+if [ "${TESTS_ONLY:-0}" = 1 ]; then
+  [ "$one_rc" = 0 ] && { [ "$two_rc" = skipped ] || [ "$two_rc" = 0 ]; }
+  exit
+fi
 
 python3 bench/torch_sdpa.py --tokens "$TOKENS" --json "$OUT/torch.json" 2>&1 | tee -a "$LOG"
 build-gpu/bench/reattn_bench --tokens "$TOKENS" --json "$OUT/bench1.json" 2>&1 | tee -a "$LOG"

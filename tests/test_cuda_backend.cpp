@@ -152,7 +152,9 @@ void check_case(const Case& c) {
   Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
   ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
   CpuBackend cpu(2);
-  const double tol = c.dtype == DType::kBF16 ? 2e-2 : 2e-3;
+  // K/V and q are exact in the storage dtype; what remains is the kernels' rounding of
+  // rotated operands and probabilities (worst seen on H200: 2.4e-3 bf16, 3e-4 f16).
+  const double tol = c.dtype == DType::kBF16 ? 6e-3 : 1e-3;
   for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
     const QueryOutput got = run_query(**cuda, cfg, c, spec, q, strategy);
     const QueryOutput cpu_got = run_query(cpu, cfg, c, spec, q, strategy);
@@ -233,6 +235,25 @@ TEST(CudaBackend, QueryMatchesReferenceOddShapes) {
   d.n = 150;
   d.qlen = 4;
   check_case(d);
+}
+
+TEST(CudaBackend, QueryMatchesReferenceMultiPass) {
+  SKIP_WITHOUT_GPU();
+  // More (row, head) pairs than one scoring pass holds: 100 rows x G 4 at top_k 3, and
+  // 20 rows x G 4 at top_k 16.
+  Case a;
+  a.qlen = 100;
+  a.n = 4099;
+  a.seed = 31;
+  check_case(a);
+  Case b;
+  b.qlen = 20;
+  b.top_k = 16;
+  b.recall = 40;
+  b.n = 5003;
+  b.seed = 32;
+  b.mode = QueryMode::kDetached;
+  check_case(b);
 }
 
 // K/V values k/16 for integers k in [-32, 32): exact in bf16, f16 and fp32, so both backends
