@@ -281,7 +281,7 @@ def main():
     print("  %8s %4s %-7s %9s %9s %9s %9s %11s %11s" % ("tokens", "GPUs", "link", "gather b1", "partial b1", "gather b32",
                                                          "partial b32", "score b1", "32 layers"))
     for n in (4 << 20, 16 << 20, 64 << 20):
-        for P in (1, 2, 8, 16, 64):
+        for P in (1, 2, 4, 8, 16, 64):
             link = "nvlink" if P <= LINKS["gpus_per_node"] else "ib"
             ok = fits_one_gpu(n, P, 1, model.m, HBM["H200"], reserve)
             res = {}
@@ -299,6 +299,20 @@ def main():
                 "%dM" % (n >> 20), P, link, f(res["gather_b1"]), f(res["partial_b1"]), f(res["gather_b32"]),
                 f(res["partial_b32"]), ("%.3f" % res["partial_b1"]["score"]) if ok else "-",
                 ("%.1f ms" % per_token) if per_token else "-"))
+
+    # Weak scaling at 2M tokens per GPU (the runs of 4 and 8 GPUs that no lent machine could make).
+    weak = []
+    print("\nweak scaling projection: 2M tokens per GPU, one LLaMA-3.1-8B layer, qlen 1, batch 1 (ms; efficiency ="
+          " 1-GPU time / P-GPU time)")
+    print("  %4s %8s %9s %9s %7s %7s" % ("GPUs", "tokens", "gather", "partial", "eff g", "eff p"))
+    base = {s: model.terms(2 << 20, 1, 1, 1, s, bw)["total"] for s in ("gather", "partial")}
+    for P in (1, 2, 4, 8, 16, 64):
+        n = P * (2 << 20)
+        t = {s: model.terms(n, P, 1, 1, s, bw)["total"] for s in ("gather", "partial")}
+        weak.append({"gpus": P, "tokens": n, "ms": t, "efficiency": {s: base[s] / t[s] for s in t}})
+        print("  %4d %7dM %9.3f %9.3f %6.0f%% %6.0f%%" % (P, n >> 20, t["gather"], t["partial"],
+                                                      100 * base["gather"] / t["gather"],
+                                                      100 * base["partial"] / t["partial"]))
 
     # Capacity: tokens whose K/V fit, per layer and for the whole model.
     cap = []
@@ -326,7 +340,7 @@ def main():
         print("\ncross-check on the Qwen2-1.5B HTTP run (4M tokens, 2 GPUs, Hkv=2): score phase model %.3f ms, "
               "measured %.3f ms (%.2fx)" % (pred_score, meas_score, meas_score / pred_score))
 
-    doc = {"device": device, "read_bw_gbs": read_bw, "links": LINKS, "hbm_bytes": HBM, "reserve_bytes": reserve,
+    doc = {"weak_scaling_2m_per_gpu": weak, "device": device, "read_bw_gbs": read_bw, "links": LINKS, "hbm_bytes": HBM, "reserve_bytes": reserve,
            "model_shapes": MODELS, "reattention": RC, "parameters": params, "residuals": resid, "holdout": hold,
            "projection": proj, "capacity": cap, "qwen_check": check,
            "source": os.path.relpath(a.results, os.path.dirname(HERE))}
