@@ -343,6 +343,11 @@ Status Config::validate() const {
   return Status::ok();
 }
 
+float Config::max_stored_value() const {
+  const bool gpu_f16 = backend.kind != BackendKind::kCpu && backend.storage_dtype == DType::kF16;
+  return gpu_f16 ? 65504.0f : std::numeric_limits<float>::max();
+}
+
 std::string Config::to_yaml() const {
   std::string dtype = dtype_name(backend.storage_dtype);
   for (char& ch : dtype) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));

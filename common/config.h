@@ -73,6 +73,9 @@ struct Config {
   // Checks every value and the cross-key rules (kv_heads divides q_heads; the scope rule
   // S + R*C + W + C <= scope). Returns the first problem, naming key and value.
   Status validate() const;
+  // The largest magnitude a K, V or q value may have: f16 storage on the GPU holds at most
+  // 65504 (above it a value would turn into inf); otherwise any finite fp32.
+  float max_stored_value() const;
   // The effective configuration as YAML (round-trips through load_config_string).
   std::string to_yaml() const;
 };

@@ -244,7 +244,7 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
 
 void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) {
   if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
-  Expected<int64_t> tokens = check_kv_body(req.body, config_.model);
+  Expected<int64_t> tokens = check_kv_body(req.body, config_);
   if (!tokens) return done(body_error(tokens.status()));
   if (Status s = registry_.check_append(m.id, *tokens); !s.is_ok()) return done(status_response(s));
   Task task;

@@ -94,7 +94,7 @@ Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
 }
 
 // q as nested arrays [qlen][H][D] of finite numbers.
-Status read_nested_q(const json& q, const ModelConfig& model, QueryRequest* out) {
+Status read_nested_q(const json& q, const ModelConfig& model, float max_abs, QueryRequest* out) {
   const int64_t H = model.q_heads, D = model.head_dim;
   const std::string shape = "[qlen][q_heads=" + std::to_string(H) + "][head_dim=" + std::to_string(D) + "]";
   if (!q.is_array()) return invalid_argument("q: expected nested arrays " + shape + ", got " + type_of(q));
@@ -122,6 +122,10 @@ Status read_nested_q(const json& q, const ModelConfig& model, QueryRequest* out)
         if (!std::isfinite(value) || !std::isfinite(f)) {
           return invalid_argument(where + ": " + x.dump() + " is not a finite fp32 value");
         }
+        if (std::fabs(f) > max_abs) {
+          return invalid_argument(where + ": " + x.dump() + " is above the f16 storage limit " +
+                                  std::to_string(static_cast<int>(max_abs)));
+        }
         out->q.push_back(f);
       }
     }
@@ -144,7 +148,7 @@ Expected<QueryRequest> parse_json_query(const std::string& body, const Config& c
   const bool has_q = doc.contains("q"), has_syn = doc.contains("synthetic_q");
   if (has_q == has_syn) return invalid_argument("give exactly one of q and synthetic_q");
   if (has_q) {
-    REATTN_RETURN_IF_ERROR(read_nested_q(doc["q"], config.model, &req));
+    REATTN_RETURN_IF_ERROR(read_nested_q(doc["q"], config.model, config.max_stored_value(), &req));
   } else {
     const json& syn = doc["synthetic_q"];
     if (!syn.is_object()) return invalid_argument("synthetic_q: expected an object {seed, qlen}, got " + type_of(syn));
@@ -199,7 +203,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
     return invalid_argument("tensor 'q': shape [" + dims + "] does not match [qlen, q_heads=" +
                             std::to_string(m.q_heads) + ", head_dim=" + std::to_string(m.head_dim) + "]");
   }
-  REATTN_RETURN_IF_ERROR(check_finite(q));
+  REATTN_RETURN_IF_ERROR(check_finite(q, config.max_stored_value()));
   req.qlen = q.shape[0];
   REATTN_RETURN_IF_ERROR(check_qlen(req.qlen, req.mode, config.reattention));
   req.q = q.to_f32();
@@ -258,9 +262,10 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
   return req;
 }
 
-Expected<int64_t> check_kv_body(const std::string& body, const ModelConfig& model) {
+Expected<int64_t> check_kv_body(const std::string& body, const Config& config) {
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "kv body"));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource source, SafetensorsKvSource::make(file, model));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource source,
+                          SafetensorsKvSource::make(file, config.model, config.max_stored_value()));
   return source.tokens();
 }
 

@@ -38,7 +38,7 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body);
 
 // POST /v1/contexts/{id}/kv: a safetensors body with k and v, each [layers, Hkv, tokens, D].
 // Parses and checks it fully (shapes, dtypes, finite values); returns the tokens it appends.
-Expected<int64_t> check_kv_body(const std::string& body, const ModelConfig& model);
+Expected<int64_t> check_kv_body(const std::string& body, const Config& config);
 
 // POST /v1/contexts: an empty body or a JSON object (no fields are read yet).
 Status check_create_body(const std::string& body);

@@ -2,11 +2,12 @@
 
 namespace reattn {
 
-Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::string& q_path, const ModelConfig& model) {
+Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::string& q_path, const ModelConfig& model,
+                                     float max_abs) {
   RunInputs in;
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile kv_file, SafetensorsFile::open(kv_path));
   in.kv_file = std::make_shared<SafetensorsFile>(std::move(kv_file));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource kv, SafetensorsKvSource::make(*in.kv_file, model));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource kv, SafetensorsKvSource::make(*in.kv_file, model, max_abs));
   in.kv = std::make_unique<SafetensorsKvSource>(std::move(kv));
 
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile q_file, SafetensorsFile::open(q_path));
@@ -17,7 +18,7 @@ Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::stri
     return invalid_argument(q_path + ": tensor 'q': shape [" + dims + "] does not match [qlen, q_heads=" +
                             std::to_string(model.q_heads) + ", head_dim=" + std::to_string(model.head_dim) + "]");
   }
-  REATTN_RETURN_IF_ERROR(check_finite(q));
+  REATTN_RETURN_IF_ERROR(check_finite(q, max_abs));
   in.qlen = q.shape[0];
   in.q = q.to_f32();
   return in;

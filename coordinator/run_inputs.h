@@ -18,12 +18,14 @@ struct RunInputs {
   std::optional<SyntheticSpec> synthetic;
 
  private:
-  friend Expected<RunInputs> load_file_inputs(const std::string&, const std::string&, const ModelConfig&);
+  friend Expected<RunInputs> load_file_inputs(const std::string&, const std::string&, const ModelConfig&, float);
   std::shared_ptr<SafetensorsFile> kv_file;  // keeps the mapping behind `kv` alive
 };
 
 // --kv K/V file ([layers, Hkv, tokens, D] each) and --q file ([qlen, H, D]).
-Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::string& q_path, const ModelConfig& model);
+// Values above max_abs in magnitude are refused (Config::max_stored_value).
+Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::string& q_path, const ModelConfig& model,
+                                     float max_abs);
 // --synthetic-tokens with --seed and --needles; q from the same generator.
 Expected<RunInputs> make_synthetic_inputs(int64_t tokens, uint64_t seed, const std::vector<int64_t>& needles,
                                           int64_t qlen, int layer, const ModelConfig& model);

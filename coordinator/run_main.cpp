@@ -87,7 +87,7 @@ Status run(const Control& control, const RunOptions& opt) {
   Expected<RunInputs> inputs =
       opt.synthetic_tokens > 0
           ? make_synthetic_inputs(opt.synthetic_tokens, opt.seed, opt.needles, opt.qlen, opt.layer, model)
-          : load_file_inputs(opt.kv_path, opt.q_path, model);
+          : load_file_inputs(opt.kv_path, opt.q_path, model, config.max_stored_value());
   REATTN_RETURN_IF_ERROR(control.agree(inputs.status()));
   const int64_t tokens = inputs->kv->tokens();
   REATTN_RETURN_IF_ERROR(validate_query(tokens, inputs->qlen, mode, config.reattention));

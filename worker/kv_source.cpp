@@ -15,7 +15,7 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-Status check_finite(const TensorView& tensor) {
+Status check_finite(const TensorView& tensor, float max_abs) {
   const int64_t n = tensor.numel();
   constexpr int64_t kPiece = 1 << 16;
   std::vector<float> buf(kPiece);
@@ -28,12 +28,18 @@ Status check_finite(const TensorView& tensor) {
         return invalid_argument("tensor '" + tensor.name + "' holds a non-finite value (" +
                                 std::to_string(buf[i]) + ") at flat index " + std::to_string(base + i));
       }
+      if (std::fabs(buf[i]) > max_abs) {
+        return invalid_argument("tensor '" + tensor.name + "' holds " + std::to_string(buf[i]) + " at flat index " +
+                                std::to_string(base + i) + ", above the f16 storage limit " +
+                                std::to_string(static_cast<int>(max_abs)));
+      }
     }
   }
   return Status::ok();
 }
 
-Expected<SafetensorsKvSource> SafetensorsKvSource::make(const SafetensorsFile& file, const ModelConfig& model) {
+Expected<SafetensorsKvSource> SafetensorsKvSource::make(const SafetensorsFile& file, const ModelConfig& model,
+                                                        float max_abs) {
   SafetensorsKvSource source;
   REATTN_ASSIGN_OR_RETURN(source.k_, file.get("k"));
   REATTN_ASSIGN_OR_RETURN(source.v_, file.get("v"));
@@ -50,8 +56,8 @@ Expected<SafetensorsKvSource> SafetensorsKvSource::make(const SafetensorsFile& f
                             shape_string(source.v_.shape) + " differ in shape");
   }
   if (source.k_.shape[2] < 1) return invalid_argument("tensor 'k': holds no tokens");
-  REATTN_RETURN_IF_ERROR(check_finite(source.k_));
-  REATTN_RETURN_IF_ERROR(check_finite(source.v_));
+  REATTN_RETURN_IF_ERROR(check_finite(source.k_, max_abs));
+  REATTN_RETURN_IF_ERROR(check_finite(source.v_, max_abs));
   source.tokens_ = source.k_.shape[2];
   source.kv_heads_ = model.kv_heads;
   source.head_dim_ = model.head_dim;

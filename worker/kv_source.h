@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "common/safetensors.h"
 #include "common/synthetic.h"
@@ -23,8 +24,10 @@ class KvSource {
 // `k` and `v` of a safetensors file: [layers, Hkv, tokens, D] each, F32/F16/BF16.
 class SafetensorsKvSource final : public KvSource {
  public:
-  // Checks names, dtypes, shapes against the model, and that every value is finite.
-  static Expected<SafetensorsKvSource> make(const SafetensorsFile& file, const ModelConfig& model);
+  // Checks names, dtypes, shapes against the model, and that every value is finite and at
+  // most `max_abs` in magnitude (Config::max_stored_value).
+  static Expected<SafetensorsKvSource> make(const SafetensorsFile& file, const ModelConfig& model,
+                                            float max_abs = std::numeric_limits<float>::max());
   int64_t tokens() const override { return tokens_; }
   void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
 
@@ -51,7 +54,8 @@ class SyntheticKvSource final : public KvSource {
   int64_t count_;
 };
 
-// Checks that every value of a tensor is finite, naming the tensor and the first bad index.
-Status check_finite(const TensorView& tensor);
+// Checks that every value of a tensor is finite and at most `max_abs` in magnitude, naming
+// the tensor and the first bad index.
+Status check_finite(const TensorView& tensor, float max_abs = std::numeric_limits<float>::max());
 
 }  // namespace reattn

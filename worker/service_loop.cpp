@@ -142,7 +142,7 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
       // Every rank parses the same bytes; each then writes only the blocks it holds.
       Expected<SafetensorsFile> file = SafetensorsFile::parse(op.payload, "kv body");
       if (!file) return apply_append(op, nullptr, file.status(), result);
-      Expected<SafetensorsKvSource> source = SafetensorsKvSource::make(*file, config_.model);
+      Expected<SafetensorsKvSource> source = SafetensorsKvSource::make(*file, config_.model, config_.max_stored_value());
       return apply_append(op, source ? &*source : nullptr, source.status(), result);
     }
     case OperationKind::kSynthetic: {

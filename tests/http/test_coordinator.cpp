@@ -132,11 +132,33 @@ TEST(Requests, KvBodyAndSyntheticBody) {
   const std::vector<float> vals(2 * 2 * 5 * 16, 0.5f);
   const std::string kv = serialize_safetensors({make_tensor("k", DType::kF16, {2, 2, 5, 16}, vals),
                                                 make_tensor("v", DType::kF16, {2, 2, 5, 16}, vals)});
-  Expected<int64_t> tokens = check_kv_body(kv, c.model);
+  Expected<int64_t> tokens = check_kv_body(kv, c);
   ASSERT_TRUE(tokens.is_ok()) << tokens.status().to_string();
   EXPECT_EQ(*tokens, 5);
-  EXPECT_FALSE(check_kv_body(kv.substr(0, 20), c.model).is_ok());
-  EXPECT_FALSE(check_kv_body("", c.model).is_ok());
+  EXPECT_FALSE(check_kv_body(kv.substr(0, 20), c).is_ok());
+  EXPECT_FALSE(check_kv_body("", c).is_ok());
+
+  // f16 storage on the GPU holds at most 65504: larger values are refused, naming the limit.
+  Config f16 = c;
+  f16.backend.kind = BackendKind::kCuda;
+  f16.backend.storage_dtype = DType::kF16;
+  std::vector<float> big = vals;
+  big[7] = 70000.0f;
+  const std::string big_kv = serialize_safetensors({make_tensor("k", DType::kF32, {2, 2, 5, 16}, big),
+                                                    make_tensor("v", DType::kF32, {2, 2, 5, 16}, vals)});
+  EXPECT_TRUE(check_kv_body(big_kv, c).is_ok());  // bf16 storage holds it
+  Expected<int64_t> refused = check_kv_body(big_kv, f16);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.status().message().find("f16 storage limit 65504"), std::string::npos)
+      << refused.status().message();
+  nlohmann::json q = nlohmann::json::array({nlohmann::json::array()});
+  for (int h = 0; h < 4; ++h) q[0].push_back(std::vector<float>(16, 0.25f));
+  q[0][2][5] = 70000.0;
+  const std::string query = nlohmann::json{{"layer", 0}, {"q", q}}.dump();
+  EXPECT_TRUE(parse_query_request(query, "application/json", "", c).is_ok());
+  Expected<QueryRequest> big_q = parse_query_request(query, "application/json", "", f16);
+  ASSERT_FALSE(big_q.is_ok());
+  EXPECT_NE(big_q.status().message().find("q[0][2][5]"), std::string::npos) << big_q.status().message();
 
   Expected<SyntheticRequest> s = parse_synthetic_request(R"({"tokens": 100, "seed": 3, "needles": [5, 50]})");
   ASSERT_TRUE(s.is_ok());
