@@ -216,6 +216,17 @@ def bad_config_unknown_key(tmp, config):
     return ["--config", path, "--synthetic-tokens", "100", "--layer", "0"]
 
 
+@bad_case("above the f16 storage limit 65504")
+def value_above_f16_limit(tmp, config):
+    path = write_config(tmp, "model: {layers: 2, q_heads: 4, kv_heads: 2, head_dim: 16, scope: 1024}\n"
+                             "reattention: {sink_tokens: 4, local_window: 32, chunk_tokens: 8, top_k: 2,"
+                             " max_recall_chunks: 6}\nbackend: {kind: cuda, storage_dtype: f16}\n")
+    kv = os.path.join(tmp, "kv.safetensors")
+    n = 2 * 2 * 50 * 16
+    st.write(kv, [("k", "F32", (2, 2, 50, 16), [0.1] * (n - 1) + [70000.0]), ("v", "F32", (2, 2, 50, 16), [0.1] * n)])
+    return ["--config", path, "--kv", kv, "--q", good_q(tmp), "--layer", "0"]
+
+
 @bad_case("needles[1]")
 def needle_outside_context(tmp, config):
     return ["--config", config, "--synthetic-tokens", "100", "--needles", "5,100", "--layer", "0"]
