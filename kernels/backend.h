@@ -1,5 +1,5 @@
-// The compute backend: memory where the KV cache and step workspaces live, and the three
-// operations of a step (score, attend, merge). The cpu backend is the multi-threaded
+// The compute backend: memory where the KV cache and step workspaces live, and the
+// operations of a step (score, attend, merge; pack gathers blocks into one message). The cpu backend is the multi-threaded
 // reference; cuda runs the same operations on a GPU. Call only from the step loop's thread.
 #pragma once
 
@@ -56,6 +56,8 @@ class Backend {
   virtual Status score_chunks(const ScoreParams& p) = 0;
   virtual Status attend(const AttendParams& p) = 0;
   virtual Status merge_states(const MergeParams& p) = 0;
+  // Ordered with the other operations (and the communicator's transfers) like a copy.
+  virtual Status pack_blocks(const PackParams& p) = 0;
 };
 
 // Grows a buffer only when a larger size is asked for: the step's workspace does not

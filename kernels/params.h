@@ -3,6 +3,7 @@
 // null by default. Shapes are in the comments.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/semantics.h"
@@ -68,6 +69,15 @@ struct MergeParams {
   float* out = nullptr;                  // [rows, D]
   float* row_max = nullptr;              // [rows]
   float* row_sum = nullptr;              // [rows]
+};
+
+// Copies `count` blocks of `block_bytes` each, from anywhere in backend memory, into one
+// contiguous buffer: block b lands at dst + b * block_bytes (e.g. chunk K/V into one message).
+struct PackParams {
+  const void* const* src = nullptr;  // [count] block addresses; the array is in backend memory too
+  int64_t count = 0;
+  size_t block_bytes = 0;
+  void* dst = nullptr;               // [count, block_bytes]; must not overlap any source block
 };
 
 }  // namespace reattn

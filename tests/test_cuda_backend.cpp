@@ -396,5 +396,62 @@ TEST(CudaBackend, MergeStatesMatchesCpu) {
   }
 }
 
+TEST(CudaBackend, PackBlocksMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  const Config cfg = make_config(c);
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
+  ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
+  Backend& gpu = **cuda;
+  CpuBackend cpu(2);
+  std::mt19937_64 rng(7);
+  struct Shape {
+    size_t block_bytes;
+    int64_t count;
+    bool aligned;
+  };
+  // 128 KiB = one [Hkv 8, C 64, D 128] bf16 block; 4100: a partial last vector; 70000
+  // blocks: more than one grid row per block.
+  for (const Shape& sh : {Shape{131072, 64, true}, Shape{131072, 5, false}, Shape{4100, 37, true},
+                          Shape{48, 70000, true}, Shape{3, 100, false}}) {
+    SCOPED_TRACE("block_bytes " + std::to_string(sh.block_bytes) + " count " + std::to_string(sh.count));
+    const size_t pool_bytes = sh.block_bytes * 16 + 64;
+    std::vector<unsigned char> pool(pool_bytes);
+    for (unsigned char& b : pool) b = static_cast<unsigned char>(rng());
+    std::vector<size_t> offset(sh.count);
+    for (size_t& o : offset) {
+      o = rng() % (pool_bytes - sh.block_bytes - 16);
+      o = sh.aligned ? o / 16 * 16 : o;
+    }
+    std::vector<std::vector<unsigned char>> packed;
+    for (Backend* b : {&gpu, static_cast<Backend*>(&cpu)}) {
+      Expected<Buffer> src_pool = b->allocate(pool_bytes);
+      Expected<Buffer> list = b->allocate(sh.count * sizeof(void*));
+      Expected<Buffer> dst = b->allocate(sh.count * sh.block_bytes);
+      ASSERT_TRUE(src_pool.is_ok() && list.is_ok() && dst.is_ok());
+      ASSERT_TRUE(b->upload(src_pool->data(), pool.data(), pool_bytes).is_ok());
+      std::vector<const void*> src(sh.count);
+      for (int64_t i = 0; i < sh.count; ++i) src[i] = src_pool->as<const char>() + offset[i];
+      ASSERT_TRUE(b->upload(list->data(), src.data(), src.size() * sizeof(void*)).is_ok());
+      PackParams p;
+      p.src = list->as<const void* const>();
+      p.count = sh.count;
+      p.block_bytes = sh.block_bytes;
+      p.dst = dst->data();
+      const Status st = b->pack_blocks(p);
+      ASSERT_TRUE(st.is_ok()) << st.to_string();
+      std::vector<unsigned char> host(sh.count * sh.block_bytes);
+      ASSERT_TRUE(b->download(host.data(), dst->data(), host.size()).is_ok());
+      packed.push_back(std::move(host));
+    }
+    ASSERT_EQ(packed[0].size(), packed[1].size());
+    size_t first_diff = packed[0].size();
+    for (size_t i = 0; i < packed[0].size() && first_diff == packed[0].size(); ++i) {
+      if (packed[0][i] != packed[1][i]) first_diff = i;
+    }
+    EXPECT_EQ(first_diff, packed[0].size()) << "first differing byte";
+  }
+}
+
 }  // namespace
 }  // namespace reattn

@@ -181,8 +181,12 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
   std::vector<size_t> state_offset(nq, 0);
   std::vector<std::vector<int>> partial_peers(nq);
   size_t state_floats = 0;
-  size_t staging_blocks = 0;
-  std::vector<size_t> staging_first(nq, 0);
+  // Gather: chunk K/V move as one message per (sender, owner) pair. Both sides walk the
+  // queries in step order and each query's recalled chunks in U order, K then V, so rank r's
+  // message to owner o is [queries owned by o][their chunks homed on r][K, V] blocks.
+  // recv_first[r]: block slot in `staging` where rank r's message to this rank starts.
+  std::vector<size_t> recv_blocks(world, 0), recv_first(world, 0);
+  std::vector<std::vector<const void*>> send_src(world);  // per owner: the blocks to pack
   for (size_t i = 0; i < nq; ++i) {
     QueryState& s = qs[i];
     if (!s.status.is_ok()) continue;
@@ -196,36 +200,52 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
     }
     state_offset[i] = state_floats;
     state_floats += (1 + partial_peers[i].size()) * s.rows * state_floats_per_row;
-    staging_first[i] = staging_blocks;
-    if (gather && rank == owner) {
-      for (int64_t j : s.recalled) staging_blocks += home_rank(j, world) != rank ? 2 : 0;
+    if (!gather) continue;
+    const LayerShard& shard = s.ctx->layers[s.plan->layer];
+    for (int64_t j : s.recalled) {
+      const int home = home_rank(j, world);
+      if (home == owner) continue;
+      if (rank == owner) recv_blocks[home] += 2;
+      if (rank == home) {
+        send_src[owner].push_back(store_.home_block(shard, false, j));
+        send_src[owner].push_back(store_.home_block(shard, true, j));
+      }
     }
+  }
+  size_t staging_blocks = 0;
+  for (int r = 0; r < world; ++r) {
+    recv_first[r] = staging_blocks;
+    staging_blocks += recv_blocks[r];
   }
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.states, state_floats * sizeof(float)));
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.staging, staging_blocks * bb));
 
-  // Chunk K/V to the owner (gather) before any attention runs.
+  // Chunk K/V to the owner (gather) before any attention runs: one pack of every block this
+  // rank sends (owners in rank order), then one transfer per (sender, owner) pair.
   std::vector<Communicator::Transfer> sends, recvs;
   if (gather) {
-    for (size_t i = 0; i < nq; ++i) {
-      const QueryState& s = qs[i];
-      if (!s.status.is_ok()) continue;
-      const int owner = s.plan->owner_rank;
-      const LayerShard& shard = s.ctx->layers[s.plan->layer];
-      size_t slot = staging_first[i];
-      for (int64_t j : s.recalled) {
-        const int home = home_rank(j, world);
-        if (home == owner) continue;
-        if (home == rank) {
-          sends.push_back({owner, const_cast<void*>(store_.home_block(shard, false, j)), bb});
-          sends.push_back({owner, const_cast<void*>(store_.home_block(shard, true, j)), bb});
-        }
-        if (owner == rank) {
-          recvs.push_back({home, ws_.staging.as<char>() + slot * bb, bb});
-          recvs.push_back({home, ws_.staging.as<char>() + (slot + 1) * bb, bb});
-          slot += 2;
-        }
+    std::vector<const void*> pack_src;
+    std::vector<size_t> send_first(world, 0);
+    for (int o = 0; o < world; ++o) {
+      send_first[o] = pack_src.size();
+      pack_src.insert(pack_src.end(), send_src[o].begin(), send_src[o].end());
+    }
+    if (!pack_src.empty()) {
+      REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.pack_src, pack_src.size() * sizeof(void*)));
+      REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.pack, pack_src.size() * bb));
+      REATTN_RETURN_IF_ERROR(backend_.upload(ws_.pack_src.data(), pack_src.data(), pack_src.size() * sizeof(void*)));
+      PackParams pp;
+      pp.src = ws_.pack_src.as<const void* const>();
+      pp.count = static_cast<int64_t>(pack_src.size());
+      pp.block_bytes = bb;
+      pp.dst = ws_.pack.data();
+      REATTN_RETURN_IF_ERROR(backend_.pack_blocks(pp));
+    }
+    for (int r = 0; r < world; ++r) {
+      if (!send_src[r].empty()) {
+        sends.push_back({r, ws_.pack.as<char>() + send_first[r] * bb, send_src[r].size() * bb});
       }
+      if (recv_blocks[r] > 0) recvs.push_back({r, ws_.staging.as<char>() + recv_first[r] * bb, recv_blocks[r] * bb});
     }
     REATTN_RETURN_IF_ERROR(comm_.exchange(sends, recvs));
   }
@@ -237,6 +257,7 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
   };
   std::vector<KeySegment> segments;
   std::vector<Call> calls;
+  std::vector<size_t> recv_slot = recv_first;  // next block slot of each sender's message
   for (size_t i = 0; i < nq; ++i) {
     const QueryState& s = qs[i];
     if (!s.status.is_ok()) continue;
@@ -248,7 +269,6 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
     if (is_owner && s.layout.sink_count > 0) {
       segments.push_back({shard.sink_k.data(), shard.sink_v.data(), s.layout.sink_count, rc.sink_tokens * dim, 0});
     }
-    size_t slot = staging_first[i];
     for (size_t u = 0; u < s.recalled.size(); ++u) {
       const int64_t j = s.recalled[u];
       const int home = home_rank(j, world);
@@ -256,9 +276,10 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
       if (home == rank && (is_owner || !gather)) {
         segments.push_back({store_.home_block(shard, false, j), store_.home_block(shard, true, j), C, C * dim, position});
       } else if (gather && is_owner && home != rank) {
+        const size_t slot = recv_slot[home];
+        recv_slot[home] += 2;
         segments.push_back({ws_.staging.as<char>() + slot * bb, ws_.staging.as<char>() + (slot + 1) * bb, C, C * dim,
                             position});
-        slot += 2;
       }
     }
     if (is_owner) {

@@ -1,7 +1,8 @@
 // One step of the service on every rank: score this rank's mid chunks for a batch of
 // queries, allgather the candidates (one collective), select the recall set, and run the
-// final attention by the configured strategy (gather: chunk K/V to the owner; partial: each
-// rank's (out, max, sum) to the owner), then deliver the outputs to the reply rank.
+// final attention by the configured strategy (gather: chunk K/V to the owner, packed into one
+// message per sending rank; partial: each rank's (out, max, sum) to the owner), then deliver
+// the outputs to the reply rank.
 // The plan is plain data, broadcast by the coordinator; call only from the step loop.
 #pragma once
 
@@ -61,6 +62,7 @@ class StepRunner {
  private:
   struct Workspace {
     Buffer q, send, recv, staging, states, meta, reply;
+    Buffer pack, pack_src;  // gather: this rank's outgoing chunk K/V and their block addresses
   };
   Backend& backend_;
   Communicator& comm_;

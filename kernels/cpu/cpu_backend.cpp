@@ -198,4 +198,16 @@ Status CpuBackend::merge_states(const MergeParams& p) {
   return Status::ok();
 }
 
+Status CpuBackend::pack_blocks(const PackParams& p) {
+  if (p.count < 0) return invalid_argument("pack_blocks: count " + std::to_string(p.count) + " is negative");
+  if (p.count == 0 || p.block_bytes == 0) return Status::ok();
+  if (!p.src || !p.dst) return invalid_argument("pack_blocks: null source list or destination");
+  const int threads = static_cast<int>(std::min<int64_t>(threads_, p.count));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < p.count; ++b) {
+    std::memcpy(static_cast<char*>(p.dst) + b * p.block_bytes, p.src[b], p.block_bytes);
+  }
+  return Status::ok();
+}
+
 }  // namespace reattn

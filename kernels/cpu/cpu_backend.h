@@ -24,6 +24,7 @@ class CpuBackend final : public Backend {
   Status score_chunks(const ScoreParams& p) override;
   Status attend(const AttendParams& p) override;
   Status merge_states(const MergeParams& p) override;
+  Status pack_blocks(const PackParams& p) override;
 
  private:
   int threads_;

@@ -189,4 +189,6 @@ Status CudaBackend::attend(const AttendParams& p) {
 
 Status CudaBackend::merge_states(const MergeParams& p) { return cuda::run_merge_states(p, stream_); }
 
+Status CudaBackend::pack_blocks(const PackParams& p) { return cuda::run_pack_blocks(p, stream_); }
+
 }  // namespace reattn

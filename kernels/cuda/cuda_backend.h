@@ -42,6 +42,7 @@ class CudaBackend final : public Backend {
   Status score_chunks(const ScoreParams& p) override;
   Status attend(const AttendParams& p) override;
   Status merge_states(const MergeParams& p) override;
+  Status pack_blocks(const PackParams& p) override;
 
   // The one stream every operation of this backend runs on (the communicator uses it too).
   cudaStream_t stream() const { return stream_; }

@@ -47,6 +47,11 @@ Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, co
 
 Status run_merge_states(const MergeParams& p, cudaStream_t stream);
 
+// ---- Block packing (pack_kernels.cu) ----
+// One launch for all blocks; 16-byte loads and stores where a block's source and
+// destination are 16-byte aligned, bytes otherwise.
+Status run_pack_blocks(const PackParams& p, cudaStream_t stream);
+
 // cos/sin of position * inv_freq[d] (computed in double) for positions [0, positions), d < D/2.
 // inv_freq: device [D/2] double.
 Status build_rope_table(const double* inv_freq, int head_dim, int64_t positions, float* cos_table, float* sin_table,
