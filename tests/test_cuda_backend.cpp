@@ -230,6 +230,22 @@ TEST(CudaBackend, QueryMatchesReferenceOddShapes) {
   b.n = 1999;
   b.mode = QueryMode::kDetached;
   check_case(b);
+  // Chunks longer than one 64-key group: the chunk max is carried across groups (64 + a
+  // 36-key ragged tail at G = 6; 64 + 64 + 8 with f16 at D = 64).
+  Case e;
+  e.q_heads = 12;
+  e.kv_heads = 2;
+  e.chunk = 100;
+  e.qlen = 5;
+  e.n = 4003;
+  check_case(e);
+  Case f;
+  f.head_dim = 64;
+  f.dtype = DType::kF16;
+  f.chunk = 136;
+  f.qlen = 19;
+  f.n = 5011;
+  check_case(f);
   // No mid at all: plain causal attention.
   Case d;
   d.n = 150;

@@ -27,7 +27,7 @@ constexpr int kMaxTopK = 32;
 // ---- Chunk scoring (score_kernels.cu) ----
 struct ScorePlan {
   int warps_per_head = 0;      // scoring warps per KV head; each keeps its own top-k lists
-  int pairs_per_pass = 0;      // (row, head-in-group) pairs whose lists live in shared memory at once
+  int pairs_per_pass = 0;      // (row, head-in-group) pairs per pass: their lists and q fragments share shared memory
   size_t shared_bytes = 0;     // dynamic shared memory of the scoring kernel
   size_t workspace_bytes = 0;  // partial lists [Hkv][warps_per_head][qlen*G][top_k] Candidate
 };

@@ -19,8 +19,9 @@ namespace {
 
 constexpr int kScoreWarps = 4;         // warps per CTA
 constexpr int kPairTile = 4;           // (row, head) pairs computed together in registers
-constexpr int kWarpsPerSm = 8;         // resident scoring warps per SM (214 registers each at D=128)
+constexpr int kWarpsPerSm = 8;         // resident scoring warps per SM (2 CTAs; registers and shared memory allow it)
 constexpr size_t kListBytesPerWarp = 8 << 10;
+constexpr size_t kFragmentBytesPerCta = 64 << 10;  // q B fragments of one pass, all warps
 
 struct ScoreKernelParams {
   ScoreParams p;
@@ -138,17 +139,27 @@ __device__ __forceinline__ void build_q_fragments(const ScoreKernelParams& kp, i
   }
 }
 
+// Shared memory of one scoring CTA, from the start of its dynamic shared memory:
+//   fragments [tiles_per_pass][D/16][32 lanes] uint4  q B fragments of the pass, shared by the warps
+//   lists     [kScoreWarps][pairs_per_pass][top_k] Candidate
+//   chunk_max [kScoreWarps][pairs_per_pass] float  running max of the chunk being scored
+__host__ __device__ constexpr size_t fragment_bytes(int pairs_per_pass, int head_dim) {
+  return static_cast<size_t>((pairs_per_pass + kPairTile - 1) / kPairTile) * (head_dim / 16) * 32 * sizeof(uint4);
+}
+
 // grid (ceil(warps_per_head / kScoreWarps), Hkv); block kScoreWarps warps. Each warp takes
-// chunk slots w, w + warps_per_head, ... of KV head blockIdx.y; per chunk it loads 64 keys
-// (16 KB for D=128: 32 loads of 16 bytes per lane, all in flight before the first mma), then
-// 2 mma per 16 keys and 16 dims, a running max per (key row, pair), a warp max at chunk end,
-// and one top-k insert per pair into the warp's lists in shared memory.
+// chunk slots w, w + warps_per_head, ... of KV head blockIdx.y. Per pass, the CTA first builds
+// the q fragments of all the pass's pair tiles into shared memory; then per chunk each warp
+// loads every group of 64 keys ONCE (16 KB for D=128: 32 loads of 16 bytes per lane, all in
+// flight before the first mma) and runs it against every tile: per tile and 16 keys, 2 mma per
+// 16 dims, a warp max over the group, carried across the chunk's groups in shared memory; at
+// chunk end one top-k insert per pair into the warp's lists.
 template <typename T, int D>
 __global__ void __launch_bounds__(kScoreWarps * 32) score_chunks_kernel(const ScoreKernelParams kp) {
   constexpr int kSteps = D / 16;
   constexpr int kLoads = D / 32;   // 16-byte loads per key row per lane
   constexpr int kRowTiles = 4;     // 16-key m-tiles per group of 64 keys
-  extern __shared__ Candidate lists_smem[];  // [kScoreWarps][pairs_per_pass][top_k]
+  extern __shared__ uint4 score_smem[];
   const ScoreParams& p = kp.p;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -156,86 +167,111 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_chunks_kernel(const Sc
   const int qt = lane & 3;
   const int g = blockIdx.y;
   const int w = blockIdx.x * kScoreWarps + warp;
-  if (w >= kp.warps_per_head) return;
+  // Warps past warps_per_head still build fragments and meet the CTA's barriers.
+  const bool active = w < kp.warps_per_head;
   const int k = p.top_k;
   const int64_t C = p.chunk_tokens;
-  Candidate* lists = lists_smem + static_cast<size_t>(warp) * kp.pairs_per_pass * k;
+  uint4* fragments = score_smem;
+  Candidate* lists_all = reinterpret_cast<Candidate*>(reinterpret_cast<char*>(score_smem) +
+                                                      fragment_bytes(kp.pairs_per_pass, D));
+  Candidate* lists = lists_all + static_cast<size_t>(warp) * kp.pairs_per_pass * k;
+  float* chunk_max = reinterpret_cast<float*>(lists_all + static_cast<size_t>(kScoreWarps) * kp.pairs_per_pass * k) +
+                     warp * kp.pairs_per_pass;
   Candidate* partial = kp.partial + (static_cast<int64_t>(g) * kp.warps_per_head + w) * kp.pairs * k;
 
   for (int pass0 = 0; pass0 < kp.pairs; pass0 += kp.pairs_per_pass) {
     const int pass_pairs = min(kp.pairs_per_pass, kp.pairs - pass0);
-    const bool single_tile = pass_pairs <= kPairTile;
+    const int tiles = (pass_pairs + kPairTile - 1) / kPairTile;
+    __syncthreads();  // the previous pass's fragments are no longer read
+    for (int t = warp; t < tiles; t += kScoreWarps) {
+      uint32_t b[kSteps][2][2];
+      build_q_fragments<T, D>(kp, g, pass0 + t * kPairTile, pass_pairs - t * kPairTile, b);
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        fragments[(t * kSteps + s) * 32 + lane] = make_uint4(b[s][0][0], b[s][0][1], b[s][1][0], b[s][1][1]);
+      }
+    }
     for (int i = lane; i < pass_pairs * k; i += 32) lists[i] = Candidate{0.0f, -1};
-    __syncwarp();
-    uint32_t b[kSteps][2][2];
-    build_q_fragments<T, D>(kp, g, pass0, pass_pairs, b);
+    __syncthreads();
+    if (!active) continue;
     for (int64_t slot = w; slot < p.block_count; slot += kp.warps_per_head) {
       const T* keys = static_cast<const T*>(p.k_pages[slot / p.blocks_per_page]) +
                       ((slot % p.blocks_per_page) * p.kv_heads + g) * C * D;
       const auto chunk = static_cast<int32_t>(slot * p.chunk_id_stride + p.chunk_id_offset);
-      for (int t0 = 0; t0 < pass_pairs; t0 += kPairTile) {
-        if (!single_tile) build_q_fragments<T, D>(kp, g, pass0 + t0, pass_pairs - t0, b);
-        float best = -INFINITY;  // pair qt, over this lane's key rows
-        for (int64_t base = 0; base < C; base += 16 * kRowTiles) {
-          const bool full = base + 16 * kRowTiles <= C;
-          uint4 rows[kRowTiles][2][kLoads];
-          // Whole groups take the branch-free path, so that every load is in flight before
-          // the first mma; only a chunk's ragged tail (C not a multiple of 64) is predicated.
-          if (full) {
+      for (int64_t base = 0; base < C; base += 16 * kRowTiles) {
+        const bool full = base + 16 * kRowTiles <= C;
+        uint4 rows[kRowTiles][2][kLoads];
+        // Whole groups take the branch-free path, so that every load is in flight before
+        // the first mma; only a chunk's ragged tail (C not a multiple of 64) is predicated.
+        if (full) {
 #pragma unroll
-            for (int i = 0; i < kRowTiles; ++i) {
+          for (int i = 0; i < kRowTiles; ++i) {
 #pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                const T* row = keys + (base + 16 * i + 8 * r + qg) * D + 8 * qt;
+            for (int r = 0; r < 2; ++r) {
+              const T* row = keys + (base + 16 * i + 8 * r + qg) * D + 8 * qt;
 #pragma unroll
-                for (int j = 0; j < kLoads; ++j) rows[i][r][j] = __ldg(reinterpret_cast<const uint4*>(row + 32 * j));
-              }
+              for (int j = 0; j < kLoads; ++j) rows[i][r][j] = __ldg(reinterpret_cast<const uint4*>(row + 32 * j));
             }
-          } else {
+          }
+        } else {
 #pragma unroll
-            for (int i = 0; i < kRowTiles; ++i) {
+          for (int i = 0; i < kRowTiles; ++i) {
 #pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                const int64_t key = base + 16 * i + 8 * r + qg;
+            for (int r = 0; r < 2; ++r) {
+              const int64_t key = base + 16 * i + 8 * r + qg;
 #pragma unroll
-                for (int j = 0; j < kLoads; ++j) {
-                  rows[i][r][j] = make_uint4(0u, 0u, 0u, 0u);
-                  if (key < C) rows[i][r][j] = __ldg(reinterpret_cast<const uint4*>(keys + key * D + 32 * j + 8 * qt));
-                }
+              for (int j = 0; j < kLoads; ++j) {
+                rows[i][r][j] = make_uint4(0u, 0u, 0u, 0u);
+                if (key < C) rows[i][r][j] = __ldg(reinterpret_cast<const uint4*>(keys + key * D + 32 * j + 8 * qt));
               }
             }
           }
+        }
+        for (int t = 0; t < tiles; ++t) {
+          const uint4* frag = fragments + t * kSteps * 32 + lane;
+          float c0[kRowTiles][4], c1[kRowTiles][4];
 #pragma unroll
           for (int i = 0; i < kRowTiles; ++i) {
-            float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            float c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int j = 0; j < kLoads; ++j) {
+            for (int u = 0; u < 4; ++u) c0[i][u] = c1[i][u] = 0.0f;
+          }
+          // k-steps outer, row tiles inner: 8 independent accumulators; each score still sums
+          // its k-steps in order 0, 1, ..., so the result is v4's bit for bit.
 #pragma unroll
-              for (int h = 0; h < 2; ++h) {
+          for (int j = 0; j < kLoads; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint4 bq = frag[(2 * j + h) * 32];
+#pragma unroll
+              for (int i = 0; i < kRowTiles; ++i) {
                 const uint32_t a0 = word(rows[i][0][j], 2 * h);
                 const uint32_t a1 = word(rows[i][1][j], 2 * h);
                 const uint32_t a2 = word(rows[i][0][j], 2 * h + 1);
                 const uint32_t a3 = word(rows[i][1][j], 2 * h + 1);
-                MmaOps<T>::mma(c0, a0, a1, a2, a3, b[2 * j + h][0][0], b[2 * j + h][0][1]);
-                MmaOps<T>::mma(c1, a0, a1, a2, a3, b[2 * j + h][1][0], b[2 * j + h][1][1]);
+                MmaOps<T>::mma(c0[i], a0, a1, a2, a3, bq.x, bq.y);
+                MmaOps<T>::mma(c1[i], a0, a1, a2, a3, bq.z, bq.w);
               }
             }
+          }
+          float best = -INFINITY;  // pair qt of tile t, over this lane's key rows
+#pragma unroll
+          for (int i = 0; i < kRowTiles; ++i) {
             const int64_t key = base + 16 * i + qg;
-            const float score_lo = (c0[0] + c0[1]) + c1[0];
-            const float score_hi = (c0[2] + c0[3]) + c1[2];
+            const float score_lo = (c0[i][0] + c0[i][1]) + c1[i][0];
+            const float score_hi = (c0[i][2] + c0[i][3]) + c1[i][2];
             if (full || key < C) best = fmaxf(best, score_lo);
             if (full || key + 8 < C) best = fmaxf(best, score_hi);
           }
+          best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 4));
+          best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 8));
+          best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 16));
+          const int e = t * kPairTile + lane;
+          if (lane < kPairTile && e < pass_pairs) chunk_max[e] = base == 0 ? best : fmaxf(chunk_max[e], best);
         }
-        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 4));
-        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 8));
-        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 16));
-        if (lane < kPairTile && t0 + lane < pass_pairs) {
-          topk_insert(lists + static_cast<size_t>(t0 + lane) * k, k, Candidate{best, chunk});
-        }
-        __syncwarp();
       }
+      __syncwarp();
+      for (int e = lane; e < pass_pairs; e += 32) topk_insert(lists + static_cast<size_t>(e) * k, k, Candidate{chunk_max[e], chunk});
+      __syncwarp();
     }
     for (int i = lane; i < pass_pairs * k; i += 32) partial[static_cast<size_t>(pass0) * k + i] = lists[i];
     __syncwarp();
@@ -293,7 +329,7 @@ __global__ void __launch_bounds__(128) merge_lists_kernel(const MergeListsParams
 template <typename T, int D>
 Status launch_score(const ScoreKernelParams& kp, const ScorePlan& plan, cudaStream_t stream) {
   const auto kernel = score_chunks_kernel<T, D>;
-  // The lists fit the default 48 KB (kListBytesPerWarp); raise the limit only past it.
+  // Small passes fit the default 48 KB; raise the limit only past it.
   if (plan.shared_bytes > (48u << 10)) {
     REATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(plan.shared_bytes)));
@@ -313,8 +349,14 @@ ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
   const int64_t target = (static_cast<int64_t>(info.sm_count) * kWarpsPerSm + p.kv_heads - 1) / p.kv_heads;
   plan.warps_per_head = static_cast<int>(std::min<int64_t>(target, p.block_count));
   const size_t list_bytes = static_cast<size_t>(p.top_k) * sizeof(Candidate);
-  plan.pairs_per_pass = static_cast<int>(std::max<size_t>(1, std::min<size_t>(pairs, kListBytesPerWarp / list_bytes)));
-  plan.shared_bytes = static_cast<size_t>(kScoreWarps) * plan.pairs_per_pass * list_bytes;
+  // A pass is bounded by its lists (kListBytesPerWarp per warp) and by its q fragments
+  // (kFragmentBytesPerCta, whole tiles), so that two CTAs fit an SM.
+  const size_t tile_bytes = fragment_bytes(kPairTile, p.head_dim);
+  const size_t max_fragment_pairs = std::max<size_t>(1, kFragmentBytesPerCta / tile_bytes) * kPairTile;
+  plan.pairs_per_pass = static_cast<int>(
+      std::max<size_t>(1, std::min({static_cast<size_t>(pairs), kListBytesPerWarp / list_bytes, max_fragment_pairs})));
+  plan.shared_bytes = fragment_bytes(plan.pairs_per_pass, p.head_dim) +
+                      static_cast<size_t>(kScoreWarps) * plan.pairs_per_pass * (list_bytes + sizeof(float));
   plan.workspace_bytes = static_cast<size_t>(p.kv_heads) * plan.warps_per_head * pairs * list_bytes;
   return plan;
 }
