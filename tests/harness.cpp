@@ -16,25 +16,39 @@ Status LoopbackCommunicator::exchange(const std::vector<Transfer>& sends, const 
   if (sends.size() != recvs.size()) return internal_error("loopback exchange: sends and receives differ in count");
   for (size_t i = 0; i < sends.size(); ++i) {
     if (sends[i].bytes != recvs[i].bytes) return internal_error("loopback exchange: size mismatch");
-    std::memmove(recvs[i].data, sends[i].data, sends[i].bytes);
+    REATTN_RETURN_IF_ERROR(backend_.copy(recvs[i].data, sends[i].data, sends[i].bytes));
   }
-  return Status::ok();
+  return backend_.synchronize();
 }
 
 PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
                             const std::vector<float>& q, int64_t qlen, const PipelineCase& c) {
+  std::vector<int64_t> pieces = c.append_pieces;
+  if (pieces.empty()) pieces.push_back(ctx.n);
+  std::vector<ContextSource> sources;
+  int64_t first = 0;
+  for (int64_t count : pieces) {
+    sources.emplace_back(ctx, c.layer, first, count);
+    first += count;
+  }
+  std::vector<const KvSource*> appends;
+  for (const ContextSource& s : sources) appends.push_back(&s);
+  return run_pipeline(backend, comm, config, appends, q, qlen, c);
+}
+
+PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config,
+                            const std::vector<const KvSource*>& appends, const std::vector<float>& q, int64_t qlen,
+                            const PipelineCase& c) {
   PipelineResult result;
   KvStore store(backend, config, comm.rank(), comm.world());
   constexpr ContextId kId = 7;
   result.status = store.create(kId, c.owner_rank, {c.layer});
   if (!result.status.is_ok()) return result;
-  std::vector<int64_t> pieces = c.append_pieces;
-  if (pieces.empty()) pieces.push_back(ctx.n);
   int64_t first = 0;
-  for (int64_t count : pieces) {
-    result.status = store.append(kId, ContextSource(ctx, c.layer, first, count));
+  for (const KvSource* source : appends) {
+    result.status = store.append(kId, *source);
     if (!result.status.is_ok()) return result;
-    first += count;
+    first += source->tokens();
   }
   StepPlan plan;
   plan.strategy = c.strategy;
@@ -49,7 +63,7 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
   plan.q = q;
   StepRunner runner(backend, comm, config, store);
   std::vector<QueryResult> results;
-  result.status = runner.run(plan, &results, nullptr);
+  for (int rep = 0; rep < c.repeats && result.status.is_ok(); ++rep) result.status = runner.run(plan, &results, nullptr);
   if (!result.status.is_ok() || comm.rank() != 0) return result;
   result.status = results[0].status;
   result.recalled = results[0].recalled;

@@ -1,8 +1,7 @@
 // Runs one query through the real pipeline (KvStore + StepRunner on a backend and a
-// communicator) over a reference context, for the unit and multi-rank tests.
+// communicator), for the unit, multi-rank and GPU tests.
 #pragma once
 
-#include <cstring>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -38,23 +37,30 @@ struct PipelineCase {
   FinalAttention strategy = FinalAttention::kGather;
   int owner_rank = 0;
   std::vector<int64_t> append_pieces;  // token counts of successive appends; empty: one append
+  int repeats = 1;                     // steps run; the last one's result counts (warm workspaces)
 };
 
-// Every rank calls it; the result is meaningful on rank 0.
+// Every rank calls it; the result is meaningful on rank 0. The context is created holding
+// c.layer and filled by `appends` in order.
+PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config,
+                            const std::vector<const KvSource*>& appends, const std::vector<float>& q, int64_t qlen,
+                            const PipelineCase& c);
+// The same over a reference context, appended in c.append_pieces.
 PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
                             const std::vector<float>& q, int64_t qlen, const PipelineCase& c);
 
-// A communicator of one rank, for tests without MPI.
+// A world of one rank, for tests without MPI: collectives are copies through the backend.
 class LoopbackCommunicator final : public Communicator {
  public:
+  explicit LoopbackCommunicator(Backend& backend) : backend_(backend) {}
   const char* name() const override { return "loopback"; }
   int rank() const override { return 0; }
   int world() const override { return 1; }
-  Status allgather(const void* send, void* recv, size_t bytes) override {
-    std::memmove(recv, send, bytes);
-    return Status::ok();
-  }
+  Status allgather(const void* send, void* recv, size_t bytes) override { return backend_.copy(recv, send, bytes); }
   Status exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) override;
+
+ private:
+  Backend& backend_;
 };
 
 }  // namespace reattn::test

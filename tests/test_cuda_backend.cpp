@@ -13,6 +13,7 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
@@ -24,24 +25,6 @@ namespace {
   do {                                                                 \
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
   } while (0)
-
-// A world of one rank: collectives are copies through the backend.
-class SelfCommunicator final : public Communicator {
- public:
-  explicit SelfCommunicator(Backend& backend) : backend_(backend) {}
-  const char* name() const override { return "self"; }
-  int rank() const override { return 0; }
-  int world() const override { return 1; }
-  Status allgather(const void* send, void* recv, size_t bytes) override { return backend_.copy(recv, send, bytes); }
-  Status exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) override {
-    if (sends.size() != recvs.size()) return internal_error("self exchange: sends and receives differ");
-    for (size_t i = 0; i < sends.size(); ++i) REATTN_RETURN_IF_ERROR(backend_.copy(recvs[i].data, sends[i].data, sends[i].bytes));
-    return backend_.synchronize();
-  }
-
- private:
-  Backend& backend_;
-};
 
 struct Case {
   int head_dim = 128;
@@ -97,47 +80,21 @@ std::vector<int64_t> needles_for(const Case& c) {
   return needles;
 }
 
-struct QueryOutput {
-  std::vector<int64_t> recalled;
-  std::vector<float> out;
-};
-
-// One query through KvStore + StepRunner on a single rank; the context is appended in two
-// pieces so that the local-window ring is written across appends.
-QueryOutput run_query(Backend& backend, const Config& cfg, const Case& c, const SyntheticSpec& spec,
-                      const std::vector<float>& q, FinalAttention strategy) {
-  QueryOutput result;
-  SelfCommunicator comm(backend);
-  KvStore store(backend, cfg, 0, 1);
-  EXPECT_TRUE(store.create(1, 0, {0}).is_ok());
+// One query through KvStore + StepRunner on a single rank, run twice (the second step reuses
+// the warm workspaces); the context is appended in two pieces so that the local-window ring is
+// written across appends.
+test::PipelineResult run_query(Backend& backend, const Config& cfg, const Case& c, const SyntheticSpec& spec,
+                               const std::vector<float>& q, FinalAttention strategy) {
+  test::LoopbackCommunicator comm(backend);
   const int64_t first = c.n > 37 ? c.n - 37 : c.n;
-  const Status a1 = store.append(1, SyntheticKvSource(spec, cfg.model, 0, first));
-  EXPECT_TRUE(a1.is_ok()) << a1.to_string();
-  if (first < c.n) {
-    const Status a2 = store.append(1, SyntheticKvSource(spec, cfg.model, first, c.n - first));
-    EXPECT_TRUE(a2.is_ok()) << a2.to_string();
-  }
-  StepPlan plan;
-  plan.strategy = strategy;
-  QueryPlan qp;
-  qp.context_id = 1;
-  qp.tokens = c.n;
-  qp.qlen = c.qlen;
-  qp.mode = static_cast<int32_t>(c.mode);
-  plan.queries.push_back(qp);
-  plan.q = q;
-  StepRunner runner(backend, comm, cfg, store);
-  std::vector<QueryResult> results;
-  // Twice: the second run reuses the warm workspaces.
-  for (int rep = 0; rep < 2; ++rep) {
-    const Status st = runner.run(plan, &results, nullptr);
-    EXPECT_TRUE(st.is_ok()) << st.to_string();
-    if (!st.is_ok() || results.size() != 1) return result;
-    EXPECT_TRUE(results[0].status.is_ok()) << results[0].status.to_string();
-  }
-  result.recalled = results[0].recalled;
-  result.out = results[0].out;
-  return result;
+  const SyntheticKvSource head(spec, cfg.model, 0, first), tail(spec, cfg.model, first, c.n - first);
+  std::vector<const KvSource*> appends{&head};
+  if (first < c.n) appends.push_back(&tail);
+  test::PipelineCase pc;
+  pc.mode = c.mode;
+  pc.strategy = strategy;
+  pc.repeats = 2;
+  return test::run_pipeline(backend, comm, cfg, appends, q, c.qlen, pc);
 }
 
 void check_case(const Case& c) {
@@ -156,8 +113,10 @@ void check_case(const Case& c) {
   // rotated operands and probabilities (worst seen on H200: 2.4e-3 bf16, 3e-4 f16).
   const double tol = c.dtype == DType::kBF16 ? 6e-3 : 1e-3;
   for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
-    const QueryOutput got = run_query(**cuda, cfg, c, spec, q, strategy);
-    const QueryOutput cpu_got = run_query(cpu, cfg, c, spec, q, strategy);
+    const test::PipelineResult got = run_query(**cuda, cfg, c, spec, q, strategy);
+    const test::PipelineResult cpu_got = run_query(cpu, cfg, c, spec, q, strategy);
+    ASSERT_TRUE(got.status.is_ok()) << got.status.to_string();
+    ASSERT_TRUE(cpu_got.status.is_ok()) << cpu_got.status.to_string();
     EXPECT_EQ(got.recalled, want.recalled);
     EXPECT_EQ(got.recalled, cpu_got.recalled);
     const double err = ref::relative_error(got.out, want.out);

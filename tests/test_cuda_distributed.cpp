@@ -16,6 +16,7 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
@@ -50,40 +51,17 @@ Config make_config(DType dtype) {
   return cfg;
 }
 
-struct Outcome {
-  Status status;
-  std::vector<int64_t> recalled;
-  std::vector<float> out;
-};
-
-// One query on every rank; the result lands on rank 0.
-Outcome run_query(Backend& backend, Communicator& comm, const Config& cfg, const Case& c, const SyntheticSpec& spec,
-                  const std::vector<float>& q) {
-  Outcome o;
-  KvStore store(backend, cfg, comm.rank(), comm.world());
-  o.status = store.create(1, c.owner, {0});
-  if (o.status.is_ok()) o.status = store.append(1, SyntheticKvSource(spec, cfg.model, 0, c.n - 5));
-  if (o.status.is_ok()) o.status = store.append(1, SyntheticKvSource(spec, cfg.model, c.n - 5, 5));
-  if (!o.status.is_ok()) return o;
-  StepPlan plan;
-  plan.strategy = c.strategy;
-  QueryPlan qp;
-  qp.context_id = 1;
-  qp.tokens = c.n;
-  qp.qlen = c.qlen;
-  qp.mode = static_cast<int32_t>(c.mode);
-  qp.owner_rank = c.owner;
-  plan.queries.push_back(qp);
-  plan.q = q;
-  StepRunner runner(backend, comm, cfg, store);
-  std::vector<QueryResult> results;
-  for (int rep = 0; rep < 2 && o.status.is_ok(); ++rep) o.status = runner.run(plan, &results, nullptr);
-  if (o.status.is_ok() && comm.rank() == 0) {
-    o.status = results.at(0).status;
-    o.recalled = results[0].recalled;
-    o.out = results[0].out;
-  }
-  return o;
+// One query on every rank, run twice; the result lands on rank 0. The last 5 tokens come in a
+// second append.
+test::PipelineResult run_query(Backend& backend, Communicator& comm, const Config& cfg, const Case& c,
+                               const SyntheticSpec& spec, const std::vector<float>& q) {
+  const SyntheticKvSource head(spec, cfg.model, 0, c.n - 5), tail(spec, cfg.model, c.n - 5, 5);
+  test::PipelineCase pc;
+  pc.mode = c.mode;
+  pc.strategy = c.strategy;
+  pc.owner_rank = c.owner;
+  pc.repeats = 2;
+  return test::run_pipeline(backend, comm, cfg, {&head, &tail}, q, c.qlen, pc);
 }
 
 std::string join(const std::vector<int64_t>& v) {
@@ -113,7 +91,7 @@ int run_all(const Control& control) {
 
     Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, control.local_rank());
     Status st = control.agree(cuda.status());
-    Outcome gpu, host;
+    test::PipelineResult gpu, host;
     if (st.is_ok()) {
       Expected<std::unique_ptr<Communicator>> nccl = make_communicator(**cuda, control);
       st = control.agree(nccl.status());
@@ -133,7 +111,8 @@ int run_all(const Control& control) {
     if (ok && control.rank() == 0) {
       const ref::Context ctx = ref::synthetic_context(cfg.model, cfg.reattention, c.n, spec.seed, spec.needles, 0);
       const ref::Result want = ref::query(ctx, q, c.qlen, c.mode);
-      const double tol = c.dtype == DType::kBF16 ? 2e-2 : 2e-3;
+      // The same bound as the one-GPU test (worst seen on 2x H200: 4.7e-6).
+      const double tol = c.dtype == DType::kBF16 ? 6e-3 : 1e-3;
       const double err = ref::relative_error(gpu.out, want.out);
       const double cpu_err = ref::relative_error(host.out, want.out);
       if (gpu.recalled != want.recalled || gpu.recalled != host.recalled) {

@@ -57,7 +57,7 @@ class Pipeline : public ::testing::TestWithParam<FinalAttention> {
   }
 
   CpuBackend backend_{2};
-  test::LoopbackCommunicator comm_;
+  test::LoopbackCommunicator comm_{backend_};
 };
 
 TEST_P(Pipeline, AroundTheMidThreshold) {
@@ -201,7 +201,7 @@ TEST(Store, CapacityRefusesAndChangesNothing) {
 TEST(Store, BadQueriesFailAloneInABatch) {
   const Config config = tiny_config();
   CpuBackend backend(1);
-  test::LoopbackCommunicator comm;
+  test::LoopbackCommunicator comm(backend);
   KvStore store(backend, config, 0, 1);
   ASSERT_TRUE(store.create(1, 0).is_ok());
   const ref::Context ctx = ref::synthetic_context(config.model, config.reattention, 200, 5, {}, 0);
