@@ -18,17 +18,11 @@ import subprocess
 import sys
 import time
 
+from sizes import parse_tokens  # noqa: E402  (bench/ is the script directory)
+
 COLUMNS = ["tokens", "ranks", "strategy", "qlen", "batch", "p50_ms", "p99_ms", "score_ms", "merge_ms", "attn_ms",
            "keys_GBps", "pct_read_bw", "queries_per_s", "needles_ok"]
 POSITIVE = ["p50_ms", "p99_ms", "score_ms", "keys_GBps", "pct_read_bw", "queries_per_s"]
-
-
-def parse_tokens(text):
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip()
-    if text[-1].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
 
 
 def fail(msg):

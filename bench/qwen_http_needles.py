@@ -28,15 +28,9 @@ import threading
 import time
 import urllib.parse
 
+from sizes import parse_tokens  # noqa: E402  (bench/ is the script directory)
+
 DEFAULT_DEPTHS = "1,5,10,25,50,75,90,95,99"
-
-
-def parse_tokens(text):
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip()
-    if text[-1].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
 
 
 class Http:
