@@ -119,7 +119,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   qp.context_id = kContext;
   qp.tokens = tokens;
   qp.qlen = 1;
-  qp.mode = static_cast<int32_t>(QueryMode::kTail);
+  qp.mode = QueryMode::kTail;
   plan.queries.push_back(qp);
   plan.q = q;
   StepRunner runner(backend, comm, cfg, store);
@@ -134,7 +134,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
     if (r >= 3) {
       e2e_ms.push_back(ms);
       score_ms.push_back(timing.score_ms);
-      merge_ms.push_back(timing.merge_ms);
+      merge_ms.push_back(timing.candidates_ms);
       attention_ms.push_back(timing.attention_ms);
     }
   }

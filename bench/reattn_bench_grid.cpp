@@ -34,7 +34,7 @@
 #include "comm/make_communicator.h"
 #include "common/semantics.h"
 #include "common/synthetic.h"
-#include "kernels/backend.h"
+#include "kernels/make_backend.h"
 #include "worker/service_loop.h"
 
 #if defined(REATTN_HAVE_CUDA)
@@ -143,11 +143,11 @@ Expected<double> device_read_bandwidth_gbs(CudaBackend& backend, size_t bytes) {
   // Not zeros: the probe must read real data.
   if (cudaMemsetAsync(data.data(), 0x3c, bytes, stream) != cudaSuccess ||
       cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), stream) != cudaSuccess) {
-    return Status(ErrorCode::kDevice, "read probe: cudaMemsetAsync failed");
+    return Status(ErrorCode::kFatal, "read probe: cudaMemsetAsync failed");
   }
   cudaEvent_t start = nullptr, stop = nullptr;
   if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
-    return Status(ErrorCode::kDevice, "read probe: cudaEventCreate failed");
+    return Status(ErrorCode::kFatal, "read probe: cudaEventCreate failed");
   }
   std::vector<double> ms;
   Status status = Status::ok();
@@ -157,7 +157,7 @@ Expected<double> device_read_bandwidth_gbs(CudaBackend& backend, size_t bytes) {
     cudaEventRecord(stop, stream);
     float t = 0;
     if (status.is_ok() && (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&t, start, stop) != cudaSuccess)) {
-      status = Status(ErrorCode::kDevice, "read probe: event timing failed");
+      status = Status(ErrorCode::kFatal, "read probe: event timing failed");
     }
     if (pass >= 3) ms.push_back(t);
   }
@@ -322,19 +322,10 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
   for (int64_t tokens : token_sizes) {
     const Regions regions = compute_regions(tokens, rc);
     const ContextId id = next_id++;
-    Operation create;
-    create.kind = OperationKind::kCreate;
-    create.context_id = id;
-    create.owner_rank = 0;
     OperationResult result;
-    REATTN_RETURN_IF_ERROR(submit_checked(loop, create, &result, "create context"));
+    REATTN_RETURN_IF_ERROR(submit_checked(loop, CreateContext{id, 0}, &result, "create context"));
 
-    Operation fill;
-    fill.kind = OperationKind::kSynthetic;
-    fill.context_id = id;
-    fill.tokens = tokens;
-    fill.seed = opt.seed;
-    fill.needles = plant_needles(regions, rc);
+    const AppendSynthetic fill{id, tokens, opt.seed, plant_needles(regions, rc)};
     const auto t_load = Clock::now();
     REATTN_RETURN_IF_ERROR(submit_checked(loop, fill, &result, "synthetic fill of " + std::to_string(tokens) + " tokens"));
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
@@ -364,14 +355,12 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
             qp.qlen = qlen;
             qp.q_offset = static_cast<int64_t>(plan.q.size());
             qp.layer = 0;
-            qp.mode = static_cast<int32_t>(QueryMode::kTail);
+            qp.mode = QueryMode::kTail;
             qp.owner_rank = 0;
             plan.queries.push_back(qp);
             plan.q.insert(plan.q.end(), q.begin(), q.end());
           }
-          Operation query;
-          query.kind = OperationKind::kQueryBatch;
-          query.payload = encode_step(plan);
+          const Operation query = std::move(plan);
 
           std::vector<double> lat, score, merge, attn, total;
           bool needles_ok = true;
@@ -392,7 +381,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
             if (it < opt.warmup) continue;
             lat.push_back(ms);
             score.push_back(result.timing.score_ms);
-            merge.push_back(result.timing.merge_ms);
+            merge.push_back(result.timing.candidates_ms);
             attn.push_back(result.timing.attention_ms);
             total.push_back(result.timing.total_ms);
           }
@@ -431,10 +420,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
         }
       }
     }
-    Operation erase;
-    erase.kind = OperationKind::kErase;
-    erase.context_id = id;
-    REATTN_RETURN_IF_ERROR(submit_checked(loop, erase, &result, "erase context"));
+    REATTN_RETURN_IF_ERROR(submit_checked(loop, EraseContext{id}, &result, "erase context"));
   }
   return Status::ok();
 }
@@ -570,17 +556,15 @@ int run(const Control& control, const GridOptions& opt) {
               static_cast<long long>(cfg.reattention.local_window), static_cast<long long>(cfg.reattention.chunk_tokens),
               cfg.reattention.top_k, static_cast<long long>(cfg.reattention.max_recall_chunks), opt.warmup, opt.iters);
   const Status grid = run_grid(control, loop, cfg, opt, token_sizes, strategies, read_bw, &doc);
-  if (grid.code() == ErrorCode::kDevice) {
+  if (grid.code() == ErrorCode::kFatal) {
     // A device or communicator fault: the other ranks may not take another broadcast.
     std::fprintf(stderr, "reattn-bench: fault: %s\n", grid.to_string().c_str());
     control.abort(1);
   }
 
   // The other ranks leave serve() on shutdown, whatever happened here.
-  Operation shutdown;
-  shutdown.kind = OperationKind::kShutdown;
   OperationResult ignored;
-  if (Status down = loop.submit(shutdown, &ignored); !down.is_ok()) {
+  if (Status down = loop.submit(Shutdown{}, &ignored); !down.is_ok()) {
     std::fprintf(stderr, "reattn-bench: shutdown: %s\n", down.to_string().c_str());
     control.abort(1);
   }

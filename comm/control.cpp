@@ -13,7 +13,7 @@ Status mpi_status(int rc, const char* what) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, text, &len);
-  return Status(ErrorCode::kDevice, std::string(what) + " failed: " + std::string(text, len));
+  return Status(ErrorCode::kFatal, std::string(what) + " failed: " + std::string(text, len));
 }
 
 Expected<Control> Control::init(int* argc, char*** argv) {

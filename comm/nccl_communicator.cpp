@@ -36,7 +36,7 @@ Status NcclCommunicator::nccl_status(ncclResult_t rc, const char* statement, con
   }
   message += " at " + std::string(file) + ":" + std::to_string(line) + " on rank " + std::to_string(rank_) +
              ", device " + std::to_string(device_);
-  return Status(ErrorCode::kDevice, std::move(message));
+  return Status(ErrorCode::kFatal, std::move(message));
 }
 
 Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& backend, int rank, int world) {
@@ -57,7 +57,7 @@ Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& 
                                     "MPI_Bcast(ncclUniqueId)"));
   if (!boot.ok) {
     if (!made.is_ok()) return made;
-    return Status(ErrorCode::kDevice, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
+    return Status(ErrorCode::kFatal, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
   }
   ncclComm_t handle = nullptr;
   const ncclResult_t rc = ncclCommInitRank(&handle, world, boot.id, rank);

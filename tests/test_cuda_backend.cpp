@@ -233,11 +233,11 @@ TEST(CudaBackend, QueryMatchesReferenceMultiPass) {
 
 // K/V values k/16 for integers k in [-32, 32): exact in bf16, f16 and fp32, so both backends
 // score the same keys and differ only in fp32 summation order.
-class ExactKvSource final : public KvSource {
+class ExactKvSource final : public Fp32KvSource {
  public:
-  ExactKvSource(int64_t tokens, int head_dim) : tokens_(tokens), head_dim_(head_dim) {}
+  ExactKvSource(int64_t tokens, int head_dim) : Fp32KvSource(head_dim), tokens_(tokens), head_dim_(head_dim) {}
   int64_t tokens() const override { return tokens_; }
-  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override {
+  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override {
     for (int64_t t = 0; t < count; ++t) {
       for (int d = 0; d < head_dim_; ++d) {
         uint64_t x = (static_cast<uint64_t>(layer) << 56) ^ (static_cast<uint64_t>(kv_head) << 48) ^

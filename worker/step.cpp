@@ -9,15 +9,8 @@
 namespace reattn {
 namespace {
 
-constexpr uint32_t kStepMagic = 0x52415431;  // "RAT1"
-
 double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-
-template <typename T>
-void put(std::string& out, const T& value) {
-  out.append(reinterpret_cast<const char*>(&value), sizeof(T));
 }
 
 // What one rank knows about one query of the step.
@@ -33,42 +26,6 @@ struct QueryState {
 };
 
 }  // namespace
-
-std::string encode_step(const StepPlan& plan) {
-  std::string out;
-  put(out, kStepMagic);
-  put(out, static_cast<int32_t>(plan.strategy));
-  put(out, plan.reply_rank);
-  put(out, static_cast<uint64_t>(plan.queries.size()));
-  put(out, static_cast<uint64_t>(plan.q.size()));
-  out.append(reinterpret_cast<const char*>(plan.queries.data()), plan.queries.size() * sizeof(QueryPlan));
-  out.append(reinterpret_cast<const char*>(plan.q.data()), plan.q.size() * sizeof(float));
-  return out;
-}
-
-Expected<StepPlan> decode_step(const std::string& bytes) {
-  constexpr size_t kHeader = 4 + 4 + 4 + 8 + 8;
-  if (bytes.size() < kHeader) return internal_error("step plan: truncated header");
-  uint32_t magic;
-  int32_t strategy;
-  uint64_t nq, nf;
-  StepPlan plan;
-  const char* p = bytes.data();
-  std::memcpy(&magic, p, 4);
-  std::memcpy(&strategy, p + 4, 4);
-  std::memcpy(&plan.reply_rank, p + 8, 4);
-  std::memcpy(&nq, p + 12, 8);
-  std::memcpy(&nf, p + 20, 8);
-  if (magic != kStepMagic || bytes.size() != kHeader + nq * sizeof(QueryPlan) + nf * sizeof(float)) {
-    return internal_error("step plan: malformed message");
-  }
-  plan.strategy = static_cast<FinalAttention>(strategy);
-  plan.queries.resize(nq);
-  plan.q.resize(nf);
-  std::memcpy(plan.queries.data(), p + kHeader, nq * sizeof(QueryPlan));
-  std::memcpy(plan.q.data(), p + kHeader + nq * sizeof(QueryPlan), nf * sizeof(float));
-  return plan;
-}
 
 StepRunner::StepRunner(Backend& backend, Communicator& comm, const Config& config, const KvStore& store)
     : backend_(backend), comm_(comm), config_(config), store_(store) {}
@@ -105,7 +62,7 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
                static_cast<size_t>(qp.q_offset + s.rows * dim) > plan.q.size()) {
       s.status = internal_error("step plan: query rows outside the step's q");
     } else {
-      s.status = validate_query(qp.tokens, qp.qlen, static_cast<QueryMode>(qp.mode), rc);
+      s.status = validate_query(qp.tokens, qp.qlen, qp.mode, rc);
     }
     if (qp.qlen > 0) total_cands += s.rows * k;
   }
@@ -171,7 +128,7 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
     s.recalled = select_recall(topk.data(), s.rows, k, rc.max_recall_chunks);
     s.layout = make_layout(s.regions, static_cast<int64_t>(s.recalled.size()));
   }
-  const double merge_ms = ms_since(t_start) - score_ms;
+  const double candidates_ms = ms_since(t_start) - score_ms;
 
   // 4. Final attention. Per query, the owner ends with (out, max, sum) [rows] in `states`.
   const bool gather = plan.strategy == FinalAttention::kGather;
@@ -304,7 +261,7 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
   for (const Call& c : calls) {
     const QueryState& s = qs[c.query];
     row_info_first.push_back(row_info.size());
-    const auto mode = static_cast<QueryMode>(s.plan->mode);
+    const QueryMode mode = s.plan->mode;
     for (int64_t r = 0; r < s.plan->qlen; ++r) row_info.push_back(row_position(s.regions, s.layout, mode, s.plan->qlen, r).position);
     for (int64_t r = 0; r < s.plan->qlen; ++r) row_info.push_back(row_position(s.regions, s.layout, mode, s.plan->qlen, r).visible_end);
   }
@@ -427,9 +384,9 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
   }
   if (timing) {
     timing->score_ms = score_ms;
-    timing->merge_ms = merge_ms;
+    timing->candidates_ms = candidates_ms;
     timing->total_ms = ms_since(t_start);
-    timing->attention_ms = timing->total_ms - score_ms - merge_ms;
+    timing->attention_ms = timing->total_ms - score_ms - candidates_ms;
   }
   return Status::ok();
 }

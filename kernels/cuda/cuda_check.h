@@ -20,7 +20,7 @@ inline Status cuda_status(cudaError_t rc, const char* statement, const char* fil
   std::string message = std::string(statement) + " failed: " + cudaGetErrorName(rc) + " (" +
                         cudaGetErrorString(rc) + ") at " + file + ":" + std::to_string(line) + " on device " +
                         std::to_string(device);
-  const ErrorCode code = rc == cudaErrorMemoryAllocation ? ErrorCode::kCapacity : ErrorCode::kDevice;
+  const ErrorCode code = rc == cudaErrorMemoryAllocation ? ErrorCode::kCapacity : ErrorCode::kFatal;
   return Status(code, std::move(message));
 }
 
