@@ -13,6 +13,7 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/make_backend.h"
 #include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
@@ -141,7 +142,20 @@ TEST(CudaBackend, RejectsUnsupportedConfigs) {
   EXPECT_NE(b.status().message().find("head_dim"), std::string::npos);
 }
 
-TEST(CudaBackend, DeviceCountNeverFails) { EXPECT_GE(cuda_device_count(), 0); }
+// auto picks cuda exactly when a device is visible; asking for cuda without one, or for a GPU
+// the machine does not have, is an error that says so (never a silent fallback to cpu).
+TEST(CudaBackend, AutoFollowsTheDevicesAndMissingGpusAreNamed) {
+  Config cfg = make_config(Case{});
+  cfg.backend.kind = BackendKind::kAuto;
+  Expected<std::unique_ptr<Backend>> picked = make_backend(cfg, 0);
+  ASSERT_TRUE(picked.is_ok()) << picked.status().to_string();
+  EXPECT_STREQ((*picked)->name(), cuda_device_count() > 0 ? "cuda" : "cpu");
+  Expected<std::unique_ptr<Backend>> beyond = make_cuda_backend(make_config(Case{}), cuda_device_count());
+  ASSERT_FALSE(beyond.is_ok());
+  EXPECT_NE(beyond.status().message().find(cuda_device_count() == 0 ? "no CUDA device" : "has no GPU of its own"),
+            std::string::npos)
+      << beyond.status().message();
+}
 
 TEST(CudaBackend, QueryMatchesReferenceBf16D128) {
   SKIP_WITHOUT_GPU();

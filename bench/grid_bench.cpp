@@ -1,10 +1,10 @@
-// reattn-bench: the service's own per-rank path (ServiceLoop: create, synthetic fill, query
+// reattn-bench-grid: the service's own per-rank path (ServiceLoop: create, synthetic fill, query
 // batches as one StepPlan each), minus HTTP, timed over a grid of context sizes, qlen, batch
 // (queries of one shared context in one step) and final-attention strategy. Runs under
 // mpirun with any number of ranks; rank 0 submits the operations as the coordinator does, the
 // other ranks serve. Prints nccl-tests-style rows on rank 0 and writes CSV and JSON.
 //
-//   mpirun -np N reattn-bench --config configs/llama3-8b.yaml --tokens 1M,4M --qlen 1,16
+//   mpirun -np N reattn-bench-grid --config configs/llama3-8b.yaml --tokens 1M,4M --qlen 1,16
 //       --batch 1,8,32 --strategy gather,partial --csv out.csv --json out.json
 //
 // Columns: latency of the whole query-batch operation on rank 0 (broadcast of the plan, score,
@@ -430,7 +430,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
 int run(const Control& control, const GridOptions& opt) {
   const int rank = control.rank();
   const auto fail = [&](const std::string& what, const Status& s) {
-    if (rank == 0) std::fprintf(stderr, "reattn-bench: %s: %s\n", what.c_str(), s.to_string().c_str());
+    if (rank == 0) std::fprintf(stderr, "reattn-bench-grid: %s: %s\n", what.c_str(), s.to_string().c_str());
     return 1;
   };
   std::vector<int64_t> token_sizes;
@@ -507,13 +507,13 @@ int run(const Control& control, const GridOptions& opt) {
   if (rank != 0) {
     s = loop.serve();
     if (!s.is_ok()) {
-      std::fprintf(stderr, "reattn-bench: rank %d: %s\n", rank, s.to_string().c_str());
+      std::fprintf(stderr, "reattn-bench-grid: rank %d: %s\n", rank, s.to_string().c_str());
       control.abort(1);
     }
     return 0;
   }
 
-  json doc{{"bench", "reattn-bench"},
+  json doc{{"bench", "reattn-bench-grid"},
            {"label", opt.label},
            {"device", bw->second},
            {"backend", (*backend)->name()},
@@ -544,7 +544,7 @@ int run(const Control& control, const GridOptions& opt) {
       pos = comma + 1;
     }
   }
-  std::printf("# reattn-bench: %s, backend %s, %d rank(s), read bandwidth %.1f GB/s per rank (%s)\n", bw->second.c_str(),
+  std::printf("# reattn-bench-grid: %s, backend %s, %d rank(s), read bandwidth %.1f GB/s per rank (%s)\n", bw->second.c_str(),
               (*backend)->name(), world, read_bw, opt.read_bw_gbs > 0 ? "given" : "measured");
   for (const json& c : comm_probe) {
     std::printf("# %s: %9zu B per rank: allgather %8.1f us, send/recv %8.1f us\n", (*comm)->name(),
@@ -558,14 +558,14 @@ int run(const Control& control, const GridOptions& opt) {
   const Status grid = run_grid(control, loop, cfg, opt, token_sizes, strategies, read_bw, &doc);
   if (grid.code() == ErrorCode::kFatal) {
     // A device or communicator fault: the other ranks may not take another broadcast.
-    std::fprintf(stderr, "reattn-bench: fault: %s\n", grid.to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-grid: fault: %s\n", grid.to_string().c_str());
     control.abort(1);
   }
 
   // The other ranks leave serve() on shutdown, whatever happened here.
   OperationResult ignored;
   if (Status down = loop.submit(Shutdown{}, &ignored); !down.is_ok()) {
-    std::fprintf(stderr, "reattn-bench: shutdown: %s\n", down.to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-grid: shutdown: %s\n", down.to_string().c_str());
     control.abort(1);
   }
   if (!grid.is_ok()) return fail("grid", grid);
@@ -584,11 +584,11 @@ int main(int argc, char** argv) {
   using namespace reattn;
   Expected<Control> control = Control::init(&argc, &argv);
   if (!control) {
-    std::fprintf(stderr, "reattn-bench: %s\n", control.status().to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-grid: %s\n", control.status().to_string().c_str());
     return 3;
   }
   GridOptions opt;
-  CLI::App app{"reattn-bench: the service's step path over a grid of context sizes, qlen, batch and strategy"};
+  CLI::App app{"reattn-bench-grid: the service's step path over a grid of context sizes, qlen, batch and strategy"};
   app.add_option("--config", opt.config_path, "model and ReAttention config (YAML)")->required();
   app.add_option("--tokens", opt.tokens_text, "context sizes, e.g. 64K,1M,4M (K=2^10, M=2^20)")->delimiter(',');
   app.add_option("--qlen", opt.qlens, "query rows per query")->delimiter(',');
