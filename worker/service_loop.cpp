@@ -164,7 +164,8 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
     check = internal_error("layer " + std::to_string(op.layer) + " of context " + std::to_string(op.context_id) +
                            " differs between ranks");
   } else if (op.qlen < 1 || op.q.size() != static_cast<size_t>(op.qlen * m.q_heads * m.head_dim) ||
-             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) || op.v.size() != op.k.size()) {
+             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) * dtype_size(op.kv_dtype) ||
+             op.v.size() != op.k.size()) {
     check = internal_error("layer step: q, k, v do not match qlen " + std::to_string(op.qlen));
   }
   const LayerStepKvSource source(op, m.head_dim);
