@@ -45,7 +45,8 @@ struct StepTiming {
   double score_ms = 0;      // local chunk scoring and top-k
   double candidates_ms = 0; // candidate allgather and recall selection (reported as "merge_ms")
   double attention_ms = 0;  // chunk or state exchange, windowed attention, state merge, reply
-  double total_ms = 0;
+  double total_ms = 0;      // the query step: score + candidates + attention
+  double append_ms = 0;     // a layer step: appending its k/v on every rank, before the query step
 };
 
 struct QueryResult {
