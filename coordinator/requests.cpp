@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/excerpt.h"
 #include "common/safetensors.h"
 #include "common/synthetic.h"
 #include "worker/kv_source.h"
@@ -43,7 +44,7 @@ Status check_keys(const json& doc, std::initializer_list<const char*> known) {
   for (const auto& item : doc.items()) {
     bool ok = false;
     for (const char* k : known) ok = ok || item.key() == k;
-    if (!ok) return invalid_argument("unknown field '" + item.key() + "'");
+    if (!ok) return invalid_argument("unknown field '" + capped(item.key()) + "'");
   }
   return Status::ok();
 }
@@ -53,7 +54,7 @@ Expected<int64_t> get_integer(const json& doc, const char* key, int64_t lo, int6
   if (!v.is_number_integer()) return invalid_argument(std::string(key) + ": expected an integer, got " + type_of(v));
   if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
     return invalid_argument(std::string(key) + ": must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                            "], got " + v.dump());
+                            "], got " + json_excerpt(v));
   }
   const int64_t x = v.get<int64_t>();
   if (x < lo || x > hi) {
@@ -120,10 +121,10 @@ Status read_nested_q(const json& q, const ModelConfig& model, float max_abs, Que
         const double value = x.get<double>();
         const float f = static_cast<float>(value);
         if (!std::isfinite(value) || !std::isfinite(f)) {
-          return invalid_argument(where + ": " + x.dump() + " is not a finite fp32 value");
+          return invalid_argument(where + ": " + json_excerpt(x) + " is not a finite fp32 value");
         }
         if (std::fabs(f) > max_abs) {
-          return invalid_argument(where + ": " + x.dump() + " is above the f16 storage limit " +
+          return invalid_argument(where + ": " + json_excerpt(x) + " is above the f16 storage limit " +
                                   std::to_string(static_cast<int>(max_abs)));
         }
         out->q.push_back(f);
@@ -156,7 +157,7 @@ Expected<QueryRequest> parse_json_query(const std::string& body, const Config& c
     uint64_t seed = 0;
     if (syn.contains("seed")) {
       if (!syn["seed"].is_number_integer() || (!syn["seed"].is_number_unsigned() && syn["seed"].get<int64_t>() < 0)) {
-        return invalid_argument("synthetic_q.seed: expected an integer >= 0, got " + syn["seed"].dump());
+        return invalid_argument("synthetic_q.seed: expected an integer >= 0, got " + json_excerpt(syn["seed"]));
       }
       seed = syn["seed"].get<uint64_t>();
     }
@@ -176,7 +177,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   QueryRequest req;
   const auto params = parse_query_string(query_string);
   for (const auto& [key, value] : params) {
-    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + key + "'");
+    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + capped(key) + "'");
   }
   const auto layer_it = params.find("layer");
   if (layer_it == params.end()) {
@@ -186,7 +187,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   const std::string& text = layer_it->second;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), layer);
   if (ec != std::errc() || end != text.data() + text.size()) {
-    return invalid_argument("layer: expected an integer, got '" + text + "'");
+    return invalid_argument("layer: expected an integer, got '" + capped(text) + "'");
   }
   REATTN_RETURN_IF_ERROR(check_layer(layer, config.model));
   req.layer = static_cast<int>(layer);
@@ -240,7 +241,7 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
   if (doc.contains("seed")) {
     const json& s = doc["seed"];
     if (!s.is_number_integer() || (!s.is_number_unsigned() && s.get<int64_t>() < 0)) {
-      return invalid_argument("seed: expected an integer >= 0, got " + s.dump());
+      return invalid_argument("seed: expected an integer >= 0, got " + json_excerpt(s));
     }
     req.seed = s.get<uint64_t>();
   }
@@ -254,7 +255,7 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
       if (!n[i].is_number_integer() || (!n[i].is_number_unsigned() && n[i].get<int64_t>() < 0) ||
           (n[i].is_number_unsigned() && n[i].get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
         return invalid_argument("needles[" + std::to_string(i) + "]: expected a token position >= 0, got " +
-                                n[i].dump());
+                                json_excerpt(n[i]));
       }
       req.needles.push_back(n[i].get<int64_t>());
     }
