@@ -144,6 +144,9 @@ def _chunked_forward(session, original):
         if total <= session.step_tokens:
             return original(**kwargs)
         keep = kwargs.get("logits_to_keep", 0)
+        if not isinstance(keep, int):
+            raise ValueError("reattn.hf: logits_to_keep as indices is not supported with more than %d tokens"
+                             % session.step_tokens)
         outs = []
         for begin in range(0, total, session.step_tokens):
             end = min(begin + session.step_tokens, total)
@@ -153,14 +156,15 @@ def _chunked_forward(session, original):
                 value = kwargs.get(name)
                 if isinstance(value, torch.Tensor) and value.shape[-1] == total:
                     part[name] = value[..., begin:end]
-            if keep and end < total:
-                part["logits_to_keep"] = 1  # only the last part's logits are kept
+            if keep:
+                # This part's share of the last `keep` positions (at least one: 0 means all).
+                part["logits_to_keep"] = min(end - begin, max(1, keep - (total - end)))
             outs.append(original(**part))
         last = outs[-1]
-        if not keep:
-            for field in ("logits", "last_hidden_state"):
-                if getattr(last, field, None) is not None:
-                    setattr(last, field, torch.cat([getattr(o, field) for o in outs], dim=1))
+        for field in ("logits", "last_hidden_state"):
+            if getattr(last, field, None) is not None:
+                joined = torch.cat([getattr(o, field) for o in outs], dim=1)
+                setattr(last, field, joined[:, -keep:] if keep else joined)
         return last
 
     return forward
