@@ -17,8 +17,6 @@ import harness
 import reference
 from reattn_client import Client, ReattnError, safetensors
 
-ARGS = None
-TMP = None
 API_KEY = "client-test-key-41c7"
 M = harness.TINY_MODEL
 RECALL = {"sink_tokens": 4, "local_window": 32, "chunk_tokens": 8, "top_k": 2, "max_recall_chunks": 6,
@@ -153,10 +151,10 @@ class Transport(unittest.TestCase):
 class Routes(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        key_file = os.path.join(TMP.path, "api.key")
+        key_file = os.path.join(harness.TMP.path, "api.key")
         with open(key_file, "w") as f:
             f.write(API_KEY + "\n")
-        cls.server = harness.Server(ARGS, TMP.path, "routes", RECALL, extra=["--api-key-file", key_file])
+        cls.server = harness.Server(harness.ARGS, harness.TMP.path, "routes", RECALL, extra=["--api-key-file", key_file])
         cls.c = cls.server.client(api_key=API_KEY)
 
     @classmethod
@@ -166,7 +164,7 @@ class Routes(unittest.TestCase):
 
     def test_info_and_health(self):
         info = self.c.info()
-        self.assertEqual(info["ranks"], ARGS.ranks)
+        self.assertEqual(info["ranks"], harness.ARGS.ranks)
         for key in ("layers", "q_heads", "kv_heads", "head_dim"):
             self.assertEqual(info["model"][key], M[key])
         self.assertTrue(self.c.live())
@@ -179,7 +177,7 @@ class Routes(unittest.TestCase):
         old = os.environ.get("REATTN_API_KEY")
         os.environ["REATTN_API_KEY"] = API_KEY
         try:
-            self.assertEqual(self.server.client().info()["ranks"], ARGS.ranks)
+            self.assertEqual(self.server.client().info()["ranks"], harness.ARGS.ranks)
         finally:
             if old is None:
                 del os.environ["REATTN_API_KEY"]
@@ -263,15 +261,5 @@ class Routes(unittest.TestCase):
         self.c.delete_context(ctx)
 
 
-def main():
-    global ARGS, TMP
-    ARGS, _ = harness.options()
-    TMP = harness.TempDir(ARGS.keep)
-    try:
-        return harness.run([Codec, Transport, Routes])
-    finally:
-        TMP.cleanup()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([Codec, Transport, Routes]))

@@ -19,8 +19,6 @@ except ImportError as e:  # CI has neither
     torch = transformers = None
     MISSING = str(e)
 
-ARGS = None
-TMP = None
 M = harness.TINY_MODEL
 FULL = {"sink_tokens": 4, "local_window": 32, "chunk_tokens": 8, "top_k": 64, "max_recall_chunks": 64,
         "final_attention": "gather"}
@@ -59,14 +57,7 @@ class Adapter(unittest.TestCase):
         if torch is None:
             raise unittest.SkipTest("torch/transformers not installed (%s); the adapter tests need both" % MISSING)
         from reattn_client import hf  # noqa: F401  (imports torch lazily)
-        cls.server = harness.Server(ARGS, TMP.path, "adapter", FULL)
-        cls.client = cls.server.client()
-        probe = cls.client.create_context()["id"]
-        missing = harness.step_route_missing(cls.client, probe)
-        cls.client.delete_context(probe)
-        if missing:
-            cls.server.stop()
-            raise unittest.SkipTest("reattn-server has no /step route yet; the adapter tests run once it lands")
+        cls.server, cls.client = harness.step_server("adapter", FULL)
 
     @classmethod
     def tearDownClass(cls):
@@ -123,15 +114,5 @@ class Adapter(unittest.TestCase):
         self.assertIn("kv_heads", str(e.exception))
 
 
-def main():
-    global ARGS, TMP
-    ARGS, _ = harness.options()
-    TMP = harness.TempDir(ARGS.keep)
-    try:
-        return harness.run([Adapter])
-    finally:
-        TMP.cleanup()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([Adapter]))

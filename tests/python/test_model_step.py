@@ -20,8 +20,6 @@ import reference
 from tiny_decoder import ReferenceAttention, ServiceAttention, TinyDecoder, run_schedule
 from reattn_client import ReattnError
 
-ARGS = None
-TMP = None
 M = harness.TINY_MODEL
 # Every chunk recalled: 4 + 64*8 + 32 + 8 = 556 <= scope 1024.
 FULL = {"sink_tokens": 4, "local_window": 32, "chunk_tokens": 8, "top_k": 64, "max_recall_chunks": 64,
@@ -72,15 +70,7 @@ class StepModel(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.server = harness.Server(ARGS, TMP.path, cls.__name__, cls.reattention)
-        cls.client = cls.server.client()
-        probe = cls.client.create_context()["id"]
-        missing = harness.step_route_missing(cls.client, probe)
-        cls.client.delete_context(probe)
-        if missing:
-            cls.server.stop()
-            raise unittest.SkipTest("reattn-server has no POST /v1/contexts/{id}/step route yet (404 'no route'); "
-                                    "these tests run once the per-layer step lands")
+        cls.server, cls.client = harness.step_server(cls.__name__, cls.reattention)
 
     @classmethod
     def tearDownClass(cls):
@@ -89,6 +79,12 @@ class StepModel(unittest.TestCase):
 
     def model(self, seed):
         return TinyDecoder(M["layers"], M["q_heads"], M["kv_heads"], M["head_dim"], seed=seed, qk_scale=2.0)
+
+    def case(self, seed, steps, decode_tokens):
+        """A model and random tokens: a prompt of sum(steps) tokens and decode_tokens more."""
+        rng = np.random.default_rng(seed)
+        return (self.model(seed=seed + 1), list(rng.integers(0, 97, sum(steps))),
+                list(rng.integers(0, 97, decode_tokens)))
 
     def through_service(self, model, prompt, steps, decode, json_decode=True):
         ctx = self.client.create_context()["id"]
@@ -110,11 +106,8 @@ class FullRecall(StepModel):
     reattention = FULL
 
     def test_logits_equal_causal_attention(self):
-        rng = np.random.default_rng(11)
-        model = self.model(seed=5)
-        prompt = list(rng.integers(0, 97, 150))
-        decode = list(rng.integers(0, 97, 6))
         steps = [32, 32, 32, 30, 24]
+        model, prompt, decode = self.case(11, steps, 6)
         got, _, ctx = self.through_service(model, prompt, steps, decode)
         # The whole sequence in one pass, causal RoPE attention at real positions.
         want = model.forward(prompt + decode, ReferenceAttention(M["layers"], "causal", ref_cfg(FULL)))
@@ -182,11 +175,8 @@ class SmallRecall(StepModel):
     reattention = SMALL
 
     def test_logits_equal_numpy_reattention(self):
-        rng = np.random.default_rng(21)
-        model = self.model(seed=9)
-        prompt = list(rng.integers(0, 97, 170))
-        decode = list(rng.integers(0, 97, 5))
         steps = [32, 32, 32, 32, 32, 10]
+        model, prompt, decode = self.case(21, steps, 5)
         got, attn, ctx = self.through_service(model, prompt, steps, decode)
         ref = ReferenceAttention(M["layers"], "reattention", ref_cfg(SMALL))
         want = run_schedule(model, prompt, ref, steps, decode)
@@ -204,15 +194,5 @@ class SmallRecall(StepModel):
         self.client.delete_context(ctx)
 
 
-def main():
-    global ARGS, TMP
-    ARGS, _ = harness.options()
-    TMP = harness.TempDir(ARGS.keep)
-    try:
-        return harness.run([References, FullRecall, SmallRecall])
-    finally:
-        TMP.cleanup()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([References, FullRecall, SmallRecall]))
