@@ -57,6 +57,8 @@ class Service:
             yaml.safe_dump(config, f, default_flow_style=None, sort_keys=False)
         # NVLink multicast stays off (it can take a shared host's GPUs out of service).
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        # Ranks not pinned to one core each: rank 0's HTTP threads are part of what is measured.
+        os.environ.setdefault("OMPI_MCA_hwloc_base_binding_policy", "none")
         self.svc = service_client.Service(args, config_path, os.path.join(folder, name + ".log"), ranks=args.ranks)
         try:
             self.svc.wait_ready(timeout=300)

@@ -51,6 +51,28 @@ def tiny_model(kind, seed):
     return model.eval().float()
 
 
+class TorchTensors(unittest.TestCase):
+    """torch tensors go on the wire in their own precision; bf16 by its raw bits."""
+
+    def setUp(self):
+        if torch is None:
+            self.skipTest("torch not installed (%s)" % MISSING)
+
+    def test_wire_dtypes(self):
+        from reattn_client import safetensors
+        from reattn_client.tensors import to_wire
+        x = torch.randn(3, 4, 5)
+        for t, want in [(x, "F32"), (x.double(), "F32"), (x.half(), "F16"), (x.bfloat16(), "BF16")]:
+            arr, dtype = to_wire(t, "x")
+            self.assertEqual(dtype, want, str(t.dtype))
+            back = safetensors.loads(safetensors.dumps({"x": arr}))["x"]
+            np.testing.assert_array_equal(back.astype(np.float32), t.float().numpy())
+        bits = safetensors.float32_to_bf16_bits(x.numpy())
+        np.testing.assert_array_equal(bits, x.bfloat16().view(torch.int16).numpy().view(np.uint16))
+        with self.assertRaises(TypeError):
+            to_wire(torch.ones(2, dtype=torch.int64), "x")
+
+
 class Adapter(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -115,4 +137,4 @@ class Adapter(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main([Adapter]))
+    sys.exit(harness.main([TorchTensors, Adapter]))
