@@ -70,7 +70,16 @@ class FakeService(http.server.BaseHTTPRequestHandler):
         s["requests"] += 1
         s["connections"].add(self.client_address)
         s["auth"].append(self.headers.get("Authorization"))
-        if s["busy"] > 0:
+        if self.path == "/chunked":  # a chunked body with an extension and a trailer
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"5;x=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")
+            return
+        if self.path == "/close":   # answers, then closes the connection
+            self.close_connection = True
+            body, status, extra = b'{"closed":true}', 200, [("Connection", "close")]
+        elif s["busy"] > 0:
             s["busy"] -= 1
             body, status, extra = b'{"error":{"code":"queue_full","message":"queue full (2 waiting)"}}', 503, [
                 ("Retry-After", "0")]
@@ -126,6 +135,14 @@ class Transport(unittest.TestCase):
             c.request("GET", "/v1/info")
         self.assertEqual(FakeService.state["requests"], 20)
         self.assertEqual(len(FakeService.state["connections"]), 1)
+        c.close()
+
+    def test_chunked_body_and_connection_close(self):
+        c = Client(self.url)
+        self.assertEqual(c.request("GET", "/chunked")[1], b"hello, world")
+        self.assertEqual(c.request("GET", "/close")[1], b'{"closed":true}')
+        self.assertEqual(c.request("GET", "/v1/info")[1], b'{"ok":true}')  # on a new connection
+        self.assertEqual(len(FakeService.state["connections"]), 2)
         c.close()
 
     def test_api_key_from_argument_or_environment(self):

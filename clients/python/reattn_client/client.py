@@ -2,17 +2,15 @@
 
 Not thread-safe: use one Client per thread (each holds its own connection)."""
 
-import http.client
 import json
 import os
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import safetensors
+from . import http11, safetensors
 from .tensors import to_nested, to_wire
 
 _BINARY = "application/octet-stream"
@@ -94,36 +92,21 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _connection(self):
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self.host, self.port, timeout=self.timeout)
-            conn.connect()
-            # Small request/response pairs on one connection: Nagle would add a delayed-ACK wait.
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        return self._conn
-
     def _send_once(self, method, path, body, headers):
-        """One request on the kept connection; a connection the server closed while idle is
-        reopened once (the request never reached the server then)."""
+        """One request on the kept connection; a connection the server had closed while idle
+        is reopened once (the request never reached the server then)."""
         for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http11.Connection(self.host, self.port, self.timeout, tls=self.scheme == "https")
             try:
-                conn = self._connection()
-                conn.request(method, self.prefix + path, body=body, headers=headers)
-                r = conn.getresponse()
-                data = r.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-                self.close()
+                return self._conn.roundtrip(method, self.prefix + path, headers, body)
+            except http11.Closed as e:
+                self._conn.close()
                 if attempt == 1:
                     raise ReattnError(0, "connection", "%s %s: %s" % (method, path, e)) from None
-                continue
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
+            except (OSError, ValueError) as e:
+                self._conn.close()
                 raise ReattnError(0, "connection", "%s %s to %s:%d: %s" % (method, path, self.host, self.port, e)) from None
-            if (r.getheader("Connection") or "").lower() == "close":
-                self.close()
-            return r, data
         raise AssertionError("unreachable")
 
     def request(self, method, path, body=None, content_type=None, accept=None, auth=True):
