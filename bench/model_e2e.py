@@ -71,6 +71,8 @@ def service_config(kind, shape, layers, args, full_recall):
              "head_dim": shape["head_dim"], "rope_theta": shape["rope_theta"],
              "scope": shape["max_position_embeddings"]}
     config = derived_config(base, model=model)
+    # A 4096-token step of LLaMA-3-8B shapes in bf16 is a 48 MiB body.
+    config.setdefault("server", {})["max_body_bytes"] = 256 * 1024 * 1024
     rc = config["reattention"]
     if full_recall:
         # Every mid chunk of the parity prompt recalled: top_k and the cap cover them all.
