@@ -43,7 +43,8 @@ class AttentionResult:
     out: float32 [qlen, q_heads, head_dim]; recalled_chunks: int64 chunk ids, ascending;
     timing: milliseconds by phase (score_ms, merge_ms, attention_ms, total_ms, queue_ms, ...);
     tokens: the layer's length after the call; context_tokens: what every layer has reached
-    (steps only); layer: the layer answered; client_ms: the round trip seen by the client."""
+    (steps only); layer: the layer answered; client_ms: the whole call at the client (encoding,
+    round trip, decoding)."""
     out: np.ndarray
     recalled_chunks: np.ndarray
     timing: dict
@@ -77,7 +78,6 @@ class Client:
         self.retries = int(retries)
         self.max_retry_wait = float(max_retry_wait)
         self._conn = None
-        self._info = None
 
     # ------------------------------------------------------------ transport
 
@@ -165,14 +165,8 @@ class Client:
             time.sleep(interval)
 
     def info(self):
-        """GET /v1/info: model shape, ranks, capacity, config (cached after the first call)."""
-        self._info = self._json("GET", "/v1/info")
-        return self._info
-
-    def _model(self):
-        if self._info is None:
-            self.info()
-        return self._info["model"]
+        """GET /v1/info: model shape, ranks, capacity, config."""
+        return self._json("GET", "/v1/info")
 
     def metrics(self):
         """GET /metrics parsed: {metric name: [(labels dict, value), ...]}."""
@@ -200,7 +194,7 @@ class Client:
         """Appends tokens to every layer: k, v [layers, kv_heads, tokens, head_dim] (pre-RoPE).
         dtype: "F32", "F16" or "BF16" on the wire (default: the inputs' own precision)."""
         kw, kd = to_wire(k, "k", dtype, ndim=4)
-        vw, vd = to_wire(v, "v", dtype or kd, ndim=4)
+        vw, _ = to_wire(v, "v", dtype or kd, ndim=4)
         if kw.shape != vw.shape:
             raise ValueError("append: k shape %s != v shape %s" % (list(kw.shape), list(vw.shape)))
         body = safetensors.dumps({"k": kw, "v": vw})
@@ -217,36 +211,41 @@ class Client:
     def query(self, context_id, layer, q, mode="tail", binary=True, dtype=None):
         """Queries one layer: q [qlen, q_heads, head_dim] (pre-RoPE). binary: q goes as a
         safetensors body and the answer is asked for in safetensors (False: JSON both ways)."""
+        t0 = time.perf_counter()
         path = "/v1/contexts/%d/query" % int(context_id)
         if binary:
             qw, _ = to_wire(q, "q", dtype, ndim=3)
             body = safetensors.dumps({"q": qw})
             path += "?layer=%d&mode=%s" % (int(layer), urllib.parse.quote(mode))
-            return self._attention(path, body, _BINARY, layer)
+            return self._attention(t0, path, body, _BINARY, layer)
         body = json.dumps({"layer": int(layer), "q": to_nested(q, "q"), "mode": mode}).encode()
-        return self._attention(path, body, "application/json", layer, accept=None)
+        return self._attention(t0, path, body, "application/json", layer, accept=None)
 
     def step(self, context_id, layer, q, k, v, binary=True, dtype=None):
         """One layer of a forward pass: appends k, v [kv_heads, qlen, head_dim] to `layer` and
         answers the tail query q [qlen, q_heads, head_dim] whose rows are those tokens (all
         pre-RoPE). Layer 0 first, then 1, ...: the service answers 409 out_of_order otherwise."""
-        qw, qd = to_wire(q, "q", dtype, ndim=3)
-        kw, kd = to_wire(k, "k", dtype or qd, ndim=3)
-        vw, _ = to_wire(v, "v", dtype or kd, ndim=3)
+        t0 = time.perf_counter()
         path = "/v1/contexts/%d/step" % int(context_id)
         if binary:
+            qw, qd = to_wire(q, "q", dtype, ndim=3)
+            kw, kd = to_wire(k, "k", dtype or qd, ndim=3)
+            vw, _ = to_wire(v, "v", dtype or kd, ndim=3)
             body = safetensors.dumps({"q": qw, "k": kw, "v": vw})
-            return self._attention(path + "?layer=%d" % int(layer), body, _BINARY, layer)
+            return self._attention(t0, path + "?layer=%d" % int(layer), body, _BINARY, layer)
         payload = {"layer": int(layer), "q": to_nested(q, "q"), "k": to_nested(k, "k"), "v": to_nested(v, "v")}
-        return self._attention(path, json.dumps(payload).encode(), "application/json", layer, accept=None)
+        return self._attention(t0, path, json.dumps(payload).encode(), "application/json", layer, accept=None)
 
-    def _attention(self, path, body, content_type, layer, accept=_BINARY):
-        t0 = time.perf_counter()
+    def _attention(self, t0, path, body, content_type, layer, accept=_BINARY):
+        """Sends a query or step body and decodes the answer (safetensors or JSON, whichever
+        came); client_ms runs from t0, when the caller began encoding, to the decoded result."""
         r, data = self.request("POST", path, body=body, content_type=content_type, accept=accept)
-        client_ms = (time.perf_counter() - t0) * 1e3
         if (r.getheader("Content-Type") or "").startswith(_BINARY):
-            return _binary_result(r, data, layer, client_ms)
-        return _json_result(json.loads(data.decode()), layer, client_ms)
+            result = _binary_result(r, data, layer)
+        else:
+            result = _json_result(json.loads(data.decode()), layer)
+        result.client_ms = (time.perf_counter() - t0) * 1e3
+        return result
 
 
 # ---------------------------------------------------------------- answers
@@ -269,15 +268,15 @@ def _error_from(r, data, method, path):
         return ReattnError(r.status, "http_%d" % r.status, "%s %s: %s" % (method, path, text), request_id)
 
 
-def _json_result(d, layer, client_ms):
+def _json_result(d, layer):
     ids = np.array([c["chunk"] for c in d.get("recalled_chunks", [])], dtype=np.int64)
     return AttentionResult(out=np.asarray(d["out"], dtype=np.float32), recalled_chunks=ids,
                            timing=dict(d.get("timing", {})), layer=int(d.get("layer", layer)),
-                           tokens=d.get("tokens"), context_tokens=d.get("context_tokens"), client_ms=client_ms,
+                           tokens=d.get("tokens"), context_tokens=d.get("context_tokens"),
                            extra={k: d[k] for k in d if k not in ("out", "recalled_chunks", "timing")})
 
 
-def _binary_result(r, data, layer, client_ms):
+def _binary_result(r, data, layer):
     try:
         tensors = safetensors.loads(data)
     except ValueError as e:
@@ -297,7 +296,7 @@ def _binary_result(r, data, layer, client_ms):
     return AttentionResult(out=tensors["out"].astype(np.float32, copy=False),
                            recalled_chunks=tensors.get("recalled_chunks", np.zeros(0, np.int64)).astype(np.int64),
                            timing=timing, layer=layer, tokens=int_header("X-Reattn-Tokens"),
-                           context_tokens=int_header("X-Reattn-Context-Tokens"), client_ms=client_ms)
+                           context_tokens=int_header("X-Reattn-Context-Tokens"))
 
 
 def parse_metrics(text):
