@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "common/status.h"
+#include "common/check.h"
 
 namespace reattn {
 
@@ -38,7 +38,8 @@ class Control {
   int local_rank_ = 0;
 };
 
-// Status of an MPI call, naming the call and the MPI error string.
-Status mpi_status(int rc, const char* what);
+// Status of an MPI call for REATTN_MPI_CHECK (common/check.h): kFatal naming the statement,
+// the MPI error string, file:line and rank.
+Status mpi_status(int rc, const char* statement, const char* file, int line);
 
 }  // namespace reattn

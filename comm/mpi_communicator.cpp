@@ -28,7 +28,8 @@ MpiCommunicator::MpiCommunicator() {
 Status MpiCommunicator::allgather(const void* send, void* recv, size_t bytes_per_rank) {
   REATTN_RETURN_IF_ERROR(check_count(bytes_per_rank, "allgather"));
   const int count = static_cast<int>(bytes_per_rank);
-  return mpi_status(MPI_Allgather(send, count, MPI_BYTE, recv, count, MPI_BYTE, MPI_COMM_WORLD), "MPI_Allgather");
+  REATTN_MPI_CHECK(MPI_Allgather(send, count, MPI_BYTE, recv, count, MPI_BYTE, MPI_COMM_WORLD));
+  return Status::ok();
 }
 
 Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::vector<Transfer>& recvs) {
@@ -44,18 +45,14 @@ Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::
   // Messages between one pair of ranks match in the order they are listed (same tag).
   for (const Transfer& r : recvs) {
     requests.emplace_back();
-    REATTN_RETURN_IF_ERROR(mpi_status(
-        MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, 0, MPI_COMM_WORLD, &requests.back()),
-        "MPI_Irecv"));
+    REATTN_MPI_CHECK(MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, 0, MPI_COMM_WORLD, &requests.back()));
   }
   for (const Transfer& s : sends) {
     requests.emplace_back();
-    REATTN_RETURN_IF_ERROR(mpi_status(
-        MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, 0, MPI_COMM_WORLD, &requests.back()),
-        "MPI_Isend"));
+    REATTN_MPI_CHECK(MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, 0, MPI_COMM_WORLD, &requests.back()));
   }
-  return mpi_status(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
-                    "MPI_Waitall");
+  REATTN_MPI_CHECK(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE));
+  return Status::ok();
 }
 
 }  // namespace reattn

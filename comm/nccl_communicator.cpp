@@ -8,15 +8,6 @@
 #include "comm/control.h"
 #include "kernels/cuda/cuda_check.h"
 
-// Returns a kDevice Status naming the NCCL call, file:line, rank and device.
-#define REATTN_NCCL_CHECK(statement)                                             \
-  do {                                                                           \
-    const ncclResult_t reattn_nccl_rc_ = (statement);                            \
-    if (reattn_nccl_rc_ != ncclSuccess) {                                        \
-      return nccl_status(reattn_nccl_rc_, #statement, __FILE__, __LINE__);       \
-    }                                                                            \
-  } while (0)
-
 namespace reattn {
 namespace {
 
@@ -34,9 +25,8 @@ Status NcclCommunicator::nccl_status(ncclResult_t rc, const char* statement, con
     const char* last = ncclGetLastError(comm_);
     if (last && *last) message += std::string(" (") + last + ")";
   }
-  message += " at " + std::string(file) + ":" + std::to_string(line) + " on rank " + std::to_string(rank_) +
-             ", device " + std::to_string(device_);
-  return Status(ErrorCode::kDevice, std::move(message));
+  message += fault_site(file, line) + ", device " + std::to_string(device_);
+  return Status(ErrorCode::kFatal, std::move(message));
 }
 
 Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& backend, int rank, int world) {
@@ -53,11 +43,10 @@ Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& 
     boot.ok = rc == ncclSuccess ? 1 : 0;
     if (!boot.ok) made = comm->nccl_status(rc, "ncclGetUniqueId(&id)", __FILE__, __LINE__);
   }
-  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Bcast(&boot, sizeof(boot), MPI_BYTE, 0, MPI_COMM_WORLD),
-                                    "MPI_Bcast(ncclUniqueId)"));
+  REATTN_MPI_CHECK(MPI_Bcast(&boot, sizeof(boot), MPI_BYTE, 0, MPI_COMM_WORLD));
   if (!boot.ok) {
     if (!made.is_ok()) return made;
-    return Status(ErrorCode::kDevice, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
+    return Status(ErrorCode::kFatal, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
   }
   ncclComm_t handle = nullptr;
   const ncclResult_t rc = ncclCommInitRank(&handle, world, boot.id, rank);
