@@ -1,5 +1,7 @@
 #include "common/safetensors.h"
 
+#include "common/excerpt.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -32,11 +34,11 @@ std::optional<int64_t> as_index(const nlohmann::json& v) {
 
 Expected<DType> parse_safetensors_dtype(const nlohmann::json& v) {
   // Only the safetensors spelling: parse_dtype also takes config spellings like "bf16".
-  const std::string name = v.is_string() ? v.get<std::string>() : v.dump();
+  const std::string name = v.is_string() ? v.get<std::string>() : json_excerpt(v);
   if (name == "F32") return DType::kF32;
   if (name == "F16") return DType::kF16;
   if (name == "BF16") return DType::kBF16;
-  return invalid_argument("unknown dtype '" + name + "' (expected F32, F16 or BF16)");
+  return invalid_argument("unknown dtype '" + capped(name) + "' (expected F32, F16 or BF16)");
 }
 
 }  // namespace
@@ -173,14 +175,14 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
     bool empty = false;
     for (const auto& d : shape_json) {
       const auto dim = as_index(d);
-      if (!dim) return fail(where + "shape " + shape_json.dump() + " has a negative or non-integer dim");
+      if (!dim) return fail(where + "shape " + json_excerpt(shape_json) + " has a negative or non-integer dim");
       view.shape.push_back(*dim);
       if (*dim == 0) {
         empty = true;
         continue;
       }
       if (numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / static_cast<uint64_t>(*dim)) {
-        return fail(where + "shape " + shape_json.dump() + " overflows numel");
+        return fail(where + "shape " + json_excerpt(shape_json) + " overflows numel");
       }
       numel *= static_cast<uint64_t>(*dim);
     }
@@ -189,7 +191,7 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
     const auto& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !as_index(offsets[0]) || !as_index(offsets[1])) {
       return fail(where + "'data_offsets' must be [begin, end] of non-negative integers, got " +
-                  offsets.dump());
+                  json_excerpt(offsets));
     }
     const auto begin = static_cast<uint64_t>(*as_index(offsets[0]));
     const auto end = static_cast<uint64_t>(*as_index(offsets[1]));
@@ -202,7 +204,7 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
     const uint64_t elem = dtype_size(*dtype);
     if (numel > data_size / elem || end - begin != numel * elem) {
       return fail(where + "data_offsets span " + std::to_string(end - begin) + " bytes but shape " +
-                  shape_json.dump() + " of " + dtype_name(*dtype) + " needs " +
+                  json_excerpt(shape_json) + " of " + dtype_name(*dtype) + " needs " +
                   (numel > data_size / elem ? "more than the file holds"
                                             : std::to_string(numel * elem) + " bytes"));
     }

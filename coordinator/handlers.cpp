@@ -5,6 +5,7 @@
 #include <random>
 #include <utility>
 
+#include "common/excerpt.h"
 #include "common/semantics.h"
 #include "coordinator/logging.h"
 #include "coordinator/responses.h"
@@ -84,7 +85,7 @@ Responder Handlers::finish(const HttpRequest& request, const std::string& route,
     response.headers.emplace_back("X-Request-Id", id);
     const double seconds = seconds_since(received);
     metrics_.count_request(method, route, response.status, seconds);
-    json fields = {{"request_id", id}, {"method", method}, {"path", path}, {"route", route},
+    json fields = {{"request_id", id}, {"method", capped(method)}, {"path", capped(path)}, {"route", route},
                    {"status", response.status}, {"ms", seconds * 1e3}, {"peer", peer}};
     if (response.status >= 400) {
       // The error body is small JSON; keep its code in the log line.
@@ -111,11 +112,11 @@ void Handlers::handle(HttpRequest request, Responder done) {
   const RouteMatch m = match_route(request.method, request.path);
   Responder reply = finish(request, m.pattern, std::move(done));
   if (m.error_status == 404) {
-    return reply(error_response(404, "not_found", "no route for " + request.method + " " + request.path));
+    return reply(error_response(404, "not_found", "no route for " + capped(request.method) + " " + capped(request.path)));
   }
   if (m.error_status == 405) {
     HttpResponse r = error_response(405, "method_not_allowed",
-                                    request.method + " is not allowed on " + m.pattern + " (allowed: " + m.allow + ")");
+                                    capped(request.method) + " is not allowed on " + m.pattern + " (allowed: " + m.allow + ")");
     r.headers.emplace_back("Allow", m.allow);
     return reply(std::move(r));
   }
@@ -142,7 +143,7 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kLayerStep: return layer_step(request, m, std::move(reply));
     case Route::kNone: break;
   }
-  reply(error_response(404, "not_found", "no route for " + request.method + " " + request.path));
+  reply(error_response(404, "not_found", "no route for " + capped(request.method) + " " + capped(request.path)));
 }
 
 HttpResponse Handlers::health_ready() const {

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/excerpt.h"
 #include "common/safetensors.h"
 #include "common/semantics.h"
 #include "common/synthetic.h"
@@ -45,7 +46,7 @@ Status check_keys(const json& doc, std::initializer_list<const char*> known) {
   for (const auto& item : doc.items()) {
     bool ok = false;
     for (const char* k : known) ok = ok || item.key() == k;
-    if (!ok) return invalid_argument("unknown field '" + item.key() + "'");
+    if (!ok) return invalid_argument("unknown field '" + capped(item.key()) + "'");
   }
   return Status::ok();
 }
@@ -55,7 +56,7 @@ Expected<int64_t> get_integer(const json& doc, const char* key, int64_t lo, int6
   if (!v.is_number_integer()) return invalid_argument(std::string(key) + ": expected an integer, got " + type_of(v));
   if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
     return invalid_argument(std::string(key) + ": must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                            "], got " + v.dump());
+                            "], got " + json_excerpt(v));
   }
   const int64_t x = v.get<int64_t>();
   if (x < lo || x > hi) {
@@ -103,10 +104,10 @@ Status read_nested(const json& x, const std::string& name, std::initializer_list
       const double value = v.get<double>();
       const float f = static_cast<float>(value);
       if (!std::isfinite(value) || !std::isfinite(f)) {
-        return invalid_argument(where + ": " + v.dump() + " is not a finite fp32 value");
+        return invalid_argument(where + ": " + json_excerpt(v) + " is not a finite fp32 value");
       }
       if (std::fabs(f) > max_abs) {
-        return invalid_argument(where + ": " + v.dump() + " is above the f16 storage limit " +
+        return invalid_argument(where + ": " + json_excerpt(v) + " is above the f16 storage limit " +
                                 std::to_string(static_cast<int>(max_abs)));
       }
       out->push_back(f);
@@ -158,7 +159,7 @@ Expected<QueryRequest> parse_json_query(const std::string& body, const Config& c
     uint64_t seed = 0;
     if (syn.contains("seed")) {
       if (!syn["seed"].is_number_integer() || (!syn["seed"].is_number_unsigned() && syn["seed"].get<int64_t>() < 0)) {
-        return invalid_argument("synthetic_q.seed: expected an integer >= 0, got " + syn["seed"].dump());
+        return invalid_argument("synthetic_q.seed: expected an integer >= 0, got " + json_excerpt(syn["seed"]));
       }
       seed = syn["seed"].get<uint64_t>();
     }
@@ -183,7 +184,7 @@ Expected<int> layer_from_url(const std::map<std::string, std::string>& params, c
   const std::string& text = layer_it->second;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), layer);
   if (ec != std::errc() || end != text.data() + text.size()) {
-    return invalid_argument("layer: expected an integer, got '" + text + "'");
+    return invalid_argument("layer: expected an integer, got '" + capped(text) + "'");
   }
   REATTN_RETURN_IF_ERROR(check_layer(layer, model));
   return static_cast<int>(layer);
@@ -194,7 +195,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   QueryRequest req;
   const auto params = parse_query_string(query_string);
   for (const auto& [key, value] : params) {
-    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + key + "'");
+    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + capped(key) + "'");
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
   if (params.count("mode")) {
@@ -255,7 +256,7 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   StepRequest req;
   const auto params = parse_query_string(query_string);
   for (const auto& [key, value] : params) {
-    if (key != "layer") return invalid_argument("unknown query parameter '" + key + "'");
+    if (key != "layer") return invalid_argument("unknown query parameter '" + capped(key) + "'");
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "step body"));
@@ -325,7 +326,7 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
   if (doc.contains("seed")) {
     const json& s = doc["seed"];
     if (!s.is_number_integer() || (!s.is_number_unsigned() && s.get<int64_t>() < 0)) {
-      return invalid_argument("seed: expected an integer >= 0, got " + s.dump());
+      return invalid_argument("seed: expected an integer >= 0, got " + json_excerpt(s));
     }
     req.seed = s.get<uint64_t>();
   }
@@ -339,7 +340,7 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
       if (!n[i].is_number_integer() || (!n[i].is_number_unsigned() && n[i].get<int64_t>() < 0) ||
           (n[i].is_number_unsigned() && n[i].get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
         return invalid_argument("needles[" + std::to_string(i) + "]: expected a token position >= 0, got " +
-                                n[i].dump());
+                                json_excerpt(n[i]));
       }
       req.needles.push_back(n[i].get<int64_t>());
     }

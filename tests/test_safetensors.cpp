@@ -192,6 +192,27 @@ TEST(SafetensorsMalformed, MissingFields) {
                       "tensor 'k': 'data_offsets' must be [begin, end]"));
 }
 
+// A client value nested far deeper than any stack allows is described, never serialized:
+// the error names the field and stays short (the parser itself is iterative).
+TEST(SafetensorsMalformed, DeeplyNestedValuesAreDescribedNotSerialized) {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  for (const char* field : {"dtype", "shape", "data_offsets"}) {
+    std::string entry = R"("dtype":"F32","shape":[2],"data_offsets":[0,8])";
+    const std::string key = std::string("\"") + field + "\":";
+    const size_t at = entry.find(key) + key.size();
+    const size_t end = std::string(field) == "dtype" ? entry.find(',', at) : entry.find(']', at) + 1;
+    entry.replace(at, end - at, deep);
+    auto file = SafetensorsFile::parse(blob("{\"k\":{" + entry + "}}", std::string(8, '\0')));
+    ASSERT_FALSE(file.is_ok()) << field;
+    EXPECT_NE(file.status().message().find("an array of 1 entries"), std::string::npos) << file.status().message();
+    EXPECT_LT(file.status().message().size(), 400u) << field;
+  }
+  const std::string long_dtype = R"({"k":{"dtype":")" + std::string(1 << 20, 'x') + R"(","shape":[2],"data_offsets":[0,8]}})";
+  auto file = SafetensorsFile::parse(blob(long_dtype, std::string(8, '\0')));
+  ASSERT_FALSE(file.is_ok());
+  EXPECT_LT(file.status().message().size(), 400u);
+}
+
 TEST(SafetensorsMalformed, NegativeOrNonIntegerDims) {
   EXPECT_TRUE(rejects(blob(R"({"k":{"dtype":"F32","shape":[-1],"data_offsets":[0,0]}})"), "tensor 'k': shape [-1] has a negative"));
   EXPECT_TRUE(rejects(blob(R"({"k":{"dtype":"F32","shape":[1.5],"data_offsets":[0,0]}})"), "non-integer dim"));

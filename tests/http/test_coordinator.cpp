@@ -170,6 +170,42 @@ TEST(Requests, KvBodyAndSyntheticBody) {
   EXPECT_FALSE(check_create_body("{\"x\": 1}").is_ok());
 }
 
+// A value nested ~100,000 levels deep in any echoed field is answered with a short 400 naming
+// the field; before, quoting it serialized it recursively and overflowed rank 0's stack.
+TEST(Requests, DeeplyNestedOrHugeValuesAreRefusedWithShortMessages) {
+  const Config c = tiny_config();
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string huge(10 << 20, 'k');
+  struct Case {
+    std::string body;
+    const char* field;
+  };
+  const std::vector<Case> synthetic_cases = {
+      {R"({"tokens": 10, "seed": )" + deep + "}", "seed"},
+      {R"({"tokens": 10, "needles": [)" + deep + "]}", "needles[0]"},
+      {R"({"tokens": )" + deep + "}", "tokens"},
+      {R"({"tokens": 10, ")" + huge + R"(": 1})", "unknown field"},
+  };
+  for (const Case& k : synthetic_cases) {
+    Expected<SyntheticRequest> r = parse_synthetic_request(k.body);
+    ASSERT_FALSE(r.is_ok()) << k.field;
+    EXPECT_NE(r.status().message().find(k.field), std::string::npos) << r.status().message().substr(0, 200);
+    EXPECT_LT(r.status().message().size(), 400u) << k.field;
+  }
+  const std::vector<Case> query_cases = {
+      {R"({"layer": 0, "synthetic_q": {"seed": )" + deep + "}}", "synthetic_q.seed"},
+      {R"({"layer": )" + deep + "}", "layer"},
+      {R"({"layer": 0, "mode": )" + deep + "}", "mode"},
+      {R"({"layer": 0, "q": [[)" + deep + "]]}", "q[0]"},
+  };
+  for (const Case& k : query_cases) {
+    Expected<QueryRequest> r = parse_query_request(k.body, "application/json", "", c);
+    ASSERT_FALSE(r.is_ok()) << k.field;
+    EXPECT_NE(r.status().message().find(k.field), std::string::npos) << r.status().message().substr(0, 200);
+    EXPECT_LT(r.status().message().size(), 400u) << k.field;
+  }
+}
+
 Task make_task(bool query) {
   Task t;
   if (query) {

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -473,6 +474,12 @@ class Suite:
         i32_q = sc.safetensors_bytes([("q", "I32", [1, H, D], b"\0" * (4 * H * D))])
         good_kv = kv()
         octet = "application/octet-stream"
+        deep = "[" * 70000 + "]" * 70000
+
+        def raw_st(header):  # a safetensors body with a hand-written header and no data
+            h = header.encode()
+            return struct.pack("<Q", len(h)) + h
+
         cases = [
             # (what, method, path, body, content type, status, code)
             ("malformed JSON", "POST", qpath, '{"layer": 0, "q": [', None, 400, "invalid_argument"),
@@ -526,6 +533,22 @@ class Suite:
              "invalid_argument"),
             ("synthetic negative seed", "POST", synpath, {"tokens": 10, "seed": -3}, None, 400, "invalid_argument"),
             ("create with a bad body", "POST", "/v1/contexts", "{oops", None, 400, "invalid_argument"),
+            # ~140 KB requests that once killed the job: quoting a deeply nested value in the error
+            # serialized it recursively and overflowed rank 0's stack.
+            ("synthetic seed nested 70,000 deep", "POST", synpath, '{"tokens": 10, "seed": %s}' % deep, None, 400,
+             "invalid_argument"),
+            ("synthetic needle nested 70,000 deep", "POST", synpath, '{"tokens": 10, "needles": [%s]}' % deep, None,
+             400, "invalid_argument"),
+            ("synthetic_q seed nested 70,000 deep", "POST", qpath,
+             '{"layer": 0, "synthetic_q": {"seed": %s}}' % deep, None, 400, "invalid_argument"),
+            ("safetensors dtype nested 70,000 deep", "POST", kvpath, raw_st('{"k":{"dtype":%s}}' % deep), octet, 400,
+             "invalid_argument"),
+            ("safetensors shape nested 70,000 deep", "POST", kvpath,
+             raw_st('{"k":{"dtype":"F32","shape":%s,"data_offsets":[0,0]}}' % deep), octet, 400, "invalid_argument"),
+            ("safetensors data_offsets nested 70,000 deep", "POST", kvpath,
+             raw_st('{"k":{"dtype":"F32","shape":[0],"data_offsets":%s}}' % deep), octet, 400, "invalid_argument"),
+            ("a 200 KB unknown field", "POST", synpath, '{"tokens": 10, "%s": 1}' % ("x" * 200000), None, 400,
+             "invalid_argument"),
             ("query unknown context", "POST", "/v1/contexts/999999/query", qbody(), None, 404, "not_found"),
             ("kv to unknown context", "POST", "/v1/contexts/999999/kv", good_kv, octet, 404, "not_found"),
             ("synthetic on unknown context", "POST", "/v1/contexts/999999/synthetic", {"tokens": 5}, None, 404,
@@ -546,6 +569,7 @@ class Suite:
         for what, method, path, body, ct, status, code in cases:
             r = cl.request(method, path, body=body, content_type=ct)
             c.error(r, status, code, what)
+            c.check(len(r.body) < 2048, "%s: the error body is short (%d bytes)" % (what, len(r.body)))
             if status == 405:
                 c.check(bool(r.header("Allow")), "%s: Allow header" % what)
             if status == 413:
