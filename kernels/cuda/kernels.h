@@ -19,20 +19,43 @@ struct DeviceInfo {
   int device = 0;
   int sm_count = 1;
   size_t max_shared_per_block = 48 << 10;  // opt-in limit, bytes
+  int compute_major = 0;                   // compute capability; the gemm kernels need 9 (sm_90a)
+  int compute_minor = 0;
 };
 
 // Largest top_k the scoring kernel keeps.
 constexpr int kMaxTopK = 32;
 
-// ---- Chunk scoring (score_kernels.cu) ----
+// ---- Chunk scoring (score_kernels.cu: warp kernel for few pairs, e.g. decode; the list merge;
+// score_gemm_kernels.cu: wgmma kernel for query blocks) ----
+enum class ScoreKernel { kWarp, kGemm };
 struct ScorePlan {
-  int warps_per_head = 0;      // scoring warps per KV head; each keeps its own top-k lists
-  int pairs_per_pass = 0;      // (row, head-in-group) pairs per pass: their lists and q fragments share shared memory
+  ScoreKernel kernel = ScoreKernel::kWarp;
+  int warps_per_head = 0;      // partial top-k lists per KV head (warp kernel: one per warp; gemm: one per key split)
+  int pairs_per_pass = 0;      // warp kernel: (row, head-in-group) pairs per pass (lists and q fragments in shared memory)
+  int pair_tiles = 0;          // gemm kernel: CTAs of 128 pairs per KV head
+  int key_splits = 0;          // gemm kernel: chunk-slot ranges per KV head (== warps_per_head)
+  int64_t slots_per_split = 0;
   size_t shared_bytes = 0;     // dynamic shared memory of the scoring kernel
   size_t workspace_bytes = 0;  // partial lists [Hkv][warps_per_head][qlen*G][top_k] Candidate
 };
+// Picks the gemm kernel for blocks of at least kMinGemmPairs pairs per KV head (chunks of at
+// least kMinGemmChunkTokens tokens, on an sm_90 device), the warp kernel otherwise; `force`
+// picks one (benchmarks).
+constexpr int kMinGemmPairs = 16;
+constexpr int kMinGemmChunkTokens = 16;
 ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info);
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info, ScoreKernel force);
 Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void* workspace, cudaStream_t stream);
+
+// The gemm kernel's pieces (score_gemm_kernels.cu), for plan_score/run_score.
+size_t score_gemm_shared_bytes(int head_dim, int top_k);
+int score_gemm_pairs_per_cta();
+int score_gemm_chunks_per_tile(int64_t chunk_tokens);
+int score_gemm_tiles_per_chunk(int64_t chunk_tokens);
+// Writes partial lists [Hkv][plan.key_splits][qlen*G][top_k] (merged by run_score).
+Status run_score_gemm(const ScoreParams& p, DType dtype, const ScorePlan& plan, Candidate* partial,
+                      cudaStream_t stream);
 
 // ---- Windowed attention and state merge (attend_kernels.cu) ----
 struct AttendPlan {

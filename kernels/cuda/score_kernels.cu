@@ -342,8 +342,11 @@ Status launch_score(const ScoreKernelParams& kp, const ScorePlan& plan, cudaStre
 
 }  // namespace
 
-ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
+namespace {
+
+ScorePlan plan_warp(const ScoreParams& p, const DeviceInfo& info) {
   ScorePlan plan;
+  plan.kernel = ScoreKernel::kWarp;
   const int group = p.q_heads / p.kv_heads;
   const int pairs = static_cast<int>(p.qlen) * group;
   const int64_t target = (static_cast<int64_t>(info.sm_count) * kWarpsPerSm + p.kv_heads - 1) / p.kv_heads;
@@ -361,6 +364,52 @@ ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
   return plan;
 }
 
+// One CTA per SM. Key splits: the fewest that fill the device's waves to >= 90% (CTAs of one
+// key range run side by side, so their shared key tiles come from L2), each split keeping at
+// least a few tiles of keys.
+ScorePlan plan_gemm(const ScoreParams& p, const DeviceInfo& info) {
+  ScorePlan plan;
+  plan.kernel = ScoreKernel::kGemm;
+  const int group = p.q_heads / p.kv_heads;
+  const int64_t pairs = p.qlen * group;
+  plan.pair_tiles = static_cast<int>((pairs + score_gemm_pairs_per_cta() - 1) / score_gemm_pairs_per_cta());
+  const int64_t base = static_cast<int64_t>(p.kv_heads) * plan.pair_tiles;
+  const int64_t slots_per_tile = std::max(1, score_gemm_chunks_per_tile(p.chunk_tokens));
+  const int64_t max_splits = std::max<int64_t>(1, p.block_count / (8 * slots_per_tile));
+  int64_t splits = 1;
+  for (int64_t s = 1; s <= std::min<int64_t>(max_splits, 256); ++s) {
+    const int64_t ctas = base * s;
+    const int64_t waves = (ctas + info.sm_count - 1) / info.sm_count;
+    splits = s;
+    if (static_cast<double>(ctas) / static_cast<double>(waves * info.sm_count) >= 0.9) break;
+  }
+  plan.slots_per_split = (p.block_count + splits - 1) / splits;
+  plan.key_splits = static_cast<int>(std::max<int64_t>(1, (p.block_count + plan.slots_per_split - 1) / plan.slots_per_split));
+  plan.warps_per_head = plan.key_splits;
+  plan.shared_bytes = score_gemm_shared_bytes(p.head_dim, p.top_k);
+  plan.workspace_bytes =
+      static_cast<size_t>(p.kv_heads) * plan.key_splits * pairs * p.top_k * sizeof(Candidate);
+  return plan;
+}
+
+bool gemm_supported(const ScoreParams& p, const DeviceInfo& info) {
+  return info.compute_major == 9 && info.compute_minor == 0 && (p.head_dim == 64 || p.head_dim == 128) &&
+         p.chunk_tokens >= kMinGemmChunkTokens && p.block_count > 0 &&
+         score_gemm_shared_bytes(p.head_dim, p.top_k) <= info.max_shared_per_block;
+}
+
+}  // namespace
+
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
+  const int64_t pairs = p.qlen * (p.q_heads / p.kv_heads);
+  const bool gemm = pairs >= kMinGemmPairs && gemm_supported(p, info);
+  return gemm ? plan_gemm(p, info) : plan_warp(p, info);
+}
+
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info, ScoreKernel force) {
+  return force == ScoreKernel::kGemm && gemm_supported(p, info) ? plan_gemm(p, info) : plan_warp(p, info);
+}
+
 Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void* workspace, cudaStream_t stream) {
   if (p.top_k < 1 || p.top_k > kMaxTopK) {
     return invalid_argument("score_chunks: top_k " + std::to_string(p.top_k) + " is outside [1, " +
@@ -373,9 +422,11 @@ Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void*
   kp.warps_per_head = plan.warps_per_head;
   kp.pairs_per_pass = plan.pairs_per_pass;
   kp.partial = static_cast<Candidate*>(workspace);
-  if (plan.warps_per_head > 0) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16) return invalid_argument("score_chunks: storage dtype must be bf16 or f16");
+  if (plan.kernel == ScoreKernel::kGemm) {
+    REATTN_RETURN_IF_ERROR(run_score_gemm(p, dtype, plan, kp.partial, stream));
+  } else if (plan.warps_per_head > 0) {
     const bool bf16 = dtype == DType::kBF16;
-    if (dtype != DType::kBF16 && dtype != DType::kF16) return invalid_argument("score_chunks: storage dtype must be bf16 or f16");
     if (p.head_dim == 128) {
       REATTN_RETURN_IF_ERROR((bf16 ? launch_score<__nv_bfloat16, 128>(kp, plan, stream)
                                    : launch_score<__half, 128>(kp, plan, stream)));
