@@ -31,7 +31,7 @@ build-gpu/bench/kernel_bench --json "$OUT/kernels.json" 2>&1 | tee -a "$LOG"
 python3 bench/torch_baselines.py --json "$OUT/torch.json" 2>&1 | tee -a "$LOG"
 say "bench: $((SECONDS - t0)) s"
 if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
-  ncu --clock-control none -k regex:score_gemm_kernel --launch-skip 1 --launch-count 1 \
+  ncu --clock-control none -k regex:score_gemm_kernel --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats \
     build-gpu/bench/kernel_bench --skip-decode --skip-attend --qlens 1024 --repeat 1 >"$OUT/ncu_score.txt" 2>&1
