@@ -25,6 +25,7 @@ say "build: $((SECONDS - t0)) s"
 build-gpu/tests/test_cuda_backend ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} >"$OUT/tests.log" 2>&1
 tests_rc=$?
 grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) +\]|Failure|Expected|Which is|got \(" "$OUT/tests.log" | head -60 | tee -a "$LOG"
+grep -E "^\[ error \]" "$OUT/tests.log" | sort -t: -k2 -g | tail -6 | tee -a "$LOG"
 say "tests rc=$tests_rc ($((SECONDS - t0)) s)"
 [ "${TESTS_ONLY:-0}" = 1 ] && exit $tests_rc
 build-gpu/bench/kernel_bench --json "$OUT/kernels.json" 2>&1 | tee -a "$LOG"

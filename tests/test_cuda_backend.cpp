@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <thread>
@@ -122,6 +123,8 @@ void check_case(const Case& c) {
     EXPECT_EQ(got.recalled, want.recalled);
     EXPECT_EQ(got.recalled, cpu_got.recalled);
     const double err = ref::relative_error(got.out, want.out);
+    std::printf("[ error ] %s %s: %.2e\n", c.name().c_str(), strategy == FinalAttention::kGather ? "gather" : "partial",
+                err);
     EXPECT_LT(err, tol) << "cuda vs fp64 reference";
     EXPECT_LT(ref::relative_error(cpu_got.out, want.out), 1e-4) << "cpu vs fp64 reference";
   }

@@ -59,11 +59,22 @@ Status run_score_gemm(const ScoreParams& p, DType dtype, const ScorePlan& plan, 
 
 // ---- Windowed attention and state merge (attend_kernels.cu) ----
 struct AttendPlan {
-  int splits = 0;              // key splits (each takes every splits-th segment)
+  bool mma = false;            // tensor-core kernel (query blocks) instead of the scalar one
+  int splits = 0;              // key splits (scalar: every splits-th segment; mma: ranges of 64-key tiles)
   int pair_tiles = 0;          // tiles of (row, head-in-group) pairs
-  size_t workspace_bytes = 0;  // partial states [splits][Hkv][qlen*G][D + 2] float
+  int64_t key_capacity = 0;    // mma: keys the rotated copy holds (max_position)
+  size_t rotated_offset = 0;   // mma: byte offset of the rotated K, V copies and key positions
+  size_t workspace_bytes = 0;  // partial states [splits][Hkv][qlen*G][D + 2] float (+ mma: rotated copies)
 };
+// The mma kernel takes blocks of at least kMinMmaAttendPairs (row, head) pairs per KV head.
+constexpr int kMinMmaAttendPairs = 64;
 AttendPlan plan_attend(const AttendParams& p, const DeviceInfo& info);
+// The tensor-core attention (attend_mma_kernels.cu): rotates the step's keys once into the
+// workspace, then writes the split partial states that run_attend merges.
+int attend_mma_pairs_per_cta();
+int attend_mma_keys_per_tile();
+Status run_attend_mma(const AttendParams& p, DType dtype, const AttendPlan& plan, const float* rope_cos,
+                      const float* rope_sin, void* workspace, cudaStream_t stream);
 // rope_cos / rope_sin: [positions > p.max_position][D/2] float tables (build_rope_table).
 Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, const float* rope_cos,
                   const float* rope_sin, void* workspace, cudaStream_t stream);
