@@ -254,7 +254,7 @@ int run(int argc, char** argv) {
   int64_t decode_tokens = int64_t{4} << 20;
   std::string qlen_list = "1,16,64,128,1024,4096";
   int repeat = 20;
-  bool skip_decode = false, skip_attend = false;
+  bool skip_decode = false, skip_attend = false, skip_score = false;
   app.add_option("--json", json_path, "JSON output");
   app.add_option("--tokens", tokens, "mid keys for the query-block scoring runs");
   app.add_option("--decode-tokens", decode_tokens, "mid keys for the qlen-1 bandwidth run");
@@ -262,6 +262,7 @@ int run(int argc, char** argv) {
   app.add_option("--repeat", repeat, "timed repetitions");
   app.add_flag("--skip-decode", skip_decode, "no qlen-1 bandwidth run");
   app.add_flag("--skip-attend", skip_attend, "no attention runs");
+  app.add_flag("--skip-score", skip_score, "no query-block scoring runs");
   CLI11_PARSE(app, argc, argv);
   std::vector<int64_t> qlens;
   for (size_t at = 0; at < qlen_list.size();) {
@@ -308,9 +309,11 @@ int run(int argc, char** argv) {
     if (!decode.is_ok()) return fail(decode.status());
     report["score_decode"] = *decode;
   }
-  Expected<nlohmann::json> blocks = bench_score(gpu, tokens, qlens, read_gbps, repeat);
-  if (!blocks.is_ok()) return fail(blocks.status());
-  report["score"] = *blocks;
+  if (!skip_score) {
+    Expected<nlohmann::json> blocks = bench_score(gpu, tokens, qlens, read_gbps, repeat);
+    if (!blocks.is_ok()) return fail(blocks.status());
+    report["score"] = *blocks;
+  }
   if (!skip_attend) {
     Expected<nlohmann::json> attend = bench_attend(gpu, {1, 128, 1024, 4096}, repeat);
     if (!attend.is_ok()) return fail(attend.status());

@@ -37,6 +37,11 @@ if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
     --section WarpStateStats --section Occupancy --section LaunchStats \
     build-gpu/bench/kernel_bench --skip-decode --skip-attend --qlens 1024 --repeat 1 >"$OUT/ncu_score.txt" 2>&1
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Executed Ipc|Issue Slots Busy|Registers Per|Achieved Occupancy|Stall|No Eligible|One or More" "$OUT/ncu_score.txt" | head -30 | tee -a "$LOG"
+  # The attention kernel at qlen 1024 (launches: qlen 1 scalar; qlen 128 x 3 calls x 2 variants).
+  ncu --clock-control none -k regex:attend_mma_kernel --launch-skip 6 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    build-gpu/bench/kernel_bench --skip-decode --skip-score --repeat 1 >"$OUT/ncu_attend.txt" 2>&1
+  grep -E "attend_mma_kernel|Duration|Compute \(SM\) Throughput|L2 Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy" "$OUT/ncu_attend.txt" | head -12 | tee -a "$LOG"
   say "ncu: $((SECONDS - t0)) s"
 fi
 python3 bench/kernel_report.py --kernels "$OUT/kernels.json" --torch "$OUT/torch.json" --out "$OUT" 2>&1 | tee -a "$LOG"

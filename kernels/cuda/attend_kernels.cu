@@ -403,7 +403,7 @@ AttendPlan plan_attend(const AttendParams& p, const DeviceInfo& info) {
     plan.key_capacity = std::max<int64_t>(p.max_position, 1);
     plan.rotated_offset = (plan.splits * state_bytes + 255) / 256 * 256;
     const size_t kv_bytes = static_cast<size_t>(p.kv_heads) * plan.key_capacity * p.head_dim * 2;
-    plan.workspace_bytes = plan.rotated_offset + 2 * kv_bytes + plan.key_capacity * sizeof(int);
+    plan.workspace_bytes = plan.rotated_offset + 2 * kv_bytes + plan.key_capacity * sizeof(int) + sizeof(unsigned);
     return plan;
   }
   plan.pair_tiles = static_cast<int>((pairs + kPairsPerTile - 1) / kPairsPerTile);

@@ -3,9 +3,14 @@
 //
 // Pass 1 (rotate_keys_kernel): every key of the step's segments (sinks, recalled chunks where
 // they lie, local window) is rotated by RoPE at its layout position once, in fp32, and written
-// with its value row to a contiguous workspace [Hkv][keys][D] in the storage dtype, with its
+// with its value row to a contiguous workspace [Hkv][keys][D] in the compute dtype, with its
 // layout position; a query block re-reads each key once per 64 (row, head) pairs, so rotating
 // once per step is cheaper than rotating on every load.
+//
+// Compute dtype: f16 (11-bit mantissa: logits and probabilities 4x closer than in bf16; with bf16
+// operands a planted needle's logit error alone reached 1e-2 relative in the output). f16 holds
+// only |x| <= 65504, so the f16 pass flags any rotated key, value or scaled q beyond that and a
+// bf16 variant (rotate + attend, launched behind it, idle unless flagged) does the step instead.
 // Pass 2 (attend_mma_kernel): a CTA of 4 warps takes 64 pairs of one KV head (16 per warp; q
 // rotated at the row's position and pre-scaled by log2(e)/sqrt(D) in registers) and one range of
 // 64-key tiles, double-buffered through cp.async into swizzled shared memory; keys at layout
@@ -18,6 +23,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/kernels.h"
@@ -31,6 +37,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kPairs = 16 * kWarps;  // (row, head-in-group) pairs of one CTA
 constexpr int kKeys = 64;            // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kRotateSlices = 16;    // CTAs per segment and KV head in the rotation pass
 
 // Total keys over the segments (each CTA sums the short segment list itself).
 __device__ __forceinline__ int64_t segment_offset(const KeySegment* segments, int64_t upto) {
@@ -94,8 +101,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(a));
 }
 
+constexpr float kF16Max = 65504.0f;
+
 struct RotateParams {
   AttendParams p;
+  unsigned* overflow = nullptr;     // set by the f16 pass when a value does not fit f16
   const float* rope_cos = nullptr;  // [positions][D/2]
   const float* rope_sin = nullptr;
   void* k_rot = nullptr;            // [Hkv][capacity][D] storage dtype
@@ -104,22 +114,31 @@ struct RotateParams {
   int64_t capacity = 0;             // keys the workspace holds (>= max_position >= keys)
 };
 
-// grid (segments, Hkv), block 256: one segment of one KV head; thread = 8 dims of the first half
-// and their 8 partners of the second half of one key.
-template <typename T, int D>
+// grid (segments, kRotateSlices, Hkv), block 256: one slice of one segment of one KV head (the
+// local window's thousands of keys are spread over many CTAs); thread = 8 dims of the first half
+// and their 8 partners of the second half of one key. T: storage dtype; TC: compute dtype
+// (f16: the primary pass, which also checks the range of keys, values and q; bf16: the fallback,
+// idle unless the primary pass flagged an overflow).
+template <typename T, typename TC, int D>
 __global__ void __launch_bounds__(256) rotate_keys_kernel(const RotateParams rp) {
+  constexpr bool kPrimary = std::is_same<TC, __half>::value;
   constexpr int kHalf = D / 2;
   constexpr int kItems = kHalf / 8;  // per key
+  if (!kPrimary && *rp.overflow == 0) return;
   const AttendParams& p = rp.p;
   const int64_t s = blockIdx.x;
-  const int g = blockIdx.y;
+  const int g = blockIdx.z;
   const KeySegment seg = p.segments[s];
+  const int64_t slice = (seg.tokens + gridDim.y - 1) / gridDim.y;
+  const int64_t t_begin = blockIdx.y * slice;
+  const int64_t t_end = min(seg.tokens, t_begin + slice);
   const int64_t first = segment_offset(p.segments, s);
   const T* k_head = static_cast<const T*>(seg.k) + g * seg.head_stride;
   const T* v_head = static_cast<const T*>(seg.v) + g * seg.head_stride;
-  T* k_out = static_cast<T*>(rp.k_rot) + (static_cast<int64_t>(g) * rp.capacity + first) * D;
-  T* v_out = static_cast<T*>(rp.v_copy) + (static_cast<int64_t>(g) * rp.capacity + first) * D;
-  for (int64_t item = threadIdx.x; item < seg.tokens * kItems; item += blockDim.x) {
+  TC* k_out = static_cast<TC*>(rp.k_rot) + (static_cast<int64_t>(g) * rp.capacity + first) * D;
+  TC* v_out = static_cast<TC*>(rp.v_copy) + (static_cast<int64_t>(g) * rp.capacity + first) * D;
+  bool over = false;
+  for (int64_t item = t_begin * kItems + threadIdx.x; item < t_end * kItems; item += blockDim.x) {
     const int64_t t = item / kItems;
     const int d0 = static_cast<int>(item % kItems) * 8;
     const int64_t pos = seg.position + t;
@@ -132,22 +151,41 @@ __global__ void __launch_bounds__(256) rotate_keys_kernel(const RotateParams rp)
     const float4 c0 = __ldg(cs), c1 = __ldg(cs + 1), s0 = __ldg(sn), s1 = __ldg(sn + 1);
     const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
     const float sv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-    __align__(16) T y1[8];
-    __align__(16) T y2[8];
+    __align__(16) TC y1[8];
+    __align__(16) TC y2[8];
+    __align__(16) TC w1[8];
+    __align__(16) TC w2[8];
+    const uint4 rv1 = __ldg(reinterpret_cast<const uint4*>(v_head + t * D + d0));
+    const uint4 rv2 = __ldg(reinterpret_cast<const uint4*>(v_head + t * D + d0 + kHalf));
+    const T* v1 = reinterpret_cast<const T*>(&rv1);
+    const T* v2 = reinterpret_cast<const T*>(&rv2);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const float a = to_float(x1[j]), b = to_float(x2[j]);
-      y1[j] = from_float<T>(a * c[j] - b * sv[j]);
-      y2[j] = from_float<T>(b * c[j] + a * sv[j]);
+      const float r1 = a * c[j] - b * sv[j], r2 = b * c[j] + a * sv[j];
+      const float u1 = to_float(v1[j]), u2 = to_float(v2[j]);
+      over |= fabsf(r1) > kF16Max || fabsf(r2) > kF16Max || fabsf(u1) > kF16Max || fabsf(u2) > kF16Max;
+      y1[j] = from_float<TC>(r1);
+      y2[j] = from_float<TC>(r2);
+      w1[j] = from_float<TC>(u1);
+      w2[j] = from_float<TC>(u2);
     }
     *reinterpret_cast<uint4*>(k_out + t * D + d0) = *reinterpret_cast<const uint4*>(y1);
     *reinterpret_cast<uint4*>(k_out + t * D + d0 + kHalf) = *reinterpret_cast<const uint4*>(y2);
-    *reinterpret_cast<uint4*>(v_out + t * D + d0) = __ldg(reinterpret_cast<const uint4*>(v_head + t * D + d0));
-    *reinterpret_cast<uint4*>(v_out + t * D + d0 + kHalf) =
-        __ldg(reinterpret_cast<const uint4*>(v_head + t * D + d0 + kHalf));
+    *reinterpret_cast<uint4*>(v_out + t * D + d0) = *reinterpret_cast<const uint4*>(w1);
+    *reinterpret_cast<uint4*>(v_out + t * D + d0 + kHalf) = *reinterpret_cast<const uint4*>(w2);
+  }
+  if constexpr (kPrimary) {
+    // q: rotation mixes two dims (|rotated| <= sqrt(2) max|q|), then the log2(e)/sqrt(D) scale.
+    const float q_limit = kF16Max * sqrtf(static_cast<float>(D)) / (1.4426950408889634f * 1.41421356f);
+    const int64_t q_count = p.qlen * p.q_heads * D;
+    const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
+    const int64_t cta = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    for (int64_t i = cta * blockDim.x + threadIdx.x; i < q_count; i += ctas * blockDim.x) over |= fabsf(p.q[i]) > q_limit;
+    if (__syncthreads_or(over) && threadIdx.x == 0) atomicOr(rp.overflow, 1u);
   }
   if (g == 0) {
-    for (int64_t t = threadIdx.x; t < seg.tokens; t += blockDim.x) {
+    for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
       rp.key_position[first + t] = static_cast<int>(seg.position + t);
     }
   }
@@ -164,6 +202,7 @@ struct MmaParams {
   const void* v_copy = nullptr;
   const int* key_position = nullptr;
   int64_t capacity = 0;
+  const unsigned* overflow = nullptr;
   float* partial = nullptr;  // [splits][Hkv][pairs][D + 2]
 };
 
@@ -174,9 +213,11 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int unit) {
   return static_cast<uint32_t>(row * D * 2 + ((unit ^ (row & 7)) << 4));
 }
 
-// grid (pair tiles, Hkv, splits), block kThreads.
+// grid (pair tiles, Hkv, splits), block kThreads. T: the compute dtype (f16: primary; bf16: the
+// fallback, which works only when the f16 pass flagged an overflow).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attend_mma_kernel(const MmaParams mp) {
+  if ((*mp.overflow != 0) == std::is_same<T, __half>::value) return;
   constexpr int kUnits = D / 8;                 // 16-byte units per row
   constexpr int kTileBytes = kKeys * D * 2;
   constexpr int kKSteps = D / 16;
@@ -398,10 +439,11 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(const MmaParams mp
   }
 }
 
-template <typename T, int D>
-Status launch(const MmaParams& mp, const AttendPlan& plan, cudaStream_t stream) {
+template <typename T, typename TC, int D>
+Status launch_pass(const MmaParams& mp, const AttendPlan& plan, cudaStream_t stream) {
   RotateParams rp;
   rp.p = mp.p;
+  rp.overflow = const_cast<unsigned*>(mp.overflow);
   rp.rope_cos = mp.rope_cos;
   rp.rope_sin = mp.rope_sin;
   rp.k_rot = const_cast<void*>(mp.k_rot);
@@ -409,17 +451,24 @@ Status launch(const MmaParams& mp, const AttendPlan& plan, cudaStream_t stream) 
   rp.key_position = const_cast<int*>(mp.key_position);
   rp.capacity = mp.capacity;
   if (mp.p.segment_count > 0) {
-    const dim3 rgrid(static_cast<unsigned>(mp.p.segment_count), mp.p.kv_heads);
-    rotate_keys_kernel<T, D><<<rgrid, 256, 0, stream>>>(rp);
+    const dim3 rgrid(static_cast<unsigned>(mp.p.segment_count), kRotateSlices, mp.p.kv_heads);
+    rotate_keys_kernel<T, TC, D><<<rgrid, 256, 0, stream>>>(rp);
     REATTN_CUDA_CHECK_LAUNCH("rotate_keys_kernel");
   }
-  const auto kernel = attend_mma_kernel<T, D>;
+  const auto kernel = attend_mma_kernel<TC, D>;
   const size_t smem = 4 * kKeys * D * 2 + 2 * kKeys * sizeof(int);
   REATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(plan.pair_tiles, mp.p.kv_heads, plan.splits);
   kernel<<<grid, kThreads, smem, stream>>>(mp);
   REATTN_CUDA_CHECK_LAUNCH("attend_mma_kernel");
   return Status::ok();
+}
+
+template <typename T, int D>
+Status launch(const MmaParams& mp, const AttendPlan& plan, cudaStream_t stream) {
+  REATTN_CUDA_CHECK(cudaMemsetAsync(const_cast<unsigned*>(mp.overflow), 0, sizeof(unsigned), stream));
+  REATTN_RETURN_IF_ERROR((launch_pass<T, __half, D>(mp, plan, stream)));
+  return launch_pass<T, __nv_bfloat16, D>(mp, plan, stream);
 }
 
 }  // namespace
@@ -443,6 +492,8 @@ Status run_attend_mma(const AttendParams& p, DType dtype, const AttendPlan& plan
   mp.k_rot = ws + plan.rotated_offset;
   mp.v_copy = ws + plan.rotated_offset + kv_bytes;
   mp.key_position = reinterpret_cast<const int*>(ws + plan.rotated_offset + 2 * kv_bytes);
+  mp.overflow = reinterpret_cast<const unsigned*>(ws + plan.rotated_offset + 2 * kv_bytes +
+                                                  plan.key_capacity * sizeof(int));
   const bool bf16 = dtype == DType::kBF16;
   if (p.head_dim == 128) {
     return bf16 ? launch<__nv_bfloat16, 128>(mp, plan, stream) : launch<__half, 128>(mp, plan, stream);
