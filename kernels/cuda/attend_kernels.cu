@@ -430,7 +430,8 @@ Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, co
   if (dtype != DType::kBF16 && dtype != DType::kF16) return invalid_argument("attend: storage dtype must be bf16 or f16");
   if (plan.mma) {
     REATTN_RETURN_IF_ERROR(run_attend_mma(p, dtype, plan, rope_cos, rope_sin, workspace, stream));
-    return launch_split_merge_for(p, plan, kp.partial, stream);
+    // One split writes the final state itself.
+    return plan.splits == 1 ? Status::ok() : launch_split_merge_for(p, plan, kp.partial, stream);
   }
   if (p.head_dim == 128) {
     return bf16 ? launch_attend<__nv_bfloat16, 128>(kp, plan, stream) : launch_attend<__half, 128>(kp, plan, stream);

@@ -425,16 +425,24 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(const MmaParams mp
   for (int r = 0; r < 2; ++r) {
     if (!valid[r]) continue;
     const int e = blockIdx.x * kPairs + warp * 16 + gq + 8 * r;
-    float* dst = mp.partial + ((static_cast<int64_t>(split) * p.kv_heads + g) * mp.pairs + e) * (D + 2);
+    // One split: the final state goes straight to out/row_max/row_sum (no merge pass).
+    const bool direct = mp.splits == 1;
+    float* dst = direct ? p.out + q_row[r] * D
+                        : mp.partial + ((static_cast<int64_t>(split) * p.kv_heads + g) * mp.pairs + e) * (D + 2);
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
 #pragma unroll
     for (int d = 0; d < D / 8; ++d) {
-      dst[8 * d + 2 * tq] = o[d][2 * r] * inv;
-      dst[8 * d + 2 * tq + 1] = o[d][2 * r + 1] * inv;
+      *reinterpret_cast<float2*>(dst + 8 * d + 2 * tq) = make_float2(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
     }
     if (tq == 0) {
-      dst[D] = l[r] > 0.0f ? m[r] * ln2 : -INFINITY;
-      dst[D + 1] = l[r];
+      const float row_max = l[r] > 0.0f ? m[r] * ln2 : -INFINITY;
+      if (direct) {
+        p.row_max[q_row[r]] = row_max;
+        p.row_sum[q_row[r]] = l[r];
+      } else {
+        dst[D] = row_max;
+        dst[D + 1] = l[r];
+      }
     }
   }
 }
@@ -451,7 +459,10 @@ Status launch_pass(const MmaParams& mp, const AttendPlan& plan, cudaStream_t str
   rp.key_position = const_cast<int*>(mp.key_position);
   rp.capacity = mp.capacity;
   if (mp.p.segment_count > 0) {
-    const dim3 rgrid(static_cast<unsigned>(mp.p.segment_count), kRotateSlices, mp.p.kv_heads);
+    // The bf16 fallback runs only after an overflow: one CTA per segment and head keeps its
+    // usually empty launch short.
+    const unsigned slices = std::is_same<TC, __half>::value ? kRotateSlices : 1;
+    const dim3 rgrid(static_cast<unsigned>(mp.p.segment_count), slices, mp.p.kv_heads);
     rotate_keys_kernel<T, TC, D><<<rgrid, 256, 0, stream>>>(rp);
     REATTN_CUDA_CHECK_LAUNCH("rotate_keys_kernel");
   }
