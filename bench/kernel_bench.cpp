@@ -14,6 +14,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/dtype.h"
@@ -115,7 +116,7 @@ Expected<nlohmann::json> bench_score(CudaBackend& gpu, int64_t tokens, const std
     Expected<Buffer> out = gpu.allocate(static_cast<size_t>(qlen) * kH * 4 * sizeof(Candidate));
     if (!out.is_ok()) return out.status();
     for (bool exact : {true, false}) {
-      if (!exact && qlen != 1024 && qlen != 1) continue;
+      if (!exact && qlen != 1024 && qlen != 1 && qlen != 32) continue;
       Expected<Buffer> q = upload_q(gpu, qlen, exact, 11 + qlen);
       if (!q.is_ok()) return q.status();
       ScoreParams p;
@@ -247,6 +248,51 @@ Expected<nlohmann::json> bench_attend(CudaBackend& gpu, const std::vector<int64_
   return rows;
 }
 
+// Device merge + recall selection for a block of `rows` (row, head) rows, top_k 4, from `world`
+// ranks' lists over `chunks` chunk ids (random lists; timing only, the tests check the result).
+Expected<nlohmann::json> bench_select(CudaBackend& gpu, int64_t rows, int world, int64_t chunks, int repeat) {
+  const int k = 4;
+  std::mt19937_64 rng(9);
+  std::vector<Candidate> gathered(static_cast<size_t>(world) * rows * k);
+  for (int64_t i = 0; i < static_cast<int64_t>(gathered.size()) / k; ++i) {
+    Candidate* list = gathered.data() + i * k;
+    for (int s = 0; s < k; ++s) {
+      list[s] = Candidate{static_cast<float>(rng() % 100000) / 1000.0f, static_cast<int32_t>(rng() % chunks)};
+    }
+    std::sort(list, list + k, [](const Candidate& a, const Candidate& b) { return candidate_before(a, b); });
+    for (int s = 1; s < k; ++s) {  // distinct chunks within a list
+      if (list[s].chunk == list[s - 1].chunk) list[s].chunk = -1;
+    }
+    std::sort(list, list + k, [](const Candidate& a, const Candidate& b) { return candidate_before(a, b); });
+  }
+  Expected<Buffer> g_dev = gpu.allocate(gathered.size() * sizeof(Candidate));
+  Expected<Buffer> merged = gpu.allocate(rows * k * sizeof(Candidate));
+  Expected<Buffer> recall = gpu.allocate(64 * sizeof(int64_t));
+  const size_t ws_bytes = cuda::merge_select_workspace_bytes(chunks);
+  Expected<Buffer> ws = gpu.allocate(ws_bytes);
+  if (!g_dev.is_ok() || !merged.is_ok() || !recall.is_ok() || !ws.is_ok()) {
+    return Status(ErrorCode::kCapacity, "select bench: allocation failed");
+  }
+  REATTN_RETURN_IF_ERROR(gpu.upload(g_dev->data(), gathered.data(), gathered.size() * sizeof(Candidate)));
+  cuda::MergeSelectParams p;
+  p.gathered = g_dev->as<const Candidate>();
+  p.world = world;
+  p.rows = rows;
+  p.top_k = k;
+  p.num_chunks = chunks;
+  p.max_recall = 32;
+  p.merged = merged->as<Candidate>();
+  p.recall = recall->as<int64_t>();
+  p.recall_count = recall->as<int64_t>() + 32;
+  Expected<double> ms = time_ms(gpu.stream(), 2, repeat, [&] {
+    return cuda::run_merge_select(p, ws->data(), ws_bytes, gpu.stream());
+  });
+  if (!ms.is_ok()) return ms.status();
+  std::printf("[select] rows=%lld world=%d chunks=%lld candidates=%lld: %.3f ms\n", static_cast<long long>(rows), world,
+              static_cast<long long>(chunks), static_cast<long long>(gathered.size()), *ms);
+  return nlohmann::json{{"rows", rows}, {"world", world}, {"chunks", chunks}, {"ms", *ms}};
+}
+
 int run(int argc, char** argv) {
   CLI::App app{"kernel_bench: scoring and attention kernels on one GPU"};
   std::string json_path;
@@ -305,7 +351,8 @@ int run(int argc, char** argv) {
     return 1;
   };
   if (!skip_decode) {
-    Expected<nlohmann::json> decode = bench_score(gpu, decode_tokens, {1}, read_gbps, repeat);
+    // qlen 32: a batch of 32 decode queries of one context scored as one block of rows.
+    Expected<nlohmann::json> decode = bench_score(gpu, decode_tokens, {1, 32}, read_gbps, repeat);
     if (!decode.is_ok()) return fail(decode.status());
     report["score_decode"] = *decode;
   }
@@ -318,6 +365,14 @@ int run(int argc, char** argv) {
     Expected<nlohmann::json> attend = bench_attend(gpu, {1, 128, 1024, 4096}, repeat);
     if (!attend.is_ok()) return fail(attend.status());
     report["attend"] = *attend;
+  }
+  report["select"] = nlohmann::json::array();
+  for (const auto& [rows, world, chunks] : {std::tuple<int64_t, int, int64_t>{4096 * 32, 1, 16384},
+                                            std::tuple<int64_t, int, int64_t>{4096 * 32, 2, 65536},
+                                            std::tuple<int64_t, int, int64_t>{32, 1, 65536}}) {
+    Expected<nlohmann::json> sel = bench_select(gpu, rows, world, chunks, repeat);
+    if (!sel.is_ok()) return fail(sel.status());
+    report["select"].push_back(*sel);
   }
   if (!json_path.empty()) std::ofstream(json_path) << report.dump(2) << "\n";
   return 0;

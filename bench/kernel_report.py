@@ -40,6 +40,16 @@ def main():
         base_txt = "" if not base else f"{base['full_ms']:.3f} / {causal:.3f}" if causal else f"{base['full_ms']:.3f} / -"
         print(f"| attend | {r['qlen']} | {r['keys']} | {r['ms']:.3f} | {r['tflops']:.1f} | {base_txt} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    dec = k.get("score_decode", [])
+    one = [r for r in dec if r["qlen"] == 1 and r["kernel"] == "warp" and r["q"] == "bf16-exact"]
+    for r in dec:
+        if r["qlen"] == 32 and one:
+            ratio = 32 * one[0]["ms"] / r["ms"]
+            print(f"batch of 32 decode queries scored as one block ({r['kernel']}, q {r['q']}): {r['ms']:.3f} ms vs "
+                  f"{one[0]['ms']:.3f} ms for one: {ratio:.1f}x the queries/s of batch 1 (scoring kernel only)")
+    for r in k.get("select", []):
+        print(f"device merge + recall selection: {r['rows']} rows x top_k 4 from {r['world']} rank(s), "
+              f"{r['chunks']} chunks: {r['ms']:.3f} ms")
     with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["what"])
         w.writeheader()

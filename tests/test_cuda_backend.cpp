@@ -616,6 +616,78 @@ TEST(CudaScore, ChunksLongerThanATile) {
   check_scores(b);
 }
 
+// ---- Device candidate merge + recall selection against merge_candidates + select_recall, with
+// many ties: few chunks (vote-count ties) and scores from a small set (best-score ties).
+void check_merge_select(int world, int64_t rows, int k, int64_t num_chunks, const std::vector<int64_t>& caps,
+                        uint64_t seed) {
+  SCOPED_TRACE("world " + std::to_string(world) + " rows " + std::to_string(rows) + " k " + std::to_string(k) +
+               " chunks " + std::to_string(num_chunks));
+  Case base;
+  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(make_config(base), 0);
+  ASSERT_TRUE(made.is_ok()) << made.status().to_string();
+  auto& gpu = static_cast<CudaBackend&>(**made);
+  std::mt19937_64 rng(seed);
+  std::vector<Candidate> gathered(static_cast<size_t>(world) * rows * k);
+  for (int rank = 0; rank < world; ++rank) {
+    std::vector<int32_t> mine;
+    for (int64_t c = rank; c < num_chunks; c += world) mine.push_back(static_cast<int32_t>(c));
+    for (int64_t row = 0; row < rows; ++row) {
+      Candidate* list = gathered.data() + (static_cast<int64_t>(rank) * rows + row) * k;
+      std::shuffle(mine.begin(), mine.end(), rng);
+      const int filled = std::min<int>(static_cast<int>(mine.size()), row % 7 == 0 ? k / 2 : k);
+      for (int s = 0; s < k; ++s) {
+        list[s] = s < filled ? Candidate{static_cast<float>(static_cast<int>(rng() % 9) - 4) / 8.0f, mine[s]}
+                             : Candidate{0.0f, -1};
+      }
+      std::sort(list, list + k, [](const Candidate& a, const Candidate& b) { return candidate_before(a, b); });
+    }
+  }
+  std::vector<Candidate> want_merged(rows * k);
+  merge_candidates(gathered.data(), world, rows, k, want_merged.data());
+  Expected<Buffer> g_dev = gpu.allocate(gathered.size() * sizeof(Candidate));
+  Expected<Buffer> merged = gpu.allocate(want_merged.size() * sizeof(Candidate));
+  const int64_t max_cap = *std::max_element(caps.begin(), caps.end());
+  Expected<Buffer> recall = gpu.allocate((max_cap + 1) * sizeof(int64_t));
+  Expected<Buffer> ws = gpu.allocate(cuda::merge_select_workspace_bytes(num_chunks));
+  ASSERT_TRUE(g_dev.is_ok() && merged.is_ok() && recall.is_ok() && ws.is_ok());
+  ASSERT_TRUE(gpu.upload(g_dev->data(), gathered.data(), gathered.size() * sizeof(Candidate)).is_ok());
+  for (int64_t cap : caps) {
+    SCOPED_TRACE("max_recall " + std::to_string(cap));
+    cuda::MergeSelectParams p;
+    p.gathered = g_dev->as<const Candidate>();
+    p.world = world;
+    p.rows = rows;
+    p.top_k = k;
+    p.num_chunks = num_chunks;
+    p.max_recall = cap;
+    p.merged = merged->as<Candidate>();
+    p.recall = recall->as<int64_t>();
+    p.recall_count = recall->as<int64_t>() + max_cap;
+    const Status st = cuda::run_merge_select(p, ws->data(), ws->bytes(), gpu.stream());
+    ASSERT_TRUE(st.is_ok()) << st.to_string();
+    std::vector<Candidate> got_merged(rows * k);
+    std::vector<int64_t> got(max_cap + 1, -7);
+    ASSERT_TRUE(gpu.download(got_merged.data(), merged->data(), got_merged.size() * sizeof(Candidate)).is_ok());
+    ASSERT_TRUE(gpu.download(got.data(), recall->data(), got.size() * sizeof(int64_t)).is_ok());
+    int merged_mismatches = 0;
+    for (size_t i = 0; i < got_merged.size(); ++i) {
+      merged_mismatches += got_merged[i].chunk != want_merged[i].chunk || got_merged[i].score != want_merged[i].score;
+    }
+    EXPECT_EQ(merged_mismatches, 0);
+    const std::vector<int64_t> want = select_recall(want_merged.data(), rows, k, cap);
+    ASSERT_EQ(got[max_cap], static_cast<int64_t>(want.size()));
+    EXPECT_EQ(std::vector<int64_t>(got.begin(), got.begin() + static_cast<int64_t>(want.size())), want);
+  }
+}
+
+TEST(CudaSelect, MatchesMergeAndSelectRecall) {
+  SKIP_WITHOUT_GPU();
+  check_merge_select(1, 4096 * 8, 4, 300, {1, 32, 299, 4096}, 1);
+  check_merge_select(3, 1000, 5, 61, {7, 32}, 2);
+  check_merge_select(2, 17, 16, 5000, {32, 100}, 3);
+  check_merge_select(4, 0, 4, 10, {3}, 4);
+}
+
 TEST(CudaBackend, MergeStatesMatchesCpu) {
   SKIP_WITHOUT_GPU();
   Case c;
