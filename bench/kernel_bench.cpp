@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench/event_timing.h"
 #include "common/dtype.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_check.h"
@@ -27,30 +28,6 @@ namespace {
 constexpr int kH = 32, kHkv = 8, kD = 128;
 constexpr int64_t kC = 64;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-template <typename Fn>
-Expected<double> time_ms(cudaStream_t stream, int warmup, int repeat, Fn fn) {
-  cudaEvent_t start, stop;
-  REATTN_CUDA_CHECK(cudaEventCreate(&start));
-  REATTN_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int r = 0; r < warmup + repeat; ++r) {
-    REATTN_CUDA_CHECK(cudaEventRecord(start, stream));
-    REATTN_RETURN_IF_ERROR(fn());
-    REATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    REATTN_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    REATTN_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    if (r >= warmup) ms.push_back(t);
-  }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
-  return median(ms);
-}
 
 // Random bf16 bits (values in about [-2, 2]) from a 64-bit LCG: one 64 MiB pattern, rotated per page.
 std::vector<uint16_t> random_bf16(size_t count, uint64_t seed) {
@@ -138,7 +115,7 @@ Expected<nlohmann::json> bench_score(CudaBackend& gpu, int64_t tokens, const std
         Expected<Buffer> ws = gpu.allocate(std::max<size_t>(plan.workspace_bytes, 16));
         if (!ws.is_ok()) return ws.status();
         const int reps = qlen >= 1024 ? std::max(3, repeat / 4) : repeat;
-        Expected<double> ms = time_ms(gpu.stream(), 2, reps, [&] {
+        Expected<double> ms = bench::time_events(gpu.stream(), 2, reps, [&] {
           return cuda::run_score(p, DType::kBF16, plan, ws->data(), gpu.stream());
         });
         if (!ms.is_ok()) return ms.status();
@@ -233,7 +210,7 @@ Expected<nlohmann::json> bench_attend(CudaBackend& gpu, const std::vector<int64_
     p.out = out->as<float>();
     p.row_max = mx->as<float>();
     p.row_sum = sm->as<float>();
-    Expected<double> ms = time_ms(gpu.stream(), 2, repeat, [&] { return gpu.attend(p); });
+    Expected<double> ms = bench::time_events(gpu.stream(), 2, repeat, [&] { return gpu.attend(p); });
     if (!ms.is_ok()) return ms.status();
     // Causal FLOPs actually needed: each row sees position + 1 keys; 4*D per (row, head, key).
     double keys_seen = 0;
@@ -284,7 +261,7 @@ Expected<nlohmann::json> bench_select(CudaBackend& gpu, int64_t rows, int world,
   p.merged = merged->as<Candidate>();
   p.recall = recall->as<int64_t>();
   p.recall_count = recall->as<int64_t>() + 32;
-  Expected<double> ms = time_ms(gpu.stream(), 2, repeat, [&] {
+  Expected<double> ms = bench::time_events(gpu.stream(), 2, repeat, [&] {
     return cuda::run_merge_select(p, ws->data(), ws_bytes, gpu.stream());
   });
   if (!ms.is_ok()) return ms.status();
@@ -338,7 +315,7 @@ int run(int argc, char** argv) {
     Expected<Buffer> sink = gpu.allocate(64);
     if (!buf.is_ok() || !sink.is_ok()) return 1;
     (void)cudaMemsetAsync(buf->data(), 0x5a, bytes, gpu.stream());
-    Expected<double> ms = time_ms(gpu.stream(), 2, 10, [&] {
+    Expected<double> ms = bench::time_events(gpu.stream(), 2, 10, [&] {
       return cuda::run_read_probe(buf->data(), bytes, sink->as<unsigned long long>(), gpu.device_info(), gpu.stream());
     });
     if (!ms.is_ok()) return 1;

@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/wgmma.cuh"
 
@@ -66,25 +67,6 @@ struct GemmLayout {
   static constexpr size_t bytes(int top_k) {
     return 1024 + kListsOffset + static_cast<size_t>(kTilePairs) * top_k * sizeof(Candidate) + kTileKeys * 4 +
            kPtrRing * kMaxChunksPerTile * (4 + 8) + 16;
-  }
-};
-
-template <typename T>
-struct Split;
-template <>
-struct Split<__nv_bfloat16> {
-  static __device__ __forceinline__ uint16_t part(float x, float& rest) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    rest = x - __bfloat162float(h);
-    return __bfloat16_as_ushort(h);
-  }
-};
-template <>
-struct Split<__half> {
-  static __device__ __forceinline__ uint16_t part(float x, float& rest) {
-    const __half h = __float2half_rn(x);
-    rest = x - __half2float(h);
-    return __half_as_ushort(h);
   }
 };
 
@@ -191,9 +173,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_gemm_kernel(const __grid_co
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       float r1, r2, r3;
-      parts[0][u] = Split<T>::part(x[u], r1);
-      parts[1][u] = Split<T>::part(r1, r2);
-      parts[2][u] = Split<T>::part(r2, r3);
+      parts[0][u] = split_part<T>(x[u], r1);
+      parts[1][u] = split_part<T>(r1, r2);
+      parts[2][u] = split_part<T>(r2, r3);
       inexact |= r1 != 0.0f;
     }
     const uint32_t off = sm90::swizzle_offset(row, unit, kTilePairs);

@@ -42,12 +42,6 @@ struct MmaOps;
 
 template <>
 struct MmaOps<__nv_bfloat16> {
-  // The storage-dtype bits nearest to x; `rest` gets what they miss.
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    rest = x - __bfloat162float(h);
-    return __bfloat16_as_ushort(h);
-  }
   // c[16x8] += a[16x16] * b[16x8], fp32 accumulation.
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
@@ -61,11 +55,6 @@ struct MmaOps<__nv_bfloat16> {
 
 template <>
 struct MmaOps<__half> {
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __half h = __float2half_rn(x);
-    rest = x - __half2float(h);
-    return __half_as_ushort(h);
-  }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -119,9 +108,9 @@ __device__ __forceinline__ void build_q_fragments(const ScoreKernelParams& kp, i
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         float r1, r2, r3;
-        hi[u] = MmaOps<T>::part(x[u], r1);
-        mid[u] = MmaOps<T>::part(r1, r2);
-        lo[u] = MmaOps<T>::part(r2, r3);
+        hi[u] = split_part<T>(x[u], r1);
+        mid[u] = split_part<T>(r1, r2);
+        lo[u] = split_part<T>(r2, r3);
       }
       const int s = 2 * j + h;
       if (which == 0) {
