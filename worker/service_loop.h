@@ -62,8 +62,12 @@ class ServiceLoop {
   // reported in result->status.
   Status submit(const Operation& op, OperationResult* result);
 
-  // Ranks other than 0: receive and apply operations until kShutdown (returns ok) or a fault.
+  // Ranks other than 0: receive and apply operations until kShutdown (returns ok) or a fault
+  // (including rank 0 silent for longer than the control plane's idle limit).
   Status serve();
+
+  // Rank 0, between operations: checks that every rank still answers (Control::heartbeat).
+  Status heartbeat() { return control_.heartbeat(); }
 
   const KvStore& store() const { return store_; }
 
