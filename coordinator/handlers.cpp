@@ -7,6 +7,7 @@
 
 #include "common/excerpt.h"
 #include "common/semantics.h"
+#include "coordinator/json_budget.h"
 #include "coordinator/logging.h"
 #include "coordinator/output_json.h"
 
@@ -125,6 +126,9 @@ void Handlers::handle(HttpRequest request, Responder done) {
       return reply(std::move(r));
     }
     if (!state_.ready()) return reply(error_response(503, "unavailable", state_.reason()));
+    const std::string media = content_type_problem(m.route, request.content_type, request.body.size());
+    if (!media.empty()) return reply(error_response(415, "unsupported_media_type", media));
+    if (Status s = check_json_body(m.route, request, config_); !s.is_ok()) return reply(body_error(s));
   }
   switch (m.route) {
     case Route::kHealthLive: return reply(json_response(200, {{"status", "live"}}));

@@ -4,8 +4,24 @@
 #include <string>
 #include <vector>
 
+#include "common/excerpt.h"
+
 namespace reattn {
 namespace {
+
+// Strict protocol: a K/V body holds exactly 'k' and 'v', in one dtype.
+Status check_kv_tensor_set(const SafetensorsFile& file, const TensorView& k, const TensorView& v) {
+  for (const std::string& name : file.names()) {
+    if (name != "k" && name != "v") {
+      return invalid_argument("unexpected tensor '" + capped(name) + "': a K/V body holds exactly 'k' and 'v'");
+    }
+  }
+  if (k.dtype != v.dtype) {
+    return invalid_argument(std::string("tensors 'k' (") + dtype_name(k.dtype) + ") and 'v' (" + dtype_name(v.dtype) +
+                            ") differ in dtype; send both in one dtype");
+  }
+  return Status::ok();
+}
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -43,6 +59,7 @@ Expected<SafetensorsKvSource> SafetensorsKvSource::make(const SafetensorsFile& f
   SafetensorsKvSource source;
   REATTN_ASSIGN_OR_RETURN(source.k_, file.get("k"));
   REATTN_ASSIGN_OR_RETURN(source.v_, file.get("v"));
+  REATTN_RETURN_IF_ERROR(check_kv_tensor_set(file, source.k_, source.v_));
   for (const TensorView* t : {&source.k_, &source.v_}) {
     const auto& s = t->shape;
     if (s.size() != 4 || s[0] != model.layers || s[1] != model.kv_heads || s[3] != model.head_dim) {
