@@ -278,6 +278,8 @@ def poll_ready_503(svc, want, timeout):
 
 def scenario_worker_kill(fx, under_load, signo=signal.SIGKILL, ranks=2):
     c = fx.c
+    if fx.args.backend == "cuda":
+        ranks = 2  # one rank per GPU
     what = "%s of rank 1 %s" % ("kill -9" if signo == signal.SIGKILL else "SIGSTOP", "under load" if under_load else "idle")
     svc = fx.start("worker_fault", ranks=ranks)
     svc.wait_ready()
@@ -476,6 +478,276 @@ def scenario_stderr_unread(fx):
         os.kill(svc.proc.pid, signal.SIGCONT)
 
 
+# ---------------------------------------------------------------- hostile input
+
+API_KEY = "faults-key-5c1d"
+
+
+def raw_request(port, head, body=b"", timeout=10):
+    """Sends `head` (the request line and headers, CRLF-separated, without the blank line)
+    and `body` on a new connection; returns (status, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+    return status, data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+
+
+def state_of(cl, ctx):
+    """What a bad request must not change: the context table and one query's answer."""
+    contexts = cl.request("GET", "/v1/contexts").json()
+    r = cl.request("POST", "/v1/contexts/%d/query" % ctx, body=query_body())
+    return json.dumps(contexts, sort_keys=True), r.status, answer_of(r.body)
+
+
+def answer_of(body):
+    """A query answer without its timing."""
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return body
+    d.pop("timing", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def request_series(metrics_text):
+    return [l for l in metrics_text.splitlines() if l.startswith("reattn_http_requests_total{")]
+
+
+def start_hostile(fx, name, server=None, nofile=None):
+    key_file = os.path.join(fx.tmp, "api_key")
+    with open(key_file, "w") as f:
+        f.write(API_KEY + "\n")
+    svc = fx.start(name, extra=["--api-key-file", key_file], api_key=API_KEY, server=server, nofile=nofile)
+    svc.wait_ready()
+    return svc
+
+
+def scenario_hostile_inputs(fx):
+    c = fx.c
+    svc = start_hostile(fx, "hostile")
+    cl = svc.client()
+    ctx = make_context(cl)
+    before = state_of(cl, ctx)
+    c.check(before[1] == 200, "hostile: the good query answers 200")
+    port = svc.port
+    auth = "Authorization: Bearer " + API_KEY
+    qpath = "/v1/contexts/%d/query" % ctx
+    kvpath = "/v1/contexts/%d/kv" % ctx
+    synpath = "/v1/contexts/%d/synthetic" % ctx
+    info = cl.request("GET", "/v1/info").json()
+    L, G, D = info["model"]["layers"], info["model"]["kv_heads"], info["model"]["head_dim"]
+
+    def kv_tensor(name, dtype, tokens=2):
+        n = L * G * tokens * D
+        return (name, dtype, [L, G, tokens, D], sc.pack_values(dtype, [0.25] * n))
+
+    good_json = json.dumps(query_body())
+    cases = [
+        # (what, method, path, headers, body, status, code, words in the message)
+        ("create as text/plain", "POST", "/v1/contexts", {"Content-Type": "text/plain"}, "{}", 415,
+         "unsupported_media_type", "application/json"),
+        ("create as a form", "POST", "/v1/contexts", {"Content-Type": "application/x-www-form-urlencoded"}, "a=1",
+         415, "unsupported_media_type", "application/json"),
+        ("synthetic as multipart", "POST", synpath, {"Content-Type": "multipart/form-data; boundary=zz"},
+         '{"tokens": 8}', 415, "unsupported_media_type", "application/json"),
+        ("query as text/plain", "POST", qpath, {"Content-Type": "text/plain;charset=UTF-8"}, good_json, 415,
+         "unsupported_media_type", "application/json or application/octet-stream"),
+        ("kv as application/json", "POST", kvpath, {"Content-Type": "application/json"},
+         sc.safetensors_bytes([kv_tensor("k", "F32"), kv_tensor("v", "F32")]), 415, "unsupported_media_type",
+         "application/octet-stream"),
+        ("kv with k F32 and v BF16", "POST", kvpath, {"Content-Type": "application/octet-stream"},
+         sc.safetensors_bytes([kv_tensor("k", "F32"), kv_tensor("v", "BF16")]), 400, "invalid_argument",
+         "differ in dtype"),
+        ("kv with an extra tensor", "POST", kvpath, {"Content-Type": "application/octet-stream"},
+         sc.safetensors_bytes([kv_tensor("k", "F32"), kv_tensor("v", "F32"), kv_tensor("extra", "F32")]), 400,
+         "invalid_argument", "unexpected tensor 'extra'"),
+        ("kv with trailing bytes", "POST", kvpath, {"Content-Type": "application/octet-stream"},
+         sc.safetensors_bytes([kv_tensor("k", "F32"), kv_tensor("v", "F32")]) + b"\0" * 16, 400,
+         "invalid_argument", "16 trailing bytes"),
+        ("context id with a leading zero", "GET", "/v1/contexts/0%d" % ctx, {}, None, 404, "not_found", "not found"),
+        ("context id with a sign", "POST", "/v1/contexts/+%d/query" % ctx, {"Content-Type": "application/json"},
+         good_json, 404, "not_found", "not found"),
+        ("a 60 KB context id", "GET", "/v1/contexts/" + "1" * 60000, {}, None, 404, "not_found", "not found"),
+        ("a 10 MB unknown key", "POST", synpath, {"Content-Type": "application/json"},
+         '{"tokens": 8, "%s": 1}' % ("k" * (10 << 20)), 400, "invalid_argument", "unknown"),
+        ("a query body deeper than a query", "POST", qpath, {"Content-Type": "application/json"},
+         '{"layer": 0, "q": ' + "[" * 40 + "]" * 40 + "}", 400, "invalid_argument", "nested deeper"),
+    ]
+    for what, method, path, headers, body, status, code, words in cases:
+        r = cl.request(method, path, body=body, headers=headers)
+        got_code, msg = error_of(r)
+        c.check(r.status == status and got_code == code and words in str(msg),
+                "%s: want %d %s naming '%s', got %d %s" % (what, status, code, words, r.status, r.body[:200]))
+        c.check(len(r.body) < 2048, "%s: the error body is short (%d bytes)" % (what, len(r.body)))
+    # Transfer and content codings, on raw connections (http.client would set its own).
+    body = b'{"layer": 0, "synthetic_q": {"seed": 7, "qlen": 4}}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    for what, extra, payload, status in [
+        ("Transfer-Encoding: gzip, chunked", "Transfer-Encoding: gzip, chunked", chunked, 501),
+        ("Transfer-Encoding: gzip", "Transfer-Encoding: gzip", body, 501),
+        ("Content-Encoding: gzip", "Content-Encoding: gzip\r\nContent-Length: %d" % len(body), body, 415),
+        ("Transfer-Encoding: chunked (accepted)", "Transfer-Encoding: chunked", chunked, 200),
+    ]:
+        st, rb = raw_request(port, "POST %s HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Type: application/json\r\n%s\r\n"
+                             "Connection: close" % (qpath, auth, extra), payload)
+        c.check(st == status, "%s: want %d, got %s %s" % (what, status, st, rb[:160]))
+        if status == 200 and st == 200:
+            c.check(answer_of(rb) == before[2], "%s: the same answer as before" % what)
+    # Metrics cardinality: bogus methods on known and unknown paths, and 401s.
+    m0 = svc.client(api_key=None).request("GET", "/metrics").body.decode()
+    n_bogus = 2000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        for i in range(n_bogus):
+            path = "/v1/contexts" if i % 2 else "/nowhere-%d" % i
+            s.sendall(("M%dX %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % (i, path)).encode())
+            line = f.readline()
+            length = 0
+            while True:
+                h = f.readline()
+                if h in (b"\r\n", b""):
+                    break
+                if h.lower().startswith(b"content-length:"):
+                    length = int(h.split(b":")[1])
+            f.read(length)
+            if not line.startswith(b"HTTP/1.1 40"):
+                c.check(False, "bogus method %d: answered %r" % (i, line))
+                break
+    for i in range(50):
+        svc.client(api_key=None).request("GET", "/v1/contexts/%d" % i)  # 401
+    m1 = svc.client(api_key=None).request("GET", "/metrics").body.decode()
+    s0, s1 = request_series(m0), request_series(m1)
+    c.check(len(s1) - len(s0) <= 4, "metrics: %d bogus methods and 50 401s added %d series (at most 4)" %
+            (n_bogus, len(s1) - len(s0)))
+    c.check(len(m1) < 2 * len(m0), "metrics: the page stays small (%d -> %d bytes)" % (len(m0), len(m1)))
+    c.check('method="other"' in m1, "metrics: unknown methods count as method=\"other\"")
+    # The log line of the 60 KB id is capped too.
+    long_lines = [l for l in svc.log_lines() if len(json.dumps(l)) > 4096]
+    c.check(not long_lines, "logs: no line over 4 KB (%d)" % len(long_lines))
+    after = state_of(cl, ctx)
+    c.check(after == before, "hostile input changed nothing (contexts and the good query's answer)")
+    c.check(cl.request("GET", "/health/ready").status == 200, "hostile input: still ready")
+
+
+def scenario_hostile_memory(fx):
+    """Two 60 MB JSON query bodies at once: refused before a DOM is built, with bounded memory,
+    while /health/live keeps answering."""
+    c = fx.c
+    svc = start_hostile(fx, "hostile_memory")
+    cl = svc.client()
+    ctx = make_context(cl)
+    before = state_of(cl, ctx)
+    pid = svc.ranks(2)[0]
+    rss0 = peak_rss_mb(pid)
+    body = b'{"layer": 0, "q": [' + b"0," * (30 << 20) + b"0]}"
+    worst = [0.0]
+    stop = threading.Event()
+
+    def live_probe():
+        p = svc.client(api_key=None, timeout=5)
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                ok = p.request("GET", "/health/live").status == 200
+            except OSError:
+                ok = False
+            worst[0] = max(worst[0], time.time() - t0 if ok else 99.0)
+            time.sleep(0.01)
+
+    results = [None, None]
+
+    def send(k):
+        try:
+            results[k] = svc.client(timeout=60).request("POST", "/v1/contexts/%d/query" % ctx, body=body,
+                                                        content_type="application/json")
+        except Exception as e:  # noqa: BLE001
+            results[k] = e
+
+    tp = threading.Thread(target=live_probe)
+    tp.start()
+    ts = [threading.Thread(target=send, args=(k,)) for k in range(2)]
+    t0 = time.time()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(90)
+    stop.set()
+    tp.join(10)
+    for k, r in enumerate(results):
+        code, msg = error_of(r) if isinstance(r, sc.Response) else (None, repr(r))
+        c.check(isinstance(r, sc.Response) and r.status == 400 and "JSON values" in str(msg),
+                "60 MB JSON body %d: 400 naming the value budget: %s %s" % (k, getattr(r, "status", r), msg))
+    rss1 = peak_rss_mb(pid)
+    c.check(rss1 - rss0 < 600, "60 MB JSON bodies x2: rank 0 peak memory grew %.0f MB (%.0f -> %.0f; under 600)" %
+            (rss1 - rss0, rss0, rss1))
+    c.check(worst[0] < 0.1, "60 MB JSON bodies: /health/live answered within 100 ms throughout (slowest %.0f ms)" %
+            (worst[0] * 1e3))
+    print("60 MB x2 refused in %.1f s; peak RSS %.0f -> %.0f MB; slowest liveness %.1f ms" %
+          (time.time() - t0, rss0, rss1, worst[0] * 1e3), flush=True)
+    c.check(state_of(cl, ctx) == before, "60 MB JSON bodies changed nothing")
+
+
+def scenario_connection_flood(fx):
+    c = fx.c
+    # A connection cap below the descriptor limit: one more connection gets 503.
+    svc = start_hostile(fx, "flood_cap", server={"max_connections": 32})
+    held = []
+    for _ in range(40):
+        try:
+            held.append(socket.create_connection(("127.0.0.1", svc.port), timeout=5))
+        except OSError:
+            break
+    time.sleep(0.3)
+    st, rb = raw_request(svc.port, "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close")
+    c.check(st == 503 and b"max_connections" in rb, "connection cap: one more connection gets 503 naming "
+            "server.max_connections: %s %s" % (st, rb[:120]))
+    for s in held:
+        s.close()
+    time.sleep(0.3)
+    st, _ = raw_request(svc.port, "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close")
+    c.check(st == 200, "connection cap: liveness answers once the flood is gone: %s" % st)
+    svc.kill()
+
+    # Out of descriptors (EMFILE): the accept loop backs off instead of spinning.
+    svc = start_hostile(fx, "flood_emfile", server={"max_connections": 100000}, nofile=256)
+    pid = svc.ranks(2)[0]
+    held = []
+    for _ in range(400):
+        try:
+            held.append(socket.create_connection(("127.0.0.1", svc.port), timeout=5))
+        except OSError:
+            break
+    time.sleep(0.5)
+    cpu0, t0 = cpu_seconds(pid), time.time()
+    time.sleep(2.0)
+    busy = (cpu_seconds(pid) - cpu0) / (time.time() - t0)
+    c.check(busy < 0.3, "EMFILE: rank 0 uses %.0f%% of a core while out of descriptors (under 30%%)" % (busy * 100))
+    for s in held:
+        s.close()
+    deadline = time.time() + 5
+    st = None
+    while time.time() < deadline:
+        try:
+            st, _ = raw_request(svc.port, "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close", timeout=2)
+            if st == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    c.check(st == 200, "EMFILE: liveness answers within 5 s once descriptors are free: %s" % st)
+    cl = svc.client()
+    c.check(cl.request("GET", "/v1/contexts").status == 200, "EMFILE: the API answers again")
+
+
 SCENARIOS = {
     "worker_kill_idle": lambda fx: scenario_worker_kill(fx, under_load=False),
     "worker_kill_load": lambda fx: scenario_worker_kill(fx, under_load=True, ranks=3),
@@ -483,6 +755,9 @@ SCENARIOS = {
     "rank0_kill": scenario_rank0_kill,
     "drain_hung_worker": scenario_drain_hung_worker,
     "stderr_unread": scenario_stderr_unread,
+    "hostile_inputs": scenario_hostile_inputs,
+    "hostile_memory": scenario_hostile_memory,
+    "connection_flood": scenario_connection_flood,
 }
 
 
