@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Checks reattn-bench's CSV and JSON (after running it under mpirun, with --bench): one row per grid point (tokens x strategy x qlen x
+"""Checks reattn-bench-grid's CSV and JSON (after running it under mpirun, with --bench): one row per grid point (tokens x strategy x qlen x
 batch), every column present and numeric where it should be, latencies positive and ordered
 (p50 <= p99), and needles_ok true everywhere. Exits non-zero naming the first problem.
 Standard library only.
 
     check_grid_output.py --csv out.csv --json out.json --tokens 4K,16K --qlen 1,16 \
         --batch 1,4 --strategy gather,partial --ranks 2 \
-        [--bench build/reattn-bench --mpirun mpirun --config configs/tiny.yaml --iters 3]
+        [--bench build/reattn-bench-grid --mpirun mpirun --config configs/tiny.yaml --iters 3]
 """
 
 import argparse
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--batch", required=True)
     ap.add_argument("--strategy", required=True)
     ap.add_argument("--ranks", type=int, required=True)
-    ap.add_argument("--bench", help="run this reattn-bench first, writing --csv and --json")
+    ap.add_argument("--bench", help="run this reattn-bench-grid first, writing --csv and --json")
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--config")
     ap.add_argument("--iters", default="3")
@@ -73,7 +73,7 @@ def main():
         p = subprocess.run(cmd, env=env, timeout=240)
         print("check_grid_output: %s exited %d after %.1f s" % (" ".join(cmd), p.returncode, time.time() - t0))
         if p.returncode != 0:
-            fail("reattn-bench exited %d" % p.returncode)
+            fail("reattn-bench-grid exited %d" % p.returncode)
     expected = set(itertools.product([parse_tokens(t) for t in a.tokens.split(",")], a.strategy.split(","),
                                      [int(q) for q in a.qlen.split(",")], [int(b) for b in a.batch.split(",")]))
 

@@ -125,7 +125,7 @@ def batch_qps(rows, qwen, device, out):
     a.set_xticks([1, 8, 32], ["1", "8", "32"])
     a.set_xlabel("queries of one shared context per step (batch)")
     a.set_ylabel("queries/s (batch / p50)")
-    a.set_title("reattn-bench: one LLaMA-8B layer, qlen 1")
+    a.set_title("reattn-bench-grid: one LLaMA-8B layer, qlen 1")
     a.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     a.grid(alpha=0.3)
     if qwen and qwen.get("concurrency"):

@@ -24,7 +24,7 @@ t0=$SECONDS
 GEN=()
 [ -f build-gpu/CMakeCache.txt ] || GEN=(-G Ninja)
 if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
-       cmake --build build-gpu -j "$(nproc)" --target test_cuda_backend test_cuda_distributed reattn_bench; } \
+       cmake --build build-gpu -j "$(nproc)" --target test_cuda_backend test_cuda_distributed reattn-bench-decode; } \
      >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   exit 1
@@ -47,11 +47,11 @@ if [ "${TESTS_ONLY:-0}" = 1 ]; then
 fi
 
 python3 bench/torch_sdpa.py --tokens "$TOKENS" --json "$OUT/torch.json" 2>&1 | tee -a "$LOG"
-build-gpu/bench/reattn_bench --tokens "$TOKENS" --json "$OUT/bench1.json" 2>&1 | tee -a "$LOG"
+build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --json "$OUT/bench1.json" 2>&1 | tee -a "$LOG"
 TWO=()
 if [ "$GPUS" -ge 2 ]; then
-  "${MPIRUN[@]}" build-gpu/bench/reattn_bench --tokens "$TOKENS" --json "$OUT/bench2.json" 2>&1 | tee -a "$LOG"
-  "${MPIRUN[@]}" build-gpu/bench/reattn_bench --tokens "$TOKENS" --final-attention partial \
+  "${MPIRUN[@]}" build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --json "$OUT/bench2.json" 2>&1 | tee -a "$LOG"
+  "${MPIRUN[@]}" build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --final-attention partial \
     --json "$OUT/bench2p.json" 2>&1 | tee -a "$LOG"
   TWO=(--two "$OUT/bench2.json" --two-partial "$OUT/bench2p.json")
 fi

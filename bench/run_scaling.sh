@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call on nvidia-h200-x2 (must end inside ~9 minutes): build reattn-bench and
+# One device call on nvidia-h200-x2 (must end inside ~9 minutes): build reattn-bench-grid and
 # reattn-server, then
-#   1. reattn-bench on 1 GPU and on 2 GPUs, one layer of LLaMA-3.1-8B shapes: 64K..4M tokens
+#   1. reattn-bench-grid on 1 GPU and on 2 GPUs, one layer of LLaMA-3.1-8B shapes: 64K..4M tokens
 #      (8M on 2 GPUs), qlen 1, batch 1/8/32, gather and partial: strong scaling (4M on 1 and 2
 #      GPUs), weak scaling (2M and 4M per GPU), the 4M LLaMA layer, queries/s per batch;
 #   2. reattn-server on 2 GPUs with Qwen2-1.5B shapes (bench/configs/qwen2-1.5b-2gpu.yaml):
@@ -69,17 +69,17 @@ if [ "$DRY_RUN" != 1 ]; then
   [ -f "$BUILD/CMakeCache.txt" ] || GEN=(-G Ninja)
   if ! { cmake -S . -B "$BUILD" "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release \
            -DBUILD_TESTING=OFF &&
-         cmake --build "$BUILD" -j "$(nproc)" --target reattn-bench reattn-server; } >"$LOGS/build.log" 2>&1; then
+         cmake --build "$BUILD" -j "$(nproc)" --target reattn-bench-grid reattn-server; } >"$LOGS/build.log" 2>&1; then
     tail -40 "$LOGS/build.log"
     tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
     exit 1
   fi
 fi
 say "build: $SECONDS s"
-BENCH="$BUILD/bench/reattn-bench"
+BENCH="$BUILD/bench/reattn-bench-grid"
 SERVER="$BUILD/reattn-server"
 
-# bench NAME NP SECONDS ITERS ARGS...: one reattn-bench grid; CSV/JSON into $LOGS/NAME.*
+# bench NAME NP SECONDS ITERS ARGS...: one reattn-bench-grid grid; CSV/JSON into $LOGS/NAME.*
 bench() {
   local name=$1 np=$2 limit=$3 iters=$4
   shift 4
@@ -87,7 +87,7 @@ bench() {
     say "[$name] skipped: ${limit} s left"
     return 1
   fi
-  say "[$name] mpirun -np $np reattn-bench $* (limit ${limit} s, at ${SECONDS} s)"
+  say "[$name] mpirun -np $np reattn-bench-grid $* (limit ${limit} s, at ${SECONDS} s)"
   timeout -k 10 "$limit" "${MPI[@]}" -np "$np" "$BENCH" "${EXTRA[@]}" --warmup "$WARMUP" --iters "$iters" \
     --csv "$LOGS/$name.csv" --json "$LOGS/$name.json" --label "$name" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}

@@ -51,12 +51,12 @@ struct Vote {
 
 }  // namespace
 
-Status mpi_status(int rc, const char* what) {
+Status mpi_status(int rc, const char* statement, const char* file, int line) {
   if (rc == MPI_SUCCESS) return Status::ok();
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, text, &len);
-  return Status(ErrorCode::kDevice, std::string(what) + " failed: " + std::string(text, len));
+  return Status(ErrorCode::kFatal, std::string(statement) + " failed: " + std::string(text, len) + fault_site(file, line));
 }
 
 Expected<Control> Control::init(int* argc, char*** argv) {
@@ -65,16 +65,15 @@ Expected<Control> Control::init(int* argc, char*** argv) {
   // can take every GPU out of service.
   setenv("NCCL_NVLS_ENABLE", "0", 1);
   int provided = 0;
-  REATTN_RETURN_IF_ERROR(mpi_status(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread"));
+  REATTN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   Control control;
   control.owns_mpi_ = true;
   MPI_Comm_rank(MPI_COMM_WORLD, &control.rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &control.world_);
+  record_process_rank(control.rank_);
   MPI_Comm node;
-  REATTN_RETURN_IF_ERROR(mpi_status(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, control.rank_, MPI_INFO_NULL, &node),
-      "MPI_Comm_split_type"));
+  REATTN_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, control.rank_, MPI_INFO_NULL, &node));
   MPI_Comm_rank(node, &control.local_rank_);
   MPI_Comm_free(&node);
   return control;
@@ -98,7 +97,7 @@ Control::~Control() {
 Status Control::fault() const { return *fault_; }
 
 Status Control::poison(Status fault) const {
-  if (fault_->is_ok()) *fault_ = Status(ErrorCode::kDevice, fault.message());
+  if (fault_->is_ok()) *fault_ = Status(ErrorCode::kFatal, fault.message());
   return *fault_;
 }
 
@@ -117,19 +116,19 @@ Status Control::broadcast_for(std::string& bytes, int root, const Deadline& dead
       if (r == root) continue;
       requests.emplace_back(MPI_REQUEST_NULL);
       peers.push_back(r);
-      s = mpi_status(MPI_Isend(&size, 1, MPI_UINT64_T, r, kSizeTag, MPI_COMM_WORLD, &requests.back()), "MPI_Isend");
+      s = mpi_status(MPI_Isend(&size, 1, MPI_UINT64_T, r, kSizeTag, MPI_COMM_WORLD, &requests.back()), "MPI_Isend", __FILE__, __LINE__);
       for (uint64_t done = 0; done < size && s.is_ok(); done += kPiece) {
         const int piece = static_cast<int>(std::min(size - done, kPiece));
         requests.emplace_back(MPI_REQUEST_NULL);
         peers.push_back(r);
         s = mpi_status(MPI_Isend(&bytes[done], piece, MPI_BYTE, r, kBytesTag, MPI_COMM_WORLD, &requests.back()),
-                       "MPI_Isend");
+                       "MPI_Isend", __FILE__, __LINE__);
       }
     }
   } else {
     requests.assign(1, MPI_REQUEST_NULL);
     peers.assign(1, root);
-    s = mpi_status(MPI_Irecv(&size, 1, MPI_UINT64_T, root, kSizeTag, MPI_COMM_WORLD, &requests[0]), "MPI_Irecv");
+    s = mpi_status(MPI_Irecv(&size, 1, MPI_UINT64_T, root, kSizeTag, MPI_COMM_WORLD, &requests[0]), "MPI_Irecv", __FILE__, __LINE__);
     if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
     if (!s.is_ok()) return poison(s);
     bytes.resize(size);
@@ -140,7 +139,7 @@ Status Control::broadcast_for(std::string& bytes, int root, const Deadline& dead
       requests.emplace_back(MPI_REQUEST_NULL);
       peers.push_back(root);
       s = mpi_status(MPI_Irecv(&bytes[done], piece, MPI_BYTE, root, kBytesTag, MPI_COMM_WORLD, &requests.back()),
-                     "MPI_Irecv");
+                     "MPI_Irecv", __FILE__, __LINE__);
     }
   }
   if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
@@ -161,9 +160,9 @@ Status Control::agree_for(const Status& local, double seconds, const std::string
     Vote mine = Vote::of(local), verdict;
     std::vector<MPI_Request> requests(2, MPI_REQUEST_NULL);
     Status s = mpi_status(MPI_Irecv(&verdict, sizeof(Vote), MPI_BYTE, 0, kVerdictTag, MPI_COMM_WORLD, &requests[0]),
-                          "MPI_Irecv");
+                          "MPI_Irecv", __FILE__, __LINE__);
     if (s.is_ok()) {
-      s = mpi_status(MPI_Isend(&mine, sizeof(Vote), MPI_BYTE, 0, kVoteTag, MPI_COMM_WORLD, &requests[1]), "MPI_Isend");
+      s = mpi_status(MPI_Isend(&mine, sizeof(Vote), MPI_BYTE, 0, kVoteTag, MPI_COMM_WORLD, &requests[1]), "MPI_Isend", __FILE__, __LINE__);
     }
     if (s.is_ok()) s = wait_for_peers(requests, {0, 0}, deadline, phase);
     if (!s.is_ok()) return poison(s);
@@ -178,7 +177,7 @@ Status Control::agree_for(const Status& local, double seconds, const std::string
   for (int r = 1; r < world_ && s.is_ok(); ++r) {
     peers[r - 1] = r;
     s = mpi_status(MPI_Irecv(&votes[r], sizeof(Vote), MPI_BYTE, r, kVoteTag, MPI_COMM_WORLD, &requests[r - 1]),
-                   "MPI_Irecv");
+                   "MPI_Irecv", __FILE__, __LINE__);
   }
   if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
   if (!s.is_ok()) return poison(s);
@@ -191,7 +190,7 @@ Status Control::agree_for(const Status& local, double seconds, const std::string
   }
   for (int r = 1; r < world_ && s.is_ok(); ++r) {
     s = mpi_status(MPI_Isend(&verdict, sizeof(Vote), MPI_BYTE, r, kVerdictTag, MPI_COMM_WORLD, &requests[r - 1]),
-                   "MPI_Isend");
+                   "MPI_Isend", __FILE__, __LINE__);
   }
   if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
   if (!s.is_ok()) return poison(s);

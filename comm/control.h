@@ -1,6 +1,6 @@
 // The control plane over MPI (host memory): process start-up, step plans broadcast from the
 // coordinator, and agreement on errors so that a failure on one rank is reported by all and
-// hangs none. Every wait has a deadline (WaitDeadlines): a dead or hung rank ends in a kDevice
+// hangs none. Every wait has a deadline (WaitDeadlines): a dead or hung rank ends in a kFatal
 // Status naming the rank (where one can be named) and the phase, and every later call fails
 // at once with that same fault (the communicator is poisoned; the job must end).
 // Call only from the thread that runs the step loop.
@@ -10,7 +10,7 @@
 #include <string>
 
 #include "comm/deadline.h"
-#include "common/status.h"
+#include "common/check.h"
 
 namespace reattn {
 
@@ -67,7 +67,8 @@ class Control {
   std::shared_ptr<Status> fault_ = std::make_shared<Status>();
 };
 
-// Status of an MPI call, naming the call and the MPI error string.
-Status mpi_status(int rc, const char* what);
+// Status of an MPI call for REATTN_MPI_CHECK (common/check.h): kFatal naming the statement,
+// the MPI error string, file:line and rank.
+Status mpi_status(int rc, const char* statement, const char* file, int line);
 
 }  // namespace reattn

@@ -1,5 +1,5 @@
 // Deadlines on waits for other ranks. Every wait in comm/ polls against one of these and
-// ends in a kDevice Status naming the phase (and the rank, where one rank can be named)
+// ends in a kFatal Status naming the phase (and the rank, where one rank can be named)
 // rather than block for ever (NCCL's async-error protocol, PyTorch's NCCL watchdog).
 // Thread-safety: plain values.
 #pragma once

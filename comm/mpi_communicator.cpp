@@ -32,7 +32,7 @@ MpiCommunicator::MpiCommunicator(double step_deadline_s) {
 }
 
 Status MpiCommunicator::finish(Status s) {
-  if (s.code() == ErrorCode::kDevice && fault_.is_ok()) fault_ = s;
+  if (s.code() == ErrorCode::kFatal && fault_.is_ok()) fault_ = s;
   return s;
 }
 
@@ -54,15 +54,15 @@ Status MpiCommunicator::allgather(const void* send, void* recv, size_t bytes_per
     peers.push_back(r);
     s = mpi_status(MPI_Irecv(out + r * bytes_per_rank, count, MPI_BYTE, r, kAllgatherTag, MPI_COMM_WORLD,
                              &requests.back()),
-                   "MPI_Irecv");
+                   "MPI_Irecv", __FILE__, __LINE__);
   }
   for (int r = 0; r < world_ && s.is_ok(); ++r) {
     if (r == rank_) continue;
     requests.emplace_back(MPI_REQUEST_NULL);
     peers.push_back(r);
-    s = mpi_status(MPI_Isend(send, count, MPI_BYTE, r, kAllgatherTag, MPI_COMM_WORLD, &requests.back()), "MPI_Isend");
+    s = mpi_status(MPI_Isend(send, count, MPI_BYTE, r, kAllgatherTag, MPI_COMM_WORLD, &requests.back()), "MPI_Isend", __FILE__, __LINE__);
   }
-  if (!s.is_ok()) return finish(Status(ErrorCode::kDevice, "allgather of a step: " + s.message()));
+  if (!s.is_ok()) return finish(Status(ErrorCode::kFatal, "allgather of a step: " + s.message()));
   return finish(wait_for_peers(requests, peers, Deadline(deadline_s_), "allgather of a step's candidates"));
 }
 
@@ -87,7 +87,7 @@ Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::
     peers.push_back(r.peer);
     s = mpi_status(MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, kExchangeTag, MPI_COMM_WORLD,
                              &requests.back()),
-                   "MPI_Irecv");
+                   "MPI_Irecv", __FILE__, __LINE__);
   }
   for (const Transfer& t : sends) {
     if (!s.is_ok()) break;
@@ -95,9 +95,9 @@ Status MpiCommunicator::exchange(const std::vector<Transfer>& sends, const std::
     peers.push_back(t.peer);
     s = mpi_status(MPI_Isend(t.data, static_cast<int>(t.bytes), MPI_BYTE, t.peer, kExchangeTag, MPI_COMM_WORLD,
                              &requests.back()),
-                   "MPI_Isend");
+                   "MPI_Isend", __FILE__, __LINE__);
   }
-  if (!s.is_ok()) return finish(Status(ErrorCode::kDevice, "exchange of a step: " + s.message()));
+  if (!s.is_ok()) return finish(Status(ErrorCode::kFatal, "exchange of a step: " + s.message()));
   return finish(wait_for_peers(requests, peers, Deadline(deadline_s_), "exchange of a step's final phase"));
 }
 

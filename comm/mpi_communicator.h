@@ -1,6 +1,6 @@
 // The data plane over MPI, for backends whose memory is host memory. Every transfer is
 // non-blocking and polled against the step deadline; a peer that does not answer in time is
-// named in a kDevice Status, and every later call fails at once with that fault.
+// named in a kFatal Status, and every later call fails at once with that fault.
 #pragma once
 
 #include "comm/communicator.h"

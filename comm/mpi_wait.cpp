@@ -30,8 +30,8 @@ Status wait_for_peers(std::vector<MPI_Request>& requests, const std::vector<int>
       int done = 0;
       const int rc = MPI_Test(&requests[i], &done, MPI_STATUS_IGNORE);
       if (rc != MPI_SUCCESS) {
-        return Status(ErrorCode::kDevice,
-                      phase + ": with rank " + std::to_string(peers[i]) + ": " + mpi_status(rc, "MPI_Test").message());
+        return Status(ErrorCode::kFatal,
+                      phase + ": with rank " + std::to_string(peers[i]) + ": " + mpi_status(rc, "MPI_Test", __FILE__, __LINE__).message());
       }
       all_done = all_done && done;
     }
@@ -46,7 +46,7 @@ Status wait_for_peers(std::vector<MPI_Request>& requests, const std::vector<int>
   }
   // The requests stay posted: the caller treats this as a fault and makes no further MPI
   // calls that could progress them (the job ends).
-  return Status(ErrorCode::kDevice,
+  return Status(ErrorCode::kFatal,
                 phase + ": " + rank_list(owed) + " did not answer within " + deadline.budget() + " (dead or hung)");
 }
 
@@ -55,10 +55,10 @@ Status wait_for_collective(MPI_Request& request, const Deadline& deadline, const
   for (;;) {
     int done = 0;
     const int rc = MPI_Test(&request, &done, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return Status(ErrorCode::kDevice, phase + ": " + mpi_status(rc, "MPI_Test").message());
+    if (rc != MPI_SUCCESS) return Status(ErrorCode::kFatal, phase + ": " + mpi_status(rc, "MPI_Test", __FILE__, __LINE__).message());
     if (done) return Status::ok();
     if (deadline.passed()) {
-      return Status(ErrorCode::kDevice,
+      return Status(ErrorCode::kFatal,
                     phase + ": not complete within " + deadline.budget() + " (a rank is dead or hung)");
     }
     pacer.pause();

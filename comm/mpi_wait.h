@@ -14,7 +14,7 @@
 namespace reattn {
 
 // Polls until every request completes or `deadline` passes. `peers[i]` is the rank that
-// requests[i] sends to or receives from. On time-out: kDevice "<phase>: rank 1 did not answer
+// requests[i] sends to or receives from. On time-out: kFatal "<phase>: rank 1 did not answer
 // within 2.0 s (dead or hung)", naming every rank still owed. The requests stay
 // posted: after a fault the caller makes no further MPI calls but MPI_Abort.
 Status wait_for_peers(std::vector<MPI_Request>& requests, const std::vector<int>& peers, const Deadline& deadline,

@@ -9,7 +9,7 @@
 #include "comm/mpi_wait.h"
 #include "kernels/cuda/cuda_check.h"
 
-// Issues an NCCL call on a non-blocking communicator: a kDevice Status naming the call,
+// Issues an NCCL call on a non-blocking communicator: a kFatal Status naming the call,
 // file:line, rank and device when it fails; ncclInProgress is waited out (bounded).
 #define REATTN_NCCL_ISSUE(statement)                                                         \
   do {                                                                                       \
@@ -34,9 +34,8 @@ Status NcclCommunicator::nccl_status(ncclResult_t rc, const char* statement, con
     const char* last = ncclGetLastError(comm_);
     if (last && *last) message += std::string(" (") + last + ")";
   }
-  message += " at " + std::string(file) + ":" + std::to_string(line) + " on rank " + std::to_string(rank_) +
-             ", device " + std::to_string(device_);
-  return Status(ErrorCode::kDevice, std::move(message));
+  message += fault_site(file, line) + ", device " + std::to_string(device_);
+  return Status(ErrorCode::kFatal, std::move(message));
 }
 
 Status NcclCommunicator::fail(Status why) {
@@ -61,7 +60,7 @@ Status NcclCommunicator::settle(ncclResult_t rc, const char* statement, const ch
     if (state == ncclSuccess) return Status::ok();
     if (state != ncclInProgress) return fail(nccl_status(state, statement, file, line));
     if (deadline.passed()) {
-      return fail(Status(ErrorCode::kDevice, std::string(statement) + ": not issued within " + deadline.budget() +
+      return fail(Status(ErrorCode::kFatal, std::string(statement) + ": not issued within " + deadline.budget() +
                                                  " on rank " + std::to_string(rank_) + " (a peer is dead or hung)"));
     }
     pacer.pause();
@@ -80,7 +79,7 @@ Status NcclCommunicator::wait_stream(const char* phase) {
     if (q != ncclSuccess) return fail(nccl_status(q, "ncclCommGetAsyncError", __FILE__, __LINE__));
     if (state != ncclSuccess && state != ncclInProgress) return fail(nccl_status(state, phase, __FILE__, __LINE__));
     if (deadline.passed()) {
-      return fail(Status(ErrorCode::kDevice, std::string(phase) + ": not complete within " + deadline.budget() +
+      return fail(Status(ErrorCode::kFatal, std::string(phase) + ": not complete within " + deadline.budget() +
                                                  " on rank " + std::to_string(rank_) + ", device " +
                                                  std::to_string(device_) + " (a peer is dead or hung)"));
     }
@@ -107,11 +106,11 @@ Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& 
   const Deadline setup(WaitDeadlines::for_rank(deadlines.operation_s, rank));
   MPI_Request request = MPI_REQUEST_NULL;
   REATTN_RETURN_IF_ERROR(mpi_status(MPI_Ibcast(&boot, sizeof(boot), MPI_BYTE, 0, MPI_COMM_WORLD, &request),
-                                    "MPI_Ibcast(ncclUniqueId)"));
+                                    "MPI_Ibcast(ncclUniqueId)", __FILE__, __LINE__));
   REATTN_RETURN_IF_ERROR(wait_for_collective(request, setup, "broadcast of the NCCL unique id"));
   if (!boot.ok) {
     if (!made.is_ok()) return made;
-    return Status(ErrorCode::kDevice, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
+    return Status(ErrorCode::kFatal, "rank 0 could not make the NCCL unique id (rank " + std::to_string(rank) + ")");
   }
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
@@ -133,7 +132,7 @@ Expected<std::unique_ptr<NcclCommunicator>> NcclCommunicator::make(CudaBackend& 
       return comm->fail(comm->nccl_status(state, "ncclCommInitRankConfig", __FILE__, __LINE__));
     }
     if (setup.passed()) {
-      return comm->fail(Status(ErrorCode::kDevice, "NCCL communicator not created within " + setup.budget() +
+      return comm->fail(Status(ErrorCode::kFatal, "NCCL communicator not created within " + setup.budget() +
                                                        " on rank " + std::to_string(rank) + " (a peer is dead or hung)"));
     }
     pacer.pause();

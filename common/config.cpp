@@ -265,18 +265,6 @@ Expected<Config> parse_config(const YAML::Node& root) {
   return c;
 }
 
-// "host:port" with a non-empty host and a decimal port in 0..65535 (0: any free port).
-bool is_host_port(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0) return false;
-  const std::string port = listen.substr(colon + 1);
-  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos) {
-    return false;
-  }
-  const int value = std::stoi(port);
-  return value >= 0 && value <= 65535;
-}
-
 }  // namespace
 
 Status Config::validate() const {
@@ -356,11 +344,30 @@ Status Config::validate() const {
         (overflow ? std::string("(overflows int64)") : std::to_string(span)) +
         " exceeds model.scope " + std::to_string(model.scope));
   }
-  if (!is_host_port(server.listen)) {
+  if (!parse_listen(server.listen)) {
     return invalid_argument("server.listen: expected host:port with port 0..65535 (0: any free port), got '" +
                             server.listen + "'");
   }
   return Status::ok();
+}
+
+Expected<ListenAddress> parse_listen(const std::string& listen) {
+  const auto bad = [&] {
+    return invalid_argument("listen: expected host:port with port 0..65535 (0: any free port), got '" + listen + "'");
+  };
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0) return bad();
+  const std::string port = listen.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos) return bad();
+  ListenAddress out;
+  out.port = std::stoi(port);
+  if (out.port > 65535) return bad();
+  out.host = listen.substr(0, colon);
+  if (out.host.size() >= 2 && out.host.front() == '[' && out.host.back() == ']') {
+    out.host = out.host.substr(1, out.host.size() - 2);
+  }
+  if (out.host == "localhost") out.host = "127.0.0.1";
+  return out;
 }
 
 float Config::max_stored_value() const {

@@ -70,6 +70,14 @@ struct ServerConfig {
   int max_connections = 1024;          // open HTTP connections; more are refused
 };
 
+// A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and
+// "localhost" becomes 127.0.0.1; the port is decimal in 0..65535 (0: any free port).
+struct ListenAddress {
+  std::string host;
+  int port = 0;
+};
+Expected<ListenAddress> parse_listen(const std::string& listen);
+
 struct Config {
   ModelConfig model;
   ReattentionConfig reattention;

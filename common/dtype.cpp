@@ -1,5 +1,6 @@
 #include "common/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace reattn {
@@ -88,6 +89,23 @@ void convert_from_f32(DType dtype, const float* src, size_t count, void* dst) {
   for (size_t i = 0; i < count; ++i) {
     const uint16_t bits = dtype == DType::kBF16 ? float_to_bf16(src[i]) : float_to_f16(src[i]);
     std::memcpy(bytes + 2 * i, &bits, 2);
+  }
+}
+
+void convert(DType from, const void* src, size_t count, DType to, void* dst) {
+  if (from == to) {
+    if (count > 0) std::memcpy(dst, src, count * dtype_size(from));
+    return;
+  }
+  if (from == DType::kF32) return convert_from_f32(to, static_cast<const float*>(src), count, dst);
+  if (to == DType::kF32) return convert_to_f32(from, src, count, static_cast<float*>(dst));
+  // f16 <-> bf16 through fp32, a piece at a time.
+  constexpr size_t kPiece = 4096;
+  float buf[kPiece];
+  for (size_t done = 0; done < count; done += kPiece) {
+    const size_t n = std::min(kPiece, count - done);
+    convert_to_f32(from, static_cast<const unsigned char*>(src) + done * 2, n, buf);
+    convert_from_f32(to, buf, n, static_cast<unsigned char*>(dst) + done * 2);
   }
 }
 

@@ -42,5 +42,7 @@ uint16_t float_to_f16(float f);
 void convert_to_f32(DType dtype, const void* src, size_t count, float* dst);
 // Converts `count` fp32 values to `dtype` at `dst`.
 void convert_from_f32(DType dtype, const float* src, size_t count, void* dst);
+// Converts `count` elements from one dtype to another; a plain copy when they are the same.
+void convert(DType from, const void* src, size_t count, DType to, void* dst);
 
 }  // namespace reattn

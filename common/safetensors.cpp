@@ -49,6 +49,7 @@ struct SafetensorsFile::Storage {
   size_t size = 0;
   void* mapping = nullptr;  // set when the bytes are a file mapping
   std::string buffer;       // set when the bytes were parsed from memory
+  std::shared_ptr<const std::string> shared;  // set when the bytes are shared with the caller
 
   Storage() = default;
   Storage(const Storage&) = delete;
@@ -104,6 +105,16 @@ Expected<SafetensorsFile> SafetensorsFile::parse(std::string bytes, const std::s
   storage->buffer = std::move(bytes);
   storage->data = reinterpret_cast<const unsigned char*>(storage->buffer.data());
   storage->size = storage->buffer.size();
+  return parse_storage(std::move(storage), origin);
+}
+
+Expected<SafetensorsFile> SafetensorsFile::parse_shared(std::shared_ptr<const std::string> bytes,
+                                                        const std::string& origin) {
+  auto storage = std::make_shared<Storage>();
+  storage->origin = origin;
+  storage->data = reinterpret_cast<const unsigned char*>(bytes->data());
+  storage->size = bytes->size();
+  storage->shared = std::move(bytes);
   return parse_storage(std::move(storage), origin);
 }
 

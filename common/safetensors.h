@@ -36,6 +36,9 @@ class SafetensorsFile {
   static Expected<SafetensorsFile> open(const std::string& path);
   // Parses a copy of an in-memory blob (e.g. an HTTP body).
   static Expected<SafetensorsFile> parse(std::string bytes, const std::string& origin = "<body>");
+  // Parses bytes shared with the caller, without copying them (the file keeps them alive).
+  static Expected<SafetensorsFile> parse_shared(std::shared_ptr<const std::string> bytes,
+                                                const std::string& origin = "<body>");
 
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   // NotFound naming the tensor and the ones the file has.

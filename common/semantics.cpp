@@ -81,14 +81,17 @@ RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode
   return {position, position + 1};
 }
 
-Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
+Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
   if (qlen < 1) return invalid_argument("q: qlen must be >= 1, got " + std::to_string(qlen));
-  // Tail rows must lie in the local window; detached blocks are held to the same bound, which
-  // also bounds every step workspace.
   if (qlen > rc.local_window) {
     return invalid_argument("q: qlen " + std::to_string(qlen) + " exceeds reattention.local_window " +
                             std::to_string(rc.local_window) + " in " + query_mode_name(mode) + " mode");
   }
+  return Status::ok();
+}
+
+Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
+  REATTN_RETURN_IF_ERROR(check_qlen(qlen, mode, rc));
   if (mode == QueryMode::kDetached) {
     if (n < 1) return invalid_argument("context is empty: a query needs at least one token");
     return Status::ok();
@@ -119,6 +122,28 @@ int64_t tokens_charged(int64_t n, int owner, int rank, int world, const Reattent
   const int64_t tail = grid_tokens % rc.chunk_tokens;
   if (tail > 0 && home_rank(full_blocks, world) == rank) charged += tail;
   return charged;
+}
+
+Status check_capacity(const std::vector<int64_t>& charged, int64_t n0, int64_t n1, int owner,
+                      const ReattentionConfig& rc, int64_t tokens_per_rank) {
+  const int world = static_cast<int>(charged.size());
+  const int64_t appending = n1 - n0;
+  // Larger than any rank could take: also keeps n1 from overflowing below.
+  if (appending > tokens_per_rank * static_cast<int64_t>(world)) {
+    return Status(ErrorCode::kCapacity, "appending " + std::to_string(appending) + " tokens is over the capacity of " +
+                                            std::to_string(tokens_per_rank) + " tokens per rank on " +
+                                            std::to_string(world) + " ranks");
+  }
+  for (int r = 0; r < world; ++r) {
+    const int64_t after =
+        charged[r] - tokens_charged(n0, owner, r, world, rc) + tokens_charged(n1, owner, r, world, rc);
+    if (after > tokens_per_rank) {
+      return Status(ErrorCode::kCapacity, "appending " + std::to_string(appending) + " tokens would put " +
+                                              std::to_string(after) + " tokens on rank " + std::to_string(r) +
+                                              ", above capacity.tokens_per_rank " + std::to_string(tokens_per_rank));
+    }
+  }
+  return Status::ok();
 }
 
 }  // namespace reattn

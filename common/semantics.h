@@ -105,8 +105,13 @@ struct RowPosition {
 RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode mode,
                          int64_t qlen, int64_t row);
 
-// Checks a query against a context of n tokens: 1 <= qlen <= W in both modes; tail needs
-// qlen <= n; a detached query needs n >= 1.
+// The one qlen rule, before any context is known: 1 <= qlen <= W in both modes (tail rows
+// lie in the local window; detached blocks are held to the same bound, which also bounds
+// every step workspace).
+Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
+
+// Checks a query against a context of n tokens: check_qlen; tail needs qlen <= n; a detached
+// query needs n >= 1.
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 
 // inv_freq[d] = theta^(-2d/D) for d in [0, D/2), in double.
@@ -144,6 +149,12 @@ namespace reattn {
 // blocks homed there, plus the sinks on the owner. Every rank can compute it for any rank,
 // so capacity checks agree without communication.
 int64_t tokens_charged(int64_t n, int owner, int rank, int world, const ReattentionConfig& rc);
+
+// The one capacity rule: growing a context owned by `owner` from n0 to n1 tokens, with
+// `charged[r]` tokens charged to rank r now (all contexts, this one at n0), fits when no rank
+// ends above `tokens_per_rank`. Capacity otherwise, naming the rank.
+Status check_capacity(const std::vector<int64_t>& charged, int64_t n0, int64_t n1, int owner,
+                      const ReattentionConfig& rc, int64_t tokens_per_rank);
 
 // Blocks the owner keeps in its local-window replica ring: enough that the local region
 // (at most W + C - 1 tokens, block-aligned start) never wraps onto itself.

@@ -10,7 +10,7 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kCapacity: return "capacity_exhausted";
     case ErrorCode::kUnavailable: return "unavailable";
     case ErrorCode::kInternal: return "internal";
-    case ErrorCode::kDevice: return "device_fault";
+    case ErrorCode::kFatal: return "fatal";
   }
   return "unknown";
 }

@@ -16,7 +16,7 @@ enum class ErrorCode {
   kCapacity,          // KV capacity exhausted
   kUnavailable,       // not ready, queue full, shutting down
   kInternal,          // a bug or an unexpected library failure
-  kDevice,            // a CUDA or communicator fault: unrecoverable
+  kFatal,             // a device, communicator or protocol fault: ends the job
 };
 
 const char* error_code_name(ErrorCode code);

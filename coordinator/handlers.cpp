@@ -9,7 +9,7 @@
 #include "common/semantics.h"
 #include "coordinator/json_budget.h"
 #include "coordinator/logging.h"
-#include "coordinator/output_json.h"
+#include "common/output_json.h"
 
 namespace reattn {
 namespace {
@@ -230,7 +230,7 @@ void Handlers::enqueue(Task task, std::function<HttpResponse(const TaskResult&)>
 void Handlers::create_context(const HttpRequest& req, Responder done) {
   if (Status s = check_create_body(req.body); !s.is_ok()) return done(body_error(s));
   Task task;
-  task.kind = TaskKind::kCreate;
+  task.op = CreateContext{};  // the step loop picks the id and owner
   task.request_id = req.request_id;
   enqueue(std::move(task), [](const TaskResult& r) { return json_response(201, context_json(r.context)); },
           std::move(done));
@@ -239,9 +239,8 @@ void Handlers::create_context(const HttpRequest& req, Responder done) {
 void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Responder done) {
   if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
   Task task;
-  task.kind = TaskKind::kErase;
+  task.op = EraseContext{m.id};
   task.request_id = req.request_id;
-  task.context_id = m.id;
   enqueue(std::move(task),
           [id = m.id](const TaskResult&) { return json_response(200, {{"id", id}, {"deleted", true}}); },
           std::move(done));
@@ -249,15 +248,14 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
 
 void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) {
   if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
-  Expected<int64_t> tokens = check_kv_body(req.body, config_);
+  // Up to max_body_bytes: moved, never copied, from here to the ranks.
+  auto body = std::make_shared<std::string>(std::move(req.body));
+  Expected<int64_t> tokens = check_kv_body(body, config_);
   if (!tokens) return done(body_error(tokens.status()));
   if (Status s = registry_.check_append(m.id, *tokens); !s.is_ok()) return done(status_response(s));
   Task task;
-  task.kind = TaskKind::kAppendKv;
+  task.op = AppendKv{m.id, *tokens, std::move(body)};
   task.request_id = req.request_id;
-  task.context_id = m.id;
-  task.kv_body = std::move(req.body);  // up to max_body_bytes: not copied
-  task.kv_tokens = *tokens;
   enqueue(std::move(task),
           [appended = *tokens](const TaskResult& r) {
             json body = context_json(r.context);
@@ -272,12 +270,10 @@ void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder 
   Expected<SyntheticRequest> spec = parse_synthetic_request(req.body);
   if (!spec) return done(body_error(spec.status()));
   if (Status s = registry_.check_append(m.id, spec->tokens); !s.is_ok()) return done(status_response(s));
+  const int64_t appended = spec->tokens;
   Task task;
-  task.kind = TaskKind::kSynthetic;
+  task.op = AppendSynthetic{m.id, spec->tokens, spec->seed, std::move(spec->needles)};
   task.request_id = req.request_id;
-  task.context_id = m.id;
-  task.synthetic = std::move(*spec);
-  const int64_t appended = task.synthetic.tokens;
   enqueue(std::move(task),
           [appended](const TaskResult& r) {
             json body = context_json(r.context);
@@ -292,14 +288,20 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   Expected<QueryRequest> q = parse_query_request(req.body, req.content_type, req.query_string, config_);
   if (!q) return done(body_error(q.status()));
   if (Status s = registry_.check_query(m.id, q->qlen, q->mode); !s.is_ok()) return done(status_response(s));
-  Task task;
-  task.kind = TaskKind::kQuery;
-  task.request_id = req.request_id;
-  task.context_id = m.id;
   const int layer = q->layer;
   const QueryMode mode = q->mode;
   const int64_t qlen = q->qlen;
-  task.query = std::move(*q);
+  QueryPlan query;
+  query.context_id = m.id;
+  query.qlen = qlen;
+  query.layer = layer;
+  query.mode = mode;
+  StepPlan plan;
+  plan.queries.push_back(query);
+  plan.q = std::move(q->q);
+  Task task;
+  task.op = std::move(plan);
+  task.request_id = req.request_id;
   const ModelConfig model = config_.model;
   const ReattentionConfig rc = config_.reattention;
   enqueue(std::move(task),
@@ -318,7 +320,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
                       {"out", nested_output<json>(r.query.out, qlen, model.q_heads, model.head_dim)},
                       {"timing",
                        {{"score_ms", r.timing.score_ms},
-                        {"merge_ms", r.timing.merge_ms},
+                        {"merge_ms", r.timing.candidates_ms},
                         {"attention_ms", r.timing.attention_ms},
                         {"total_ms", r.timing.total_ms},
                         {"queue_ms", r.queue_ms},

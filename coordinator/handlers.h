@@ -14,6 +14,7 @@
 #include "coordinator/http_types.h"
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
+#include "coordinator/requests.h"
 #include "coordinator/router.h"
 #include "coordinator/service_state.h"
 #include "coordinator/task_queue.h"

@@ -29,6 +29,8 @@ using tcp = boost::asio::ip::tcp;
 namespace {
 
 constexpr uint32_t kHeaderLimit = 64 * 1024;
+// Room the read buffer keeps for a request body: 1 MiB per socket read.
+constexpr size_t kBodyReadBytes = 1 << 20;
 
 // Back-off of the accept loop when the process is out of file descriptors or memory.
 constexpr std::chrono::milliseconds kFirstBackoff{10};
@@ -154,6 +156,9 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void read_body() {
+    // Beast reads at most the buffer's spare capacity (at least 512 bytes) per call: without
+    // room, a 64 MiB body would take 131072 reads.
+    buffer_.reserve(kBodyReadBytes);
     http::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&Session::on_body, shared_from_this()));
   }
 

@@ -24,7 +24,7 @@ int http_status_of(ErrorCode code) {
     case ErrorCode::kCapacity: return 507;
     case ErrorCode::kUnavailable: return 503;
     case ErrorCode::kInternal: return 500;
-    case ErrorCode::kDevice: return 500;
+    case ErrorCode::kFatal: return 500;
   }
   return 500;
 }

@@ -29,6 +29,10 @@ size_t Registry::size() const {
 
 std::vector<int64_t> Registry::tokens_per_rank() const {
   std::lock_guard<std::mutex> lock(mu_);
+  return tokens_per_rank_locked();
+}
+
+std::vector<int64_t> Registry::tokens_per_rank_locked() const {
   std::vector<int64_t> out(world_, 0);
   for (const ContextInfo& c : contexts_) {
     for (int r = 0; r < world_; ++r) out[r] += tokens_charged(c.tokens, c.owner_rank, r, world_, config_.reattention);
@@ -49,26 +53,8 @@ Status Registry::check_append(ContextId id, int64_t tokens) const {
 }
 
 Status Registry::check_append_locked(const ContextInfo& ctx, int64_t tokens) const {
-  const ReattentionConfig& rc = config_.reattention;
-  const int64_t limit = config_.capacity.tokens_per_rank;
-  // Larger than any rank could take: also keeps n + tokens from overflowing.
-  if (tokens > limit * static_cast<int64_t>(world_)) {
-    return Status(ErrorCode::kCapacity, "appending " + std::to_string(tokens) + " tokens is over the capacity of " +
-                                            std::to_string(limit) + " tokens per rank on " +
-                                            std::to_string(world_) + " ranks");
-  }
-  for (int r = 0; r < world_; ++r) {
-    int64_t total = 0;
-    for (const ContextInfo& c : contexts_) total += tokens_charged(c.tokens, c.owner_rank, r, world_, rc);
-    const int64_t after = total - tokens_charged(ctx.tokens, ctx.owner_rank, r, world_, rc) +
-                          tokens_charged(ctx.tokens + tokens, ctx.owner_rank, r, world_, rc);
-    if (after > limit) {
-      return Status(ErrorCode::kCapacity, "appending " + std::to_string(tokens) + " tokens would put " +
-                                              std::to_string(after) + " tokens on rank " + std::to_string(r) +
-                                              ", above capacity.tokens_per_rank " + std::to_string(limit));
-    }
-  }
-  return Status::ok();
+  return check_capacity(tokens_per_rank_locked(), ctx.tokens, ctx.tokens + tokens, ctx.owner_rank, config_.reattention,
+                        config_.capacity.tokens_per_rank);
 }
 
 Status Registry::check_query(ContextId id, int64_t qlen, QueryMode mode) const {
@@ -88,11 +74,9 @@ Expected<ContextInfo> Registry::plan_create() {
     return Status(ErrorCode::kCapacity, "the service holds " + std::to_string(contexts_.size()) +
                                             " contexts, the most capacity.max_contexts allows");
   }
-  std::vector<int64_t> owned(world_, 0), tokens(world_, 0);
-  for (const ContextInfo& c : contexts_) {
-    ++owned[c.owner_rank];
-    for (int r = 0; r < world_; ++r) tokens[r] += tokens_charged(c.tokens, c.owner_rank, r, world_, config_.reattention);
-  }
+  std::vector<int64_t> owned(world_, 0);
+  const std::vector<int64_t> tokens = tokens_per_rank_locked();
+  for (const ContextInfo& c : contexts_) ++owned[c.owner_rank];
   int best = 0;
   for (int r = 1; r < world_; ++r) {
     if (owned[r] < owned[best] || (owned[r] == owned[best] && tokens[r] < tokens[best])) best = r;

@@ -1,6 +1,6 @@
 // The coordinator's table of contexts: id, owning rank, length. It mirrors what the ranks'
 // KV stores hold and answers, without asking the ranks, whether a request can go ahead:
-// unknown context (NotFound), capacity (Capacity, from tokens_charged as KvStore computes it),
+// unknown context (NotFound), capacity (Capacity, by check_capacity, the rule KvStore applies),
 // a tail query longer than the context (InvalidArgument).
 // Thread-safety: every method is safe from any thread; the mutators are called only from the
 // step loop, after the ranks have applied the operation, so readers see committed state.
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "common/config.h"
-#include "worker/kv_store.h"
+#include "common/protocol.h"
 
 namespace reattn {
 
@@ -50,6 +50,7 @@ class Registry {
 
  private:
   Status check_append_locked(const ContextInfo& ctx, int64_t tokens) const;
+  std::vector<int64_t> tokens_per_rank_locked() const;
 
   const Config config_;
   const int world_;

@@ -11,8 +11,9 @@
 
 #include "common/excerpt.h"
 #include "common/safetensors.h"
+#include "common/semantics.h"
 #include "common/synthetic.h"
-#include "worker/kv_source.h"
+#include "common/tensor_checks.h"
 
 namespace reattn {
 namespace {
@@ -81,15 +82,6 @@ Status check_layer(int64_t layer, const ModelConfig& model) {
   if (layer < 0 || layer >= model.layers) {
     return invalid_argument("layer: " + std::to_string(layer) + " is outside [0, " + std::to_string(model.layers) +
                             ") for this model");
-  }
-  return Status::ok();
-}
-
-Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
-  if (qlen < 1) return invalid_argument("q: must hold at least one row");
-  if (qlen > rc.local_window) {
-    return invalid_argument("q: " + std::to_string(qlen) + " rows in " + query_mode_name(mode) +
-                            " mode is over reattention.local_window " + std::to_string(rc.local_window));
   }
   return Status::ok();
 }
@@ -198,13 +190,8 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "query body"));
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
   const ModelConfig& m = config.model;
-  if (q.shape.size() != 3 || q.shape[1] != m.q_heads || q.shape[2] != m.head_dim) {
-    std::string dims;
-    for (size_t i = 0; i < q.shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(q.shape[i]);
-    return invalid_argument("tensor 'q': shape [" + dims + "] does not match [qlen, q_heads=" +
-                            std::to_string(m.q_heads) + ", head_dim=" + std::to_string(m.head_dim) + "]");
-  }
-  REATTN_RETURN_IF_ERROR(check_finite(q, config.max_stored_value()));
+  REATTN_RETURN_IF_ERROR(check_shape(q, {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}));
+  REATTN_RETURN_IF_ERROR(check_storable(q, config.max_stored_value()));
   req.qlen = q.shape[0];
   REATTN_RETURN_IF_ERROR(check_qlen(req.qlen, req.mode, config.reattention));
   req.q = q.to_f32();
@@ -263,11 +250,12 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {
   return req;
 }
 
-Expected<int64_t> check_kv_body(const std::string& body, const Config& config) {
-  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "kv body"));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource source,
-                          SafetensorsKvSource::make(file, config.model, config.max_stored_value()));
-  return source.tokens();
+Expected<int64_t> check_kv_body(std::shared_ptr<const std::string> body, const Config& config) {
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_shared(std::move(body), "kv body"));
+  REATTN_ASSIGN_OR_RETURN(KvTensors kv, kv_tensors(file, config.model));
+  REATTN_RETURN_IF_ERROR(check_storable(kv.k, config.max_stored_value()));
+  REATTN_RETURN_IF_ERROR(check_storable(kv.v, config.max_stored_value()));
+  return kv.tokens;
 }
 
 Status check_create_body(const std::string& body) {

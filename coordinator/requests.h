@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,8 +38,9 @@ struct SyntheticRequest {
 Expected<SyntheticRequest> parse_synthetic_request(const std::string& body);
 
 // POST /v1/contexts/{id}/kv: a safetensors body with k and v, each [layers, Hkv, tokens, D].
-// Parses and checks it fully (shapes, dtypes, finite values); returns the tokens it appends.
-Expected<int64_t> check_kv_body(const std::string& body, const Config& config);
+// Parses and checks it fully, once (shapes, dtypes, storable values), reading the bytes in
+// place; returns the tokens it appends.
+Expected<int64_t> check_kv_body(std::shared_ptr<const std::string> body, const Config& config);
 
 // POST /v1/contexts: an empty body or a JSON object (no fields are read yet).
 Status check_create_body(const std::string& body);

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "worker/kv_store.h"
+#include "common/protocol.h"
 
 namespace reattn {
 

@@ -28,23 +28,17 @@
 #include <vector>
 
 #include "comm/control.h"
-#include "coordinator/batcher.h"
 #include "coordinator/handlers.h"
 #include "coordinator/http_server.h"
 #include "coordinator/logging.h"
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
+#include "coordinator/step_loop.h"
 #include "coordinator/task_queue.h"
-#include "kernels/backend.h"
+#include "kernels/make_backend.h"
 #include "worker/service_loop.h"
-
-#if __has_include("comm/make_communicator.h")
 #include "comm/make_communicator.h"
-#define REATTN_HAVE_MAKE_COMMUNICATOR 1
-#else
-#include "comm/mpi_communicator.h"
-#endif
 
 namespace reattn {
 namespace {
@@ -85,21 +79,6 @@ Expected<std::string> read_api_key(const std::string& path) {
   return key;
 }
 
-// "host:port" (IPv6 as "[::1]:8080").
-Status split_listen(const std::string& listen, std::string* host, int* port) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos) return invalid_argument("listen: expected host:port, got '" + listen + "'");
-  *host = listen.substr(0, colon);
-  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
-  if (*host == "localhost") *host = "127.0.0.1";
-  try {
-    *port = std::stoi(listen.substr(colon + 1));
-  } catch (...) {
-    return invalid_argument("listen: bad port in '" + listen + "'");
-  }
-  return Status::ok();
-}
-
 // The control and data planes' deadlines from the config.
 WaitDeadlines wait_deadlines(const ServerConfig& server) {
   WaitDeadlines d;
@@ -107,16 +86,6 @@ WaitDeadlines wait_deadlines(const ServerConfig& server) {
   d.step_s = server.step_deadline_s;
   d.heartbeat_s = server.heartbeat_s;
   return d;
-}
-
-Expected<std::unique_ptr<Communicator>> make_comm(Backend& backend, const Control& control) {
-#ifdef REATTN_HAVE_MAKE_COMMUNICATOR
-  return make_communicator(backend, control);
-#else
-  (void)backend;
-  (void)control;
-  return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>());
-#endif
 }
 
 // After a fault: how long rank 0 keeps answering (503 to /v1 and readiness) and then how long
@@ -145,10 +114,9 @@ class Coordinator {
   ~Coordinator() { stop(); }
 
   Status start() {
-    std::string host;
-    int port = 0;
-    REATTN_RETURN_IF_ERROR(split_listen(config_.server.listen, &host, &port));
-    REATTN_ASSIGN_OR_RETURN(const int bound, server_.listen(host, port));
+    REATTN_ASSIGN_OR_RETURN(const ListenAddress address, parse_listen(config_.server.listen));
+    const std::string& host = address.host;
+    REATTN_ASSIGN_OR_RETURN(const int bound, server_.listen(host, address.port));
     signals_.async_wait([this](const boost::system::error_code& ec, int signo) {
       if (!ec) drain(signo);
     });
@@ -165,9 +133,9 @@ class Coordinator {
 
   // The step loop; returns when draining is done or on a fault.
   Status run(ServiceLoop& loop) {
-    Batcher batcher(loop, queue_, registry_, metrics_, state_, config_,
-                    [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
-    return batcher.run();
+    StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config_,
+                       [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
+    return step_loop.run();
   }
 
   void fault(const Status& why) {
@@ -277,7 +245,7 @@ int serve(Control& control, const ServerOptions& opt) {
     log_event(LogLevel::kError, "cannot make the backend", {{"error", s.message()}});
     return 2;
   }
-  Expected<std::unique_ptr<Communicator>> comm = make_comm(**backend, control);
+  Expected<std::unique_ptr<Communicator>> comm = make_communicator(**backend, control);
   if (s = control.agree(comm.status()); !s.is_ok()) {
     log_event(LogLevel::kError, "cannot make the communicator", {{"error", s.message()}});
     return 2;
@@ -317,10 +285,8 @@ int serve(Control& control, const ServerOptions& opt) {
     flush_logs(0.5);
     control.abort(3);
   }
-  Operation shutdown;
-  shutdown.kind = OperationKind::kShutdown;
   OperationResult ignored;
-  if (s = loop.submit(shutdown, &ignored); !s.is_ok()) {
+  if (s = loop.submit(Shutdown{}, &ignored); !s.is_ok()) {
     log_event(LogLevel::kError, "cannot broadcast shutdown; ending the job", {{"error", s.to_string()}});
     control.abort(3);
   }

@@ -29,14 +29,14 @@ std::vector<Task> TaskQueue::pop_batch(size_t max_queries, std::chrono::millisec
   ready_.wait_for(lock, wait, [this] { return !tasks_.empty() || closed_; });
   std::vector<Task> out;
   if (tasks_.empty()) return out;
-  if (tasks_.front().kind != TaskKind::kQuery) {
+  if (!is_query(tasks_.front())) {
     out.push_back(std::move(tasks_.front()));
     tasks_.pop_front();
     return out;
   }
   // Queries arriving together go out as one step; a non-query task ends the run so that
   // every task sees the effects of those pushed before it.
-  while (!tasks_.empty() && tasks_.front().kind == TaskKind::kQuery && out.size() < max_queries) {
+  while (!tasks_.empty() && is_query(tasks_.front()) && out.size() < max_queries) {
     out.push_back(std::move(tasks_.front()));
     tasks_.pop_front();
   }

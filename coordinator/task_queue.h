@@ -14,36 +14,33 @@
 #include <string>
 #include <vector>
 
+#include "common/protocol.h"
 #include "coordinator/registry.h"
-#include "coordinator/requests.h"
-#include "worker/step.h"
 
 namespace reattn {
 
-enum class TaskKind { kCreate, kErase, kAppendKv, kSynthetic, kQuery };
-
 struct TaskResult {
   Status status;
-  ContextInfo context;        // kCreate: the new context; others: the context afterwards
-  QueryResult query;          // kQuery
-  StepTiming timing;          // kQuery: the step it ran in
+  ContextInfo context;        // create: the new context; others: the context afterwards
+  QueryResult query;          // a query
+  StepTiming timing;          // a query: the step it ran in
   double queue_ms = 0;        // from push to the start of its step
-  size_t batch_size = 0;      // kQuery: queries in its step
+  size_t batch_size = 0;      // a query: queries in its step
 };
 
 struct Task {
   uint64_t id = 0;            // set by push
-  TaskKind kind = TaskKind::kCreate;
   std::string request_id;
-  ContextId context_id = 0;
-  std::string kv_body;        // kAppendKv: checked safetensors bytes
-  int64_t kv_tokens = 0;      // kAppendKv
-  SyntheticRequest synthetic; // kSynthetic
-  QueryRequest query;         // kQuery
+  // What the ranks are to do. A query is a StepPlan of one query; the step loop fills in the
+  // context's length and owner and batches it with the queries queued behind it.
+  Operation op;
   std::chrono::steady_clock::time_point enqueued;
   // Called once with the result, on an HTTP thread (the step loop posts it there).
   std::function<void(TaskResult)> done;
 };
+
+// Whether a task is a query (batched with its neighbours) rather than an operation alone.
+inline bool is_query(const Task& task) { return std::holds_alternative<StepPlan>(task.op); }
 
 class TaskQueue {
  public:

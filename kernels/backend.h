@@ -64,8 +64,4 @@ class Backend {
 // allocate on the hot path once warm.
 Status ensure_capacity(Backend& backend, Buffer& buffer, size_t bytes);
 
-// Makes the backend the config asks for ("auto": cuda when a GPU is visible and the CUDA
-// backend was built, else cpu). `local_rank` picks the GPU.
-Expected<std::unique_ptr<Backend>> make_backend(const Config& config, int local_rank);
-
 }  // namespace reattn

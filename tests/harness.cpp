@@ -2,7 +2,7 @@
 
 namespace reattn::test {
 
-void ContextSource::read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {
+void ContextSource::read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {
   (void)layer;
   const int D = ctx_.model.head_dim;
   const size_t base = (static_cast<size_t>(kv_head) * ctx_.n + first_ + offset) * D;
@@ -57,7 +57,7 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
   qp.tokens = first;
   qp.qlen = qlen;
   qp.layer = c.layer;
-  qp.mode = static_cast<int32_t>(c.mode);
+  qp.mode = c.mode;
   qp.owner_rank = c.owner_rank;
   plan.queries.push_back(qp);
   plan.q = q;

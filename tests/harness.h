@@ -11,12 +11,12 @@
 namespace reattn::test {
 
 // K/V of a reference context as a KvSource (one layer, tokens [first, first + count)).
-class ContextSource final : public KvSource {
+class ContextSource final : public Fp32KvSource {
  public:
   ContextSource(const ref::Context& ctx, int layer, int64_t first, int64_t count)
-      : ctx_(ctx), layer_(layer), first_(first), count_(count) {}
+      : Fp32KvSource(ctx.model.head_dim), ctx_(ctx), layer_(layer), first_(first), count_(count) {}
   int64_t tokens() const override { return count_; }
-  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
 
  private:
   const ref::Context& ctx_;

@@ -13,6 +13,7 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/make_backend.h"
 #include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
@@ -141,7 +142,20 @@ TEST(CudaBackend, RejectsUnsupportedConfigs) {
   EXPECT_NE(b.status().message().find("head_dim"), std::string::npos);
 }
 
-TEST(CudaBackend, DeviceCountNeverFails) { EXPECT_GE(cuda_device_count(), 0); }
+// auto picks cuda exactly when a device is visible; asking for cuda without one, or for a GPU
+// the machine does not have, is an error that says so (never a silent fallback to cpu).
+TEST(CudaBackend, AutoFollowsTheDevicesAndMissingGpusAreNamed) {
+  Config cfg = make_config(Case{});
+  cfg.backend.kind = BackendKind::kAuto;
+  Expected<std::unique_ptr<Backend>> picked = make_backend(cfg, 0);
+  ASSERT_TRUE(picked.is_ok()) << picked.status().to_string();
+  EXPECT_STREQ((*picked)->name(), cuda_device_count() > 0 ? "cuda" : "cpu");
+  Expected<std::unique_ptr<Backend>> beyond = make_cuda_backend(make_config(Case{}), cuda_device_count());
+  ASSERT_FALSE(beyond.is_ok());
+  EXPECT_NE(beyond.status().message().find(cuda_device_count() == 0 ? "no CUDA device" : "has no GPU of its own"),
+            std::string::npos)
+      << beyond.status().message();
+}
 
 TEST(CudaBackend, QueryMatchesReferenceBf16D128) {
   SKIP_WITHOUT_GPU();
@@ -233,11 +247,11 @@ TEST(CudaBackend, QueryMatchesReferenceMultiPass) {
 
 // K/V values k/16 for integers k in [-32, 32): exact in bf16, f16 and fp32, so both backends
 // score the same keys and differ only in fp32 summation order.
-class ExactKvSource final : public KvSource {
+class ExactKvSource final : public Fp32KvSource {
  public:
-  ExactKvSource(int64_t tokens, int head_dim) : tokens_(tokens), head_dim_(head_dim) {}
+  ExactKvSource(int64_t tokens, int head_dim) : Fp32KvSource(head_dim), tokens_(tokens), head_dim_(head_dim) {}
   int64_t tokens() const override { return tokens_; }
-  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override {
+  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override {
     for (int64_t t = 0; t < count; ++t) {
       for (int d = 0; d < head_dim_; ++d) {
         uint64_t x = (static_cast<uint64_t>(layer) << 56) ^ (static_cast<uint64_t>(kv_head) << 48) ^

@@ -174,7 +174,7 @@ TEST(GatherStep, OneMessagePerPeerForABatchOfOwners) {
     for (float& x : q) x = u(rng);
     const bool a = contexts[i] == &ctx_a;
     plan.queries.push_back(QueryPlan{a ? 1u : 2u, contexts[i]->n, qlens[i], static_cast<int64_t>(plan.q.size()),
-                                     kLayer, static_cast<int32_t>(QueryMode::kTail), a ? 0 : 2, 0});
+                                     kLayer, QueryMode::kTail, a ? 0 : 2});
     plan.q.insert(plan.q.end(), q.begin(), q.end());
     qs.push_back(std::move(q));
   }

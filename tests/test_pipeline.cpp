@@ -210,9 +210,9 @@ TEST(Store, BadQueriesFailAloneInABatch) {
   const std::vector<float> q = random_q(config.model, 2, 9);
   plan.q = q;
   plan.q.insert(plan.q.end(), q.begin(), q.end());
-  QueryPlan good{1, 200, 2, 0, 0, 0, 0, 0};
-  QueryPlan unknown{2, 200, 2, 0, 0, 0, 0, 0};
-  QueryPlan bad_layer{1, 200, 2, static_cast<int64_t>(q.size()), 5, 0, 0, 0};
+  QueryPlan good{1, 200, 2, 0, 0, QueryMode::kTail, 0};
+  QueryPlan unknown{2, 200, 2, 0, 0, QueryMode::kTail, 0};
+  QueryPlan bad_layer{1, 200, 2, static_cast<int64_t>(q.size()), 5, QueryMode::kTail, 0};
   plan.queries = {good, unknown, bad_layer, good};
   StepRunner runner(backend, comm, config, store);
   std::vector<QueryResult> results;
@@ -231,15 +231,18 @@ TEST(StepPlan, EncodeDecodeRoundTrip) {
   StepPlan plan;
   plan.strategy = FinalAttention::kPartial;
   plan.reply_rank = 1;
-  plan.queries = {QueryPlan{3, 100, 2, 0, 1, 1, 0, 0}};
+  plan.queries = {QueryPlan{3, 100, 2, 0, 1, QueryMode::kDetached, 0}};
   plan.q = {1.0f, 2.0f, 3.0f};
-  const Expected<StepPlan> back = decode_step(encode_step(plan));
-  ASSERT_TRUE(back.is_ok());
+  const Expected<Operation> decoded = decode_operation(encode_operation(plan));
+  ASSERT_TRUE(decoded.is_ok());
+  const StepPlan* back = std::get_if<StepPlan>(&*decoded);
+  ASSERT_NE(back, nullptr);
   EXPECT_EQ(back->strategy, FinalAttention::kPartial);
   EXPECT_EQ(back->reply_rank, 1);
   EXPECT_EQ(back->queries[0].context_id, 3u);
+  EXPECT_EQ(back->queries[0].mode, QueryMode::kDetached);
   EXPECT_EQ(back->q, plan.q);
-  EXPECT_FALSE(decode_step("garbage").is_ok());
+  EXPECT_FALSE(decode_operation("garbage").is_ok());
 }
 
 }  // namespace

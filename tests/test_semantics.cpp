@@ -3,19 +3,12 @@
 #include <gtest/gtest.h>
 
 #include "common/semantics.h"
+#include "tests/tiny_rc.h"
 
 namespace reattn {
 namespace {
 
-ReattentionConfig tiny_rc() {
-  ReattentionConfig rc;
-  rc.sink_tokens = 4;
-  rc.local_window = 32;
-  rc.chunk_tokens = 8;
-  rc.top_k = 2;
-  rc.max_recall_chunks = 6;
-  return rc;
-}
+using test::tiny_rc;
 
 TEST(Regions, NoMidBelowThreshold) {
   const ReattentionConfig rc = tiny_rc();

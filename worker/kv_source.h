@@ -1,13 +1,12 @@
 // Where appended K/V come from: a safetensors file or body, or the synthetic generator.
-// A source is read per (layer, KV head, token range), so each rank reads only the blocks it
-// holds.
+// A source is read per (layer, KV head, token range), straight into the KV cache's storage
+// dtype, so each rank reads only the blocks it holds and converts each value at most once.
 #pragma once
 
 #include <cstdint>
-#include <limits>
 
-#include "common/safetensors.h"
 #include "common/synthetic.h"
+#include "common/tensor_checks.h"
 
 namespace reattn {
 
@@ -16,36 +15,51 @@ class KvSource {
   virtual ~KvSource() = default;
   // Tokens this append adds.
   virtual int64_t tokens() const = 0;
-  // K and V of tokens [offset, offset + count) of the append, [count, D] fp32 each. Called
-  // from several threads at once: implementations keep no mutable state.
-  virtual void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const = 0;
+  // K and V of tokens [offset, offset + count) of the append, [count, D] each in `dtype`.
+  // Called from several threads at once: implementations keep no mutable state.
+  virtual void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const = 0;
 };
 
-// `k` and `v` of a safetensors file: [layers, Hkv, tokens, D] each, F32/F16/BF16.
-class SafetensorsKvSource final : public KvSource {
+// A source that makes fp32 values (the synthetic generator, tests' references): each value is
+// converted to the storage dtype once, here.
+class Fp32KvSource : public KvSource {
  public:
-  // Checks names, dtypes, shapes against the model, and that every value is finite and at
-  // most `max_abs` in magnitude (Config::max_stored_value).
-  static Expected<SafetensorsKvSource> make(const SafetensorsFile& file, const ModelConfig& model,
-                                            float max_abs = std::numeric_limits<float>::max());
-  int64_t tokens() const override { return tokens_; }
-  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+  explicit Fp32KvSource(int head_dim) : head_dim_(head_dim) {}
+  void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const final;
+  // As read, in fp32: [count, D] each.
+  virtual void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const = 0;
 
  private:
-  TensorView k_;
-  TensorView v_;
-  int64_t tokens_ = 0;
+  int head_dim_;
+};
+
+// `k` and `v` of a safetensors file, [layers, Hkv, tokens, D] each, F32/F16/BF16, whose
+// shapes kv_tensors checked. Values are read as they are: the caller checks them
+// (check_storable) once, where they arrive.
+class SafetensorsKvSource final : public KvSource {
+ public:
+  SafetensorsKvSource(SafetensorsFile file, KvTensors tensors, const ModelConfig& model)
+      : file_(std::move(file)), kv_(std::move(tensors)), kv_heads_(model.kv_heads), head_dim_(model.head_dim) {}
+  // Parses and shape-checks the file's k and v.
+  static Expected<SafetensorsKvSource> make(SafetensorsFile file, const ModelConfig& model);
+  int64_t tokens() const override { return kv_.tokens; }
+  void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override;
+  const KvTensors& tensors() const { return kv_; }
+
+ private:
+  SafetensorsFile file_;  // keeps the bytes behind kv_ alive
+  KvTensors kv_;
   int kv_heads_ = 0;
   int head_dim_ = 0;
 };
 
 // Tokens [first_token, first_token + count) of a synthetic context.
-class SyntheticKvSource final : public KvSource {
+class SyntheticKvSource final : public Fp32KvSource {
  public:
   SyntheticKvSource(SyntheticSpec spec, ModelConfig model, int64_t first_token, int64_t count)
-      : spec_(std::move(spec)), model_(model), first_token_(first_token), count_(count) {}
+      : Fp32KvSource(model.head_dim), spec_(std::move(spec)), model_(model), first_token_(first_token), count_(count) {}
   int64_t tokens() const override { return count_; }
-  void read(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
 
  private:
   SyntheticSpec spec_;
@@ -53,9 +67,5 @@ class SyntheticKvSource final : public KvSource {
   int64_t first_token_;
   int64_t count_;
 };
-
-// Checks that every value of a tensor is finite and at most `max_abs` in magnitude, naming
-// the tensor and the first bad index.
-Status check_finite(const TensorView& tensor, float max_abs = std::numeric_limits<float>::max());
 
 }  // namespace reattn

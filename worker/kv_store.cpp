@@ -36,24 +36,25 @@ void parallel_for(int64_t count, Fn fn) {
 constexpr int64_t kBatchBlocks = 64;
 
 // Writes whole home blocks first_block, first_block + world, ... (`blocks` of them, in
-// consecutive slots of one page starting at k_dst / v_dst) with one upload for K and one for V.
+// consecutive slots of one page starting at k_dst / v_dst), read straight into the storage
+// dtype: in place for host memory, else staged and uploaded once for K and once for V.
 Status write_home_blocks(Backend& backend, const ModelConfig& m, const ReattentionConfig& rc, int world,
                          size_t block_bytes, void* k_dst, void* v_dst, const KvSource& source, int layer, int64_t n0,
                          int64_t first_block, int64_t blocks) {
   const DType dtype = backend.storage_dtype();
-  const size_t esize = dtype_size(dtype);
-  const size_t head_elems = static_cast<size_t>(rc.chunk_tokens) * m.head_dim;
-  std::vector<char> k_store(blocks * block_bytes), v_store(k_store.size());
+  const size_t head_bytes = static_cast<size_t>(rc.chunk_tokens) * m.head_dim * dtype_size(dtype);
+  const bool in_place = backend.host_memory();
+  std::vector<char> k_store(in_place ? 0 : blocks * block_bytes), v_store(k_store.size());
+  char* k_out = in_place ? static_cast<char*>(k_dst) : k_store.data();
+  char* v_out = in_place ? static_cast<char*>(v_dst) : v_store.data();
   parallel_for(blocks * m.kv_heads, [&](int64_t item) {
     const int64_t b = item / m.kv_heads;
     const int g = static_cast<int>(item % m.kv_heads);
     const int64_t first_token = rc.sink_tokens + (first_block + b * world) * rc.chunk_tokens;
-    std::vector<float> k(head_elems), v(head_elems);
-    source.read(layer, g, first_token - n0, rc.chunk_tokens, k.data(), v.data());
-    const size_t offset = (static_cast<size_t>(b) * m.kv_heads + g) * head_elems * esize;
-    convert_from_f32(dtype, k.data(), head_elems, k_store.data() + offset);
-    convert_from_f32(dtype, v.data(), head_elems, v_store.data() + offset);
+    const size_t offset = (static_cast<size_t>(b) * m.kv_heads + g) * head_bytes;
+    source.read(layer, g, first_token - n0, rc.chunk_tokens, dtype, k_out + offset, v_out + offset);
   });
+  if (in_place) return Status::ok();
   REATTN_RETURN_IF_ERROR(backend.upload(k_dst, k_store.data(), k_store.size()));
   return backend.upload(v_dst, v_store.data(), v_store.size());
 }
@@ -192,10 +193,8 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   }
   if (targets.empty()) return Status::ok();
   parallel_for(m.kv_heads, [&](int64_t g) {
-    std::vector<float> k(head_elems), v(head_elems);
-    source.read(layer, static_cast<int>(g), begin - n0, count, k.data(), v.data());
-    convert_from_f32(dtype, k.data(), head_elems, k_store.data() + g * head_elems * esize);
-    convert_from_f32(dtype, v.data(), head_elems, v_store.data() + g * head_elems * esize);
+    source.read(layer, static_cast<int>(g), begin - n0, count, dtype, k_store.data() + g * head_elems * esize,
+                v_store.data() + g * head_elems * esize);
   });
   for (const Target& t : targets) {
     if (begin == t.first_token && count == t.head_stride_tokens) {
@@ -220,16 +219,9 @@ Status KvStore::append(ContextId id, const KvSource& source) {
   const ReattentionConfig& rc = config_.reattention;
   const int64_t n0 = ctx.tokens;
   const int64_t n1 = n0 + source.tokens();
-  for (int r = 0; r < world_; ++r) {
-    const int64_t after = tokens_charged_to(r) - tokens_charged(n0, ctx.owner_rank, r, world_, rc) +
-                          tokens_charged(n1, ctx.owner_rank, r, world_, rc);
-    if (after > config_.capacity.tokens_per_rank) {
-      return Status(ErrorCode::kCapacity,
-                    "appending " + std::to_string(source.tokens()) + " tokens would put " + std::to_string(after) +
-                        " tokens on rank " + std::to_string(r) + ", above capacity.tokens_per_rank " +
-                        std::to_string(config_.capacity.tokens_per_rank));
-    }
-  }
+  std::vector<int64_t> charged(world_);
+  for (int r = 0; r < world_; ++r) charged[r] = tokens_charged_to(r);
+  REATTN_RETURN_IF_ERROR(check_capacity(charged, n0, n1, ctx.owner_rank, rc, config_.capacity.tokens_per_rank));
   // Allocate every page this append needs before writing anything: a refused allocation then
   // leaves the context as it was (the owner's ring is only overwritten once nothing can fail
   // short of a device fault).

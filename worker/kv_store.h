@@ -9,12 +9,11 @@
 #include <map>
 #include <vector>
 
+#include "common/protocol.h"
 #include "kernels/backend.h"
 #include "worker/kv_source.h"
 
 namespace reattn {
-
-using ContextId = uint64_t;
 
 struct LayerShard {
   std::vector<Buffer> k_pages;  // [kBlocksPerPage, Hkv, C, D] each

@@ -11,44 +11,11 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "common/protocol.h"
 #include "worker/kv_store.h"
+#include "worker/rank_plan.h"
 
 namespace reattn {
-
-// One query of a step. Crosses ranks as bytes.
-struct QueryPlan {
-  uint64_t context_id = 0;
-  int64_t tokens = 0;      // n as the coordinator saw it; every rank checks it
-  int64_t qlen = 0;
-  int64_t q_offset = 0;    // floats into StepPlan::q
-  int32_t layer = 0;
-  int32_t mode = 0;        // QueryMode
-  int32_t owner_rank = 0;
-  int32_t reserved = 0;
-};
-
-struct StepPlan {
-  FinalAttention strategy = FinalAttention::kGather;
-  int32_t reply_rank = 0;
-  std::vector<QueryPlan> queries;
-  std::vector<float> q;    // the queries' rows, each [qlen, H, D] pre-RoPE, at q_offset
-};
-
-std::string encode_step(const StepPlan& plan);
-Expected<StepPlan> decode_step(const std::string& bytes);
-
-struct StepTiming {
-  double score_ms = 0;      // local chunk scoring and top-k
-  double merge_ms = 0;      // candidate allgather and recall selection
-  double attention_ms = 0;  // chunk or state exchange, windowed attention, merge, reply
-  double total_ms = 0;
-};
-
-struct QueryResult {
-  Status status;
-  std::vector<int64_t> recalled;  // chunk ids, ascending
-  std::vector<float> out;         // [qlen, H, D] fp32
-};
 
 class StepRunner {
  public:
@@ -60,6 +27,30 @@ class StepRunner {
   Status run(const StepPlan& plan, std::vector<QueryResult>* results, StepTiming* timing);
 
  private:
+  // What this rank knows about one query of the step.
+  struct QueryState {
+    const QueryPlan* plan = nullptr;
+    const ContextShard* ctx = nullptr;
+    int64_t rows = 0;         // qlen * H
+    int64_t cand_offset = 0;  // candidates before this query's in a rank's send block
+    SelectedQuery selected;   // ok, owner, regions; U and layout after select()
+    Status status;
+  };
+
+  // The phases of run(), in order. Each returns a fault; a query's own failure goes to its
+  // status and it sits out the later phases.
+  std::vector<QueryState> check(const StepPlan& plan, int64_t* total_candidates) const;
+  Status score(const StepPlan& plan, std::vector<QueryState>& qs, size_t send_bytes);
+  Status exchange_candidates(size_t send_bytes, std::string* gathered);
+  void select(const std::string& gathered, size_t send_bytes, std::vector<QueryState>& qs) const;
+  Status exchange_chunks(const RankPlan& rp, const std::vector<QueryState>& qs);
+  Status attend(const RankPlan& rp, const std::vector<QueryState>& qs);
+  Status merge_partial_states(const RankPlan& rp, const std::vector<QueryState>& qs);
+  Status reply(const StepPlan& plan, const RankPlan& rp, const std::vector<QueryState>& qs,
+               std::vector<QueryResult>* results);
+  // K and V addresses of a planned segment.
+  KeySegment resolve(const SegmentSource& src, const LayerShard& shard) const;
+
   struct Workspace {
     Buffer q, send, recv, staging, states, meta, reply;
     Buffer pack, pack_src;  // gather: this rank's outgoing chunk K/V and their block addresses

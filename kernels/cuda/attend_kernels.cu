@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kernels.h"
 
 namespace reattn::cuda {
@@ -397,29 +398,18 @@ Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, co
   kp.rope_cos = rope_cos;
   kp.rope_sin = rope_sin;
   kp.partial = static_cast<float*>(workspace);
-  const bool bf16 = dtype == DType::kBF16;
-  if (dtype != DType::kBF16 && dtype != DType::kF16) return invalid_argument("attend: storage dtype must be bf16 or f16");
-  if (p.head_dim == 128) {
-    return bf16 ? launch_attend<__nv_bfloat16, 128>(kp, plan, stream) : launch_attend<__half, 128>(kp, plan, stream);
-  }
-  if (p.head_dim == 64) {
-    return bf16 ? launch_attend<__nv_bfloat16, 64>(kp, plan, stream) : launch_attend<__half, 64>(kp, plan, stream);
-  }
-  return invalid_argument("attend: head_dim " + std::to_string(p.head_dim) +
-                          " is not supported by the cuda backend (64 or 128)");
+  return dispatch_dtype_head_dim(dtype, p.head_dim, "attend", [&](auto element, auto dim) {
+    return launch_attend<typename decltype(element)::type, decltype(dim)::value>(kp, plan, stream);
+  });
 }
 
 Status run_merge_states(const MergeParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.count == 0) return Status::ok();
   const auto blocks = static_cast<unsigned>((p.rows + 3) / 4);
-  if (p.head_dim == 128) {
-    merge_states_kernel<128><<<blocks, 128, 0, stream>>>(p);
-  } else if (p.head_dim == 64) {
-    merge_states_kernel<64><<<blocks, 128, 0, stream>>>(p);
-  } else {
-    return invalid_argument("merge_states: head_dim " + std::to_string(p.head_dim) +
-                            " is not supported by the cuda backend (64 or 128)");
-  }
+  REATTN_RETURN_IF_ERROR(dispatch_head_dim(p.head_dim, "merge_states", [&](auto dim) {
+    merge_states_kernel<decltype(dim)::value><<<blocks, 128, 0, stream>>>(p);
+    return Status::ok();
+  }));
   REATTN_CUDA_CHECK_LAUNCH("merge_states_kernel");
   return Status::ok();
 }

@@ -40,9 +40,9 @@ Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int l
   REATTN_RETURN_IF_ERROR(cuda_backend_supports(config));
   const DType dtype = config.backend.storage_dtype;
   const int count = cuda_device_count();
-  if (count == 0) return Status(ErrorCode::kDevice, "backend 'cuda': no CUDA device is visible");
+  if (count == 0) return Status(ErrorCode::kFatal, "backend 'cuda': no CUDA device is visible");
   if (local_rank < 0 || local_rank >= count) {
-    return Status(ErrorCode::kDevice, "backend 'cuda': local rank " + std::to_string(local_rank) +
+    return Status(ErrorCode::kFatal, "backend 'cuda': local rank " + std::to_string(local_rank) +
                                           " has no GPU of its own (" + std::to_string(count) + " visible)");
   }
   std::unique_ptr<CudaBackend> backend(new CudaBackend());

@@ -1,13 +1,13 @@
-// Status-returning checks for CUDA runtime calls: a failed call becomes a kDevice Status
-// (kCapacity for an allocation that did not fit) naming the statement, file:line and device.
-// Plain C++: included by .cu and .cpp files alike.
+// The status of a CUDA runtime call for the check macros (common/check.h): a failed call
+// becomes a kFatal Status (kCapacity for an allocation that did not fit) naming the
+// statement, file:line, rank and device. Plain C++: included by .cu and .cpp files alike.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <string>
 
-#include "common/status.h"
+#include "common/check.h"
 
 namespace reattn {
 
@@ -18,28 +18,9 @@ inline Status cuda_status(cudaError_t rc, const char* statement, const char* fil
   (void)cudaGetLastError();
   if (device < 0 && cudaGetDevice(&device) != cudaSuccess) device = -1;
   std::string message = std::string(statement) + " failed: " + cudaGetErrorName(rc) + " (" +
-                        cudaGetErrorString(rc) + ") at " + file + ":" + std::to_string(line) + " on device " +
-                        std::to_string(device);
-  const ErrorCode code = rc == cudaErrorMemoryAllocation ? ErrorCode::kCapacity : ErrorCode::kDevice;
+                        cudaGetErrorString(rc) + ")" + fault_site(file, line) + ", device " + std::to_string(device);
+  const ErrorCode code = rc == cudaErrorMemoryAllocation ? ErrorCode::kCapacity : ErrorCode::kFatal;
   return Status(code, std::move(message));
 }
 
 }  // namespace reattn
-
-// Returns a Status from the enclosing function when a CUDA runtime call fails.
-#define REATTN_CUDA_CHECK(statement)                                                       \
-  do {                                                                                     \
-    const cudaError_t reattn_cuda_rc_ = (statement);                                       \
-    if (reattn_cuda_rc_ != cudaSuccess) {                                                  \
-      return ::reattn::cuda_status(reattn_cuda_rc_, #statement, __FILE__, __LINE__);       \
-    }                                                                                      \
-  } while (0)
-
-// After a kernel launch: the launch error, if any.
-#define REATTN_CUDA_CHECK_LAUNCH(kernel_name)                                              \
-  do {                                                                                     \
-    const cudaError_t reattn_cuda_rc_ = cudaGetLastError();                                \
-    if (reattn_cuda_rc_ != cudaSuccess) {                                                  \
-      return ::reattn::cuda_status(reattn_cuda_rc_, "launch of " kernel_name, __FILE__, __LINE__); \
-    }                                                                                      \
-  } while (0)

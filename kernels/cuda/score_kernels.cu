@@ -12,6 +12,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kernels.h"
 
 namespace reattn::cuda {
@@ -374,18 +375,9 @@ Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void*
   kp.pairs_per_pass = plan.pairs_per_pass;
   kp.partial = static_cast<Candidate*>(workspace);
   if (plan.warps_per_head > 0) {
-    const bool bf16 = dtype == DType::kBF16;
-    if (dtype != DType::kBF16 && dtype != DType::kF16) return invalid_argument("score_chunks: storage dtype must be bf16 or f16");
-    if (p.head_dim == 128) {
-      REATTN_RETURN_IF_ERROR((bf16 ? launch_score<__nv_bfloat16, 128>(kp, plan, stream)
-                                   : launch_score<__half, 128>(kp, plan, stream)));
-    } else if (p.head_dim == 64) {
-      REATTN_RETURN_IF_ERROR((bf16 ? launch_score<__nv_bfloat16, 64>(kp, plan, stream)
-                                   : launch_score<__half, 64>(kp, plan, stream)));
-    } else {
-      return invalid_argument("score_chunks: head_dim " + std::to_string(p.head_dim) +
-                              " is not supported by the cuda backend (64 or 128)");
-    }
+    REATTN_RETURN_IF_ERROR(dispatch_dtype_head_dim(dtype, p.head_dim, "score_chunks", [&](auto element, auto dim) {
+      return launch_score<typename decltype(element)::type, decltype(dim)::value>(kp, plan, stream);
+    }));
   }
   MergeListsParams mp;
   mp.partial = kp.partial;

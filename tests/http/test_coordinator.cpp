@@ -16,25 +16,20 @@
 #include "coordinator/registry.h"
 #include "coordinator/requests.h"
 #include "coordinator/router.h"
+#include "coordinator/step_loop.h"
+#include "tests/http/tiny_service_config.h"
 #include "coordinator/task_queue.h"
-#include "kernels/backend.h"
-#include "worker/service_loop.h"
+#include "kernels/make_backend.h"
+#include "worker/kv_store.h"
 
 namespace reattn {
 namespace {
 
 using nlohmann::json;
 
-Config tiny_config() {
-  Expected<Config> c = load_config_string(
-      "model: {layers: 2, q_heads: 4, kv_heads: 2, head_dim: 16, rope_theta: 10000, scope: 1024}\n"
-      "reattention: {sink_tokens: 4, local_window: 32, chunk_tokens: 8, top_k: 2, max_recall_chunks: 6}\n"
-      "backend: {kind: cpu}\n"
-      "capacity: {tokens_per_rank: 1000, max_contexts: 3}\n"
-      "server: {queue_depth: 4, max_batch: 8}\n");
-  EXPECT_TRUE(c.is_ok()) << c.status().to_string();
-  return *c;
-}
+Config tiny_config() { return test::tiny_service_config(4); }
+
+std::shared_ptr<const std::string> shared(const std::string& bytes) { return std::make_shared<const std::string>(bytes); }
 
 json q_json(int64_t qlen, int heads, int dim, float value = 0.25f) {
   json q = json::array();
@@ -90,11 +85,13 @@ TEST(Requests, JsonQueryParsesAndChecksShapeAndValues) {
   EXPECT_NE(bad(json{{"layer", 2}, {"q", q_json(1, 4, 16)}}.dump()).find("layer"), std::string::npos);
   EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(1, 3, 16)}}.dump()).find("q[0]"), std::string::npos);
   EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(1, 4, 15)}}.dump()).find("q[0][0]"), std::string::npos);
-  bad(json{{"layer", 0}, {"q", q_json(33, 4, 16)}}.dump());  // tail qlen > local_window
-  bad(json{{"layer", 0.5}, {"q", q_json(1, 4, 16)}}.dump());
-  bad(json{{"layer", 0}, {"q", q_json(1, 4, 16)}, {"typo", 1}}.dump());
-  bad("{\"layer\": 0, \"q\": [[[NaN]]]}");
-  bad("{\"layer\": 0, \"q\": [");
+  // tail qlen > local_window
+  EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(33, 4, 16)}}.dump()).find("local_window"), std::string::npos);
+  EXPECT_NE(bad(json{{"layer", 0.5}, {"q", q_json(1, 4, 16)}}.dump()).find("layer: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(bad(json{{"layer", 0}, {"q", q_json(1, 4, 16)}, {"typo", 1}}.dump()).find("'typo'"), std::string::npos);
+  EXPECT_NE(bad("{\"layer\": 0, \"q\": [[[NaN]]]}").find("JSON"), std::string::npos);  // NaN is not JSON
+  EXPECT_NE(bad("{\"layer\": 0, \"q\": [").find("JSON"), std::string::npos);
   std::string inf = json{{"layer", 0}, {"q", q_json(1, 4, 16, 0.5f)}}.dump();
   inf.replace(inf.find("0.5"), 3, "1e39");
   EXPECT_NE(bad(inf).find("finite"), std::string::npos);
@@ -132,11 +129,11 @@ TEST(Requests, KvBodyAndSyntheticBody) {
   const std::vector<float> vals(2 * 2 * 5 * 16, 0.5f);
   const std::string kv = serialize_safetensors({make_tensor("k", DType::kF16, {2, 2, 5, 16}, vals),
                                                 make_tensor("v", DType::kF16, {2, 2, 5, 16}, vals)});
-  Expected<int64_t> tokens = check_kv_body(kv, c);
+  Expected<int64_t> tokens = check_kv_body(shared(kv), c);
   ASSERT_TRUE(tokens.is_ok()) << tokens.status().to_string();
   EXPECT_EQ(*tokens, 5);
-  EXPECT_FALSE(check_kv_body(kv.substr(0, 20), c).is_ok());
-  EXPECT_FALSE(check_kv_body("", c).is_ok());
+  EXPECT_FALSE(check_kv_body(shared(kv.substr(0, 20)), c).is_ok());
+  EXPECT_FALSE(check_kv_body(shared(""), c).is_ok());
 
   // f16 storage on the GPU holds at most 65504: larger values are refused, naming the limit.
   Config f16 = c;
@@ -146,8 +143,8 @@ TEST(Requests, KvBodyAndSyntheticBody) {
   big[7] = 70000.0f;
   const std::string big_kv = serialize_safetensors({make_tensor("k", DType::kF32, {2, 2, 5, 16}, big),
                                                     make_tensor("v", DType::kF32, {2, 2, 5, 16}, vals)});
-  EXPECT_TRUE(check_kv_body(big_kv, c).is_ok());  // bf16 storage holds it
-  Expected<int64_t> refused = check_kv_body(big_kv, f16);
+  EXPECT_TRUE(check_kv_body(shared(big_kv), c).is_ok());  // bf16 storage holds it
+  Expected<int64_t> refused = check_kv_body(shared(big_kv), f16);
   ASSERT_FALSE(refused.is_ok());
   EXPECT_NE(refused.status().message().find("f16 storage limit 65504"), std::string::npos)
       << refused.status().message();
@@ -209,18 +206,20 @@ TEST(Requests, DeeplyNestedOrHugeValuesAreRefusedWithShortMessages) {
   }
 }
 
-Task make_task(TaskKind kind) {
+Task make_task(bool query) {
   Task t;
-  t.kind = kind;
+  if (query) {
+    t.op = StepPlan{};
+  } else {
+    t.op = AppendKv{};
+  }
   return t;
 }
 
 TEST(TaskQueue, BatchesRunsOfQueriesInArrivalOrderAndIsBounded) {
   TaskQueue q(5);
-  for (TaskKind k : {TaskKind::kQuery, TaskKind::kQuery, TaskKind::kAppendKv, TaskKind::kQuery, TaskKind::kQuery}) {
-    ASSERT_TRUE(q.push(make_task(k)).is_ok());
-  }
-  Expected<uint64_t> over = q.push(make_task(TaskKind::kQuery));
+  for (bool query : {true, true, false, true, true}) ASSERT_TRUE(q.push(make_task(query)).is_ok());
+  Expected<uint64_t> over = q.push(make_task(true));
   ASSERT_FALSE(over.is_ok());
   EXPECT_EQ(over.status().code(), ErrorCode::kUnavailable);
   std::vector<Task> b = q.pop_batch(8, std::chrono::milliseconds(0));
@@ -228,11 +227,11 @@ TEST(TaskQueue, BatchesRunsOfQueriesInArrivalOrderAndIsBounded) {
   EXPECT_LT(b[0].id, b[1].id);
   b = q.pop_batch(8, std::chrono::milliseconds(0));
   ASSERT_EQ(b.size(), 1u);
-  EXPECT_EQ(b[0].kind, TaskKind::kAppendKv);
+  EXPECT_TRUE(std::holds_alternative<AppendKv>(b[0].op));
   b = q.pop_batch(1, std::chrono::milliseconds(0));
   EXPECT_EQ(b.size(), 1u);
   q.close();
-  EXPECT_FALSE(q.push(make_task(TaskKind::kQuery)).is_ok());
+  EXPECT_FALSE(q.push(make_task(true)).is_ok());
   EXPECT_EQ(q.pop_batch(8, std::chrono::milliseconds(0)).size(), 1u);  // queued work still drains
   EXPECT_TRUE(q.pop_batch(8, std::chrono::milliseconds(0)).empty());
 }
@@ -292,28 +291,50 @@ TEST(Registry, CapacityCheckAgreesWithKvStore) {
 }
 
 TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
-  Operation op;
-  op.kind = OperationKind::kSynthetic;
-  op.context_id = 42;
-  op.owner_rank = 1;
-  op.tokens = 1000;
-  op.seed = 7;
-  op.needles = {3, 500};
-  op.payload = std::string("\0abc", 4);
+  const Operation op = AppendSynthetic{42, 1000, 7, {3, 500}};
   const std::string bytes = encode_operation(op);
   Expected<Operation> back = decode_operation(bytes);
   ASSERT_TRUE(back.is_ok());
-  EXPECT_EQ(back->kind, op.kind);
-  EXPECT_EQ(back->context_id, 42u);
-  EXPECT_EQ(back->owner_rank, 1);
-  EXPECT_EQ(back->tokens, 1000);
-  EXPECT_EQ(back->seed, 7u);
-  EXPECT_EQ(back->needles, op.needles);
-  EXPECT_EQ(back->payload, op.payload);
+  const auto* syn = std::get_if<AppendSynthetic>(&*back);
+  ASSERT_NE(syn, nullptr);
+  EXPECT_EQ(syn->context_id, 42u);
+  EXPECT_EQ(syn->tokens, 1000);
+  EXPECT_EQ(syn->seed, 7u);
+  EXPECT_EQ(syn->needles, (std::vector<int64_t>{3, 500}));
   for (size_t cut : {size_t{0}, size_t{3}, bytes.size() - 1}) {
     EXPECT_FALSE(decode_operation(bytes.substr(0, cut)).is_ok()) << cut;
   }
   EXPECT_FALSE(decode_operation(bytes + "x").is_ok());
+
+  // Every kind survives, and names itself.
+  const Operation kinds[] = {CreateContext{5, 1}, EraseContext{5}, AppendKv{5, 9, std::make_shared<std::string>("body")},
+                             StepPlan{}, Shutdown{}};
+  for (const Operation& k : kinds) {
+    Expected<Operation> again = decode_operation(encode_operation(k));
+    ASSERT_TRUE(again.is_ok()) << operation_name(k);
+    EXPECT_EQ(again->index(), k.index());
+    EXPECT_EQ(operation_context(*again), operation_context(k));
+  }
+  // The body does not travel in the operation's bytes.
+  EXPECT_EQ(encode_operation(kinds[2]).find("body"), std::string::npos);
+}
+
+// Enum fields out of range are refused, not cast.
+TEST(Operation, StepPlanEnumsAreRangeChecked) {
+  StepPlan plan;
+  plan.queries.push_back(QueryPlan{1, 10, 1, 0, 0, QueryMode::kDetached, 0});
+  plan.q = {1.0f};
+  const std::string bytes = encode_operation(plan);
+  ASSERT_TRUE(decode_operation(bytes).is_ok());
+  const int32_t bogus = 7;
+  // [magic][kind][strategy]...: the strategy is the third int32.
+  std::string bad_strategy = bytes;
+  std::memcpy(&bad_strategy[8], &bogus, 4);
+  EXPECT_FALSE(decode_operation(bad_strategy).is_ok());
+  // The query's mode sits after context_id, tokens, qlen, q_offset (int64) and layer (int32).
+  std::string bad_mode = bytes;
+  std::memcpy(&bad_mode[8 + 4 + 4 + 8 + 4 * 8 + 4], &bogus, 4);
+  EXPECT_FALSE(decode_operation(bad_mode).is_ok());
 }
 
 TEST(Metrics, RendersPrometheusText) {

@@ -1,4 +1,4 @@
-// reattn_bench: one layer of LLaMA-3.1-8B shapes (H=32, Hkv=8, D=128, bf16) on the CUDA
+// reattn-bench-decode: one layer of LLaMA-3.1-8B shapes (H=32, Hkv=8, D=128, bf16) on the CUDA
 // backend, at the token counts given, qlen 1. Per size: the query end to end through
 // KvStore + StepRunner + the communicator (NCCL), the scoring kernel alone (events), needle
 // recall as a check, and device memory; once: a read-bandwidth probe. Runs alone or under
@@ -119,7 +119,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   qp.context_id = kContext;
   qp.tokens = tokens;
   qp.qlen = 1;
-  qp.mode = static_cast<int32_t>(QueryMode::kTail);
+  qp.mode = QueryMode::kTail;
   plan.queries.push_back(qp);
   plan.q = q;
   StepRunner runner(backend, comm, cfg, store);
@@ -134,7 +134,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
     if (r >= 3) {
       e2e_ms.push_back(ms);
       score_ms.push_back(timing.score_ms);
-      merge_ms.push_back(timing.merge_ms);
+      merge_ms.push_back(timing.candidates_ms);
       attention_ms.push_back(timing.attention_ms);
     }
   }
@@ -244,14 +244,14 @@ int main(int argc, char** argv) {
   using namespace reattn;
   Expected<Control> control = Control::init(&argc, &argv);
   if (!control) {
-    std::fprintf(stderr, "reattn_bench: %s\n", control.status().to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-decode: %s\n", control.status().to_string().c_str());
     return 3;
   }
   std::vector<int64_t> sizes{262144, 1048576, 4194304};
   int repeat = 30;
   std::string strategy = "gather";
   std::string json_path = "bench.json";
-  CLI::App app{"reattn_bench: LLaMA-3.1-8B-shaped decode on the CUDA backend"};
+  CLI::App app{"reattn-bench-decode: LLaMA-3.1-8B-shaped decode on the CUDA backend"};
   app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
   app.add_option("--repeat", repeat, "timed repetitions (median reported)");
   app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
@@ -263,7 +263,7 @@ int main(int argc, char** argv) {
   }
   const Status st = run(*control, sizes, repeat, strategy, json_path);
   if (!st.is_ok()) {
-    std::fprintf(stderr, "reattn_bench: rank %d: %s\n", control->rank(), st.to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-decode: rank %d: %s\n", control->rank(), st.to_string().c_str());
     return 1;
   }
   return 0;

@@ -16,10 +16,6 @@ struct RunInputs {
   std::vector<float> q;             // [qlen, H, D]
   int64_t qlen = 0;
   std::optional<SyntheticSpec> synthetic;
-
- private:
-  friend Expected<RunInputs> load_file_inputs(const std::string&, const std::string&, const ModelConfig&, float);
-  std::shared_ptr<SafetensorsFile> kv_file;  // keeps the mapping behind `kv` alive
 };
 
 // --kv K/V file ([layers, Hkv, tokens, D] each) and --q file ([qlen, H, D]).

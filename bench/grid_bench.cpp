@@ -1,10 +1,10 @@
-// reattn-bench: the service's own per-rank path (ServiceLoop: create, synthetic fill, query
+// reattn-bench-grid: the service's own per-rank path (ServiceLoop: create, synthetic fill, query
 // batches as one StepPlan each), minus HTTP, timed over a grid of context sizes, qlen, batch
 // (queries of one shared context in one step) and final-attention strategy. Runs under
 // mpirun with any number of ranks; rank 0 submits the operations as the coordinator does, the
 // other ranks serve. Prints nccl-tests-style rows on rank 0 and writes CSV and JSON.
 //
-//   mpirun -np N reattn-bench --config configs/llama3-8b.yaml --tokens 1M,4M --qlen 1,16
+//   mpirun -np N reattn-bench-grid --config configs/llama3-8b.yaml --tokens 1M,4M --qlen 1,16
 //       --batch 1,8,32 --strategy gather,partial --csv out.csv --json out.json
 //
 // Columns: latency of the whole query-batch operation on rank 0 (broadcast of the plan, score,
@@ -34,7 +34,7 @@
 #include "comm/make_communicator.h"
 #include "common/semantics.h"
 #include "common/synthetic.h"
-#include "kernels/backend.h"
+#include "kernels/make_backend.h"
 #include "worker/service_loop.h"
 
 #if defined(REATTN_HAVE_CUDA)
@@ -143,11 +143,11 @@ Expected<double> device_read_bandwidth_gbs(CudaBackend& backend, size_t bytes) {
   // Not zeros: the probe must read real data.
   if (cudaMemsetAsync(data.data(), 0x3c, bytes, stream) != cudaSuccess ||
       cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), stream) != cudaSuccess) {
-    return Status(ErrorCode::kDevice, "read probe: cudaMemsetAsync failed");
+    return Status(ErrorCode::kFatal, "read probe: cudaMemsetAsync failed");
   }
   cudaEvent_t start = nullptr, stop = nullptr;
   if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
-    return Status(ErrorCode::kDevice, "read probe: cudaEventCreate failed");
+    return Status(ErrorCode::kFatal, "read probe: cudaEventCreate failed");
   }
   std::vector<double> ms;
   Status status = Status::ok();
@@ -157,7 +157,7 @@ Expected<double> device_read_bandwidth_gbs(CudaBackend& backend, size_t bytes) {
     cudaEventRecord(stop, stream);
     float t = 0;
     if (status.is_ok() && (cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&t, start, stop) != cudaSuccess)) {
-      status = Status(ErrorCode::kDevice, "read probe: event timing failed");
+      status = Status(ErrorCode::kFatal, "read probe: event timing failed");
     }
     if (pass >= 3) ms.push_back(t);
   }
@@ -322,19 +322,10 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
   for (int64_t tokens : token_sizes) {
     const Regions regions = compute_regions(tokens, rc);
     const ContextId id = next_id++;
-    Operation create;
-    create.kind = OperationKind::kCreate;
-    create.context_id = id;
-    create.owner_rank = 0;
     OperationResult result;
-    REATTN_RETURN_IF_ERROR(submit_checked(loop, create, &result, "create context"));
+    REATTN_RETURN_IF_ERROR(submit_checked(loop, CreateContext{id, 0}, &result, "create context"));
 
-    Operation fill;
-    fill.kind = OperationKind::kSynthetic;
-    fill.context_id = id;
-    fill.tokens = tokens;
-    fill.seed = opt.seed;
-    fill.needles = plant_needles(regions, rc);
+    const AppendSynthetic fill{id, tokens, opt.seed, plant_needles(regions, rc)};
     const auto t_load = Clock::now();
     REATTN_RETURN_IF_ERROR(submit_checked(loop, fill, &result, "synthetic fill of " + std::to_string(tokens) + " tokens"));
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
@@ -364,14 +355,12 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
             qp.qlen = qlen;
             qp.q_offset = static_cast<int64_t>(plan.q.size());
             qp.layer = 0;
-            qp.mode = static_cast<int32_t>(QueryMode::kTail);
+            qp.mode = QueryMode::kTail;
             qp.owner_rank = 0;
             plan.queries.push_back(qp);
             plan.q.insert(plan.q.end(), q.begin(), q.end());
           }
-          Operation query;
-          query.kind = OperationKind::kQueryBatch;
-          query.payload = encode_step(plan);
+          const Operation query = std::move(plan);
 
           std::vector<double> lat, score, merge, attn, total;
           bool needles_ok = true;
@@ -392,7 +381,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
             if (it < opt.warmup) continue;
             lat.push_back(ms);
             score.push_back(result.timing.score_ms);
-            merge.push_back(result.timing.merge_ms);
+            merge.push_back(result.timing.candidates_ms);
             attn.push_back(result.timing.attention_ms);
             total.push_back(result.timing.total_ms);
           }
@@ -431,10 +420,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
         }
       }
     }
-    Operation erase;
-    erase.kind = OperationKind::kErase;
-    erase.context_id = id;
-    REATTN_RETURN_IF_ERROR(submit_checked(loop, erase, &result, "erase context"));
+    REATTN_RETURN_IF_ERROR(submit_checked(loop, EraseContext{id}, &result, "erase context"));
   }
   return Status::ok();
 }
@@ -444,7 +430,7 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
 int run(const Control& control, const GridOptions& opt) {
   const int rank = control.rank();
   const auto fail = [&](const std::string& what, const Status& s) {
-    if (rank == 0) std::fprintf(stderr, "reattn-bench: %s: %s\n", what.c_str(), s.to_string().c_str());
+    if (rank == 0) std::fprintf(stderr, "reattn-bench-grid: %s: %s\n", what.c_str(), s.to_string().c_str());
     return 1;
   };
   std::vector<int64_t> token_sizes;
@@ -521,13 +507,13 @@ int run(const Control& control, const GridOptions& opt) {
   if (rank != 0) {
     s = loop.serve();
     if (!s.is_ok()) {
-      std::fprintf(stderr, "reattn-bench: rank %d: %s\n", rank, s.to_string().c_str());
+      std::fprintf(stderr, "reattn-bench-grid: rank %d: %s\n", rank, s.to_string().c_str());
       control.abort(1);
     }
     return 0;
   }
 
-  json doc{{"bench", "reattn-bench"},
+  json doc{{"bench", "reattn-bench-grid"},
            {"label", opt.label},
            {"device", bw->second},
            {"backend", (*backend)->name()},
@@ -558,7 +544,7 @@ int run(const Control& control, const GridOptions& opt) {
       pos = comma + 1;
     }
   }
-  std::printf("# reattn-bench: %s, backend %s, %d rank(s), read bandwidth %.1f GB/s per rank (%s)\n", bw->second.c_str(),
+  std::printf("# reattn-bench-grid: %s, backend %s, %d rank(s), read bandwidth %.1f GB/s per rank (%s)\n", bw->second.c_str(),
               (*backend)->name(), world, read_bw, opt.read_bw_gbs > 0 ? "given" : "measured");
   for (const json& c : comm_probe) {
     std::printf("# %s: %9zu B per rank: allgather %8.1f us, send/recv %8.1f us\n", (*comm)->name(),
@@ -570,18 +556,16 @@ int run(const Control& control, const GridOptions& opt) {
               static_cast<long long>(cfg.reattention.local_window), static_cast<long long>(cfg.reattention.chunk_tokens),
               cfg.reattention.top_k, static_cast<long long>(cfg.reattention.max_recall_chunks), opt.warmup, opt.iters);
   const Status grid = run_grid(control, loop, cfg, opt, token_sizes, strategies, read_bw, &doc);
-  if (grid.code() == ErrorCode::kDevice) {
+  if (grid.code() == ErrorCode::kFatal) {
     // A device or communicator fault: the other ranks may not take another broadcast.
-    std::fprintf(stderr, "reattn-bench: fault: %s\n", grid.to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-grid: fault: %s\n", grid.to_string().c_str());
     control.abort(1);
   }
 
   // The other ranks leave serve() on shutdown, whatever happened here.
-  Operation shutdown;
-  shutdown.kind = OperationKind::kShutdown;
   OperationResult ignored;
-  if (Status down = loop.submit(shutdown, &ignored); !down.is_ok()) {
-    std::fprintf(stderr, "reattn-bench: shutdown: %s\n", down.to_string().c_str());
+  if (Status down = loop.submit(Shutdown{}, &ignored); !down.is_ok()) {
+    std::fprintf(stderr, "reattn-bench-grid: shutdown: %s\n", down.to_string().c_str());
     control.abort(1);
   }
   if (!grid.is_ok()) return fail("grid", grid);
@@ -600,11 +584,11 @@ int main(int argc, char** argv) {
   using namespace reattn;
   Expected<Control> control = Control::init(&argc, &argv);
   if (!control) {
-    std::fprintf(stderr, "reattn-bench: %s\n", control.status().to_string().c_str());
+    std::fprintf(stderr, "reattn-bench-grid: %s\n", control.status().to_string().c_str());
     return 3;
   }
   GridOptions opt;
-  CLI::App app{"reattn-bench: the service's step path over a grid of context sizes, qlen, batch and strategy"};
+  CLI::App app{"reattn-bench-grid: the service's step path over a grid of context sizes, qlen, batch and strategy"};
   app.add_option("--config", opt.config_path, "model and ReAttention config (YAML)")->required();
   app.add_option("--tokens", opt.tokens_text, "context sizes, e.g. 64K,1M,4M (K=2^10, M=2^20)")->delimiter(',');
   app.add_option("--qlen", opt.qlens, "query rows per query")->delimiter(',');

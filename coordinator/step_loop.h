@@ -1,9 +1,9 @@
-// The step loop on rank 0: pops tasks from the queue, turns them into operations for every
-// rank (ServiceLoop::submit), and completes them. A run of queries goes out as one batched
-// StepPlan (one broadcast, one allgather, one final phase); other tasks go one at a time, in
-// arrival order. Each task is checked again against the registry as it is now (a context may
-// have been deleted or grown since the request was read). The registry is updated only after
-// the ranks have applied an operation.
+// The step loop on rank 0: pops tasks from the queue, hands their operations to the ranks
+// (an OperationRunner: the ServiceLoop in the service, a fake in tests), and completes them.
+// A run of queries goes out as one batched StepPlan (one broadcast, one allgather, one final
+// phase); other tasks go one at a time, in arrival order. Each task is checked again against
+// the registry as it is now (a context may have been deleted or grown since the request was
+// read). The registry is updated only after the ranks have applied an operation.
 // Thread-safety: run() on the thread that makes MPI calls; nothing else is called on it.
 #pragma once
 
@@ -11,21 +11,21 @@
 #include <vector>
 
 #include "common/config.h"
+#include "common/protocol.h"
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
 #include "coordinator/task_queue.h"
-#include "worker/service_loop.h"
 
 namespace reattn {
 
-class Batcher {
+class StepLoop {
  public:
   // `post` runs a completion on an HTTP thread, so the step loop never formats responses.
   using Post = std::function<void(std::function<void()>)>;
 
-  Batcher(ServiceLoop& loop, TaskQueue& queue, Registry& registry, Metrics& metrics, ServiceState& state,
-          const Config& config, Post post);
+  StepLoop(OperationRunner& ranks, TaskQueue& queue, Registry& registry, Metrics& metrics, ServiceState& state,
+           const Config& config, Post post);
 
   // Serves until the queue is closed and empty (returns ok) or a fault (returns it, after
   // failing every task it holds and every queued one with 503). While idle it sends a
@@ -42,7 +42,7 @@ class Batcher {
   // A task that waited longer than server.queue_deadline_s is answered 503, never run.
   bool drop_if_expired(Task& task, std::chrono::steady_clock::time_point now);
 
-  ServiceLoop& loop_;
+  OperationRunner& ranks_;
   TaskQueue& queue_;
   Registry& registry_;
   Metrics& metrics_;

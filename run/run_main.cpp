@@ -11,8 +11,9 @@
 
 #include "comm/control.h"
 #include "comm/make_communicator.h"
-#include "coordinator/output_json.h"
-#include "coordinator/run_inputs.h"
+#include "common/output_json.h"
+#include "run/run_inputs.h"
+#include "kernels/make_backend.h"
 #include "worker/step.h"
 
 namespace reattn {
@@ -111,7 +112,7 @@ Status run(const Control& control, const RunOptions& opt) {
   qp.tokens = tokens;
   qp.qlen = inputs->qlen;
   qp.layer = opt.layer;
-  qp.mode = static_cast<int32_t>(mode);
+  qp.mode = mode;
   qp.owner_rank = opt.owner_rank;
   plan.queries.push_back(qp);
   plan.q = inputs->q;
@@ -146,7 +147,7 @@ Status run(const Control& control, const RunOptions& opt) {
       {"timing_ms",
        {{"load", load_ms},
         {"score", median.score_ms},
-        {"merge", median.merge_ms},
+        {"merge", median.candidates_ms},
         {"attention", median.attention_ms},
         {"total", median.total_ms},
         {"repeats", opt.repeat}}}};

@@ -1,4 +1,4 @@
-#include "coordinator/run_inputs.h"
+#include "run/run_inputs.h"
 
 namespace reattn {
 
@@ -6,19 +6,18 @@ Expected<RunInputs> load_file_inputs(const std::string& kv_path, const std::stri
                                      float max_abs) {
   RunInputs in;
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile kv_file, SafetensorsFile::open(kv_path));
-  in.kv_file = std::make_shared<SafetensorsFile>(std::move(kv_file));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource kv, SafetensorsKvSource::make(*in.kv_file, model, max_abs));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsKvSource kv, SafetensorsKvSource::make(std::move(kv_file), model));
+  REATTN_RETURN_IF_ERROR(check_storable(kv.tensors().k, max_abs));
+  REATTN_RETURN_IF_ERROR(check_storable(kv.tensors().v, max_abs));
   in.kv = std::make_unique<SafetensorsKvSource>(std::move(kv));
 
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile q_file, SafetensorsFile::open(q_path));
   REATTN_ASSIGN_OR_RETURN(TensorView q, q_file.get("q"));
-  if (q.shape.size() != 3 || q.shape[0] < 1 || q.shape[1] != model.q_heads || q.shape[2] != model.head_dim) {
-    std::string dims;
-    for (size_t i = 0; i < q.shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(q.shape[i]);
-    return invalid_argument(q_path + ": tensor 'q': shape [" + dims + "] does not match [qlen, q_heads=" +
-                            std::to_string(model.q_heads) + ", head_dim=" + std::to_string(model.head_dim) + "]");
+  if (Status s = check_shape(q, {{"qlen"}, {"q_heads", model.q_heads}, {"head_dim", model.head_dim}}); !s.is_ok()) {
+    return invalid_argument(q_path + ": " + s.message());
   }
-  REATTN_RETURN_IF_ERROR(check_finite(q, max_abs));
+  if (q.shape[0] < 1) return invalid_argument(q_path + ": tensor 'q': holds no rows");
+  REATTN_RETURN_IF_ERROR(check_storable(q, max_abs));
   in.qlen = q.shape[0];
   in.q = q.to_f32();
   return in;

@@ -1,0 +1,156 @@
+"""A minimal HTTP/1.1 client connection for small request/response pairs on one kept socket.
+
+Why not http.client: a layer step is one small request per layer per token, and http.client
+spends most of the client's time per call parsing headers through the email package and
+writing the head and the body in separate writes. This sends each request in one write and
+reads the answer with a plain parser (Content-Length or chunked bodies, keep-alive, close).
+
+Not thread-safe."""
+
+import socket
+import ssl
+
+_MAX_HEAD_BYTES = 64 * 1024
+_RECV_BYTES = 256 * 1024
+
+
+class Closed(ConnectionError):
+    """The server closed the connection before any byte of the answer (a kept connection that
+    timed out while idle): the request did not reach it and may be sent again."""
+
+
+class Response:
+    def __init__(self, status, reason, headers):
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # [(name, value)] in arrival order
+
+    def getheader(self, name, default=None):
+        name = name.lower()
+        for k, v in reversed(self.headers):
+            if k.lower() == name:
+                return v
+        return default
+
+
+class Connection:
+    def __init__(self, host, port, timeout, tls=False):
+        self.host, self.port, self.timeout, self.tls = host, port, timeout, tls
+        self.sock = None
+        self.buf = bytearray()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.buf = bytearray()
+
+    def _connect(self):
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        # Small request/response pairs on one connection: Nagle would add a delayed-ACK wait.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        self.sock = sock
+        self.buf = bytearray()
+
+    def roundtrip(self, method, target, headers, body=None):
+        """Sends one request, returns (Response, body bytes). Raises Closed when the kept
+        connection was found closed before the answer began, OSError/ValueError otherwise."""
+        if self.sock is None:
+            self._connect()
+        lines = ["%s %s HTTP/1.1" % (method, target), "Host: %s:%d" % (self.host, self.port)]
+        lines += ["%s: %s" % kv for kv in headers.items()]
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: %d" % (len(body) if body else 0))
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            self.sock.sendall(head + body if body else head)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self.close()
+            raise Closed(str(e)) from None
+        try:
+            response, data = self._read_response(method)
+        except Exception:
+            self.close()
+            raise
+        if (response.getheader("Connection") or "").lower() == "close":
+            self.close()
+        return response, data
+
+    def _fill(self, first):
+        """Reads more bytes into the buffer; `first`: nothing of this answer has arrived yet."""
+        try:
+            chunk = self.sock.recv(_RECV_BYTES)
+        except ConnectionResetError as e:
+            if first:
+                raise Closed(str(e)) from None
+            raise
+        if not chunk:
+            if first:
+                raise Closed("connection closed by the server")
+            raise ConnectionError("connection closed in the middle of an answer")
+        self.buf += chunk
+
+    def _read_until(self, marker, limit, first=False):
+        while True:
+            at = self.buf.find(marker)
+            if at >= 0:
+                out = bytes(self.buf[:at])
+                del self.buf[:at + len(marker)]
+                return out
+            if len(self.buf) > limit:
+                raise ValueError("HTTP answer: no %r within %d bytes" % (marker, limit))
+            self._fill(first and not self.buf)
+
+    def _read_exact(self, n):
+        while len(self.buf) < n:
+            self._fill(False)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def _read_response(self, method):
+        while True:
+            head = self._read_until(b"\r\n\r\n", _MAX_HEAD_BYTES, first=True).decode("latin-1")
+            lines = head.split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+                raise ValueError("HTTP answer: bad status line %r" % lines[0][:200])
+            status = int(parts[1])
+            headers = []
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers.append((name.strip(), value.strip()))
+            response = Response(status, parts[2] if len(parts) > 2 else "", headers)
+            if 100 <= status < 200:
+                continue  # an interim answer (100 Continue): the real one follows
+            break
+        if method == "HEAD" or status in (204, 304):
+            return response, b""
+        if "chunked" in (response.getheader("Transfer-Encoding") or "").lower():
+            return response, self._read_chunked()
+        length = response.getheader("Content-Length")
+        if length is not None:
+            return response, self._read_exact(int(length))
+        # No length: the body runs to the end of the connection.
+        while True:
+            try:
+                self._fill(False)
+            except ConnectionError:
+                break
+        data = bytes(self.buf)
+        self.close()
+        return response, data
+
+    def _read_chunked(self):
+        parts = []
+        while True:
+            size = int(self._read_until(b"\r\n", _MAX_HEAD_BYTES).split(b";")[0].strip(), 16)
+            if size == 0:
+                while self._read_until(b"\r\n", _MAX_HEAD_BYTES):  # trailers, then the blank line
+                    pass
+                return b"".join(parts)
+            parts.append(self._read_exact(size))
+            self._read_until(b"\r\n", 2)

@@ -1,0 +1,123 @@
+"""A minimal safetensors writer and reader over numpy (the format: an 8-byte little-endian
+header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensors).
+
+numpy has no bfloat16: BF16 tensors travel as their raw 16-bit patterns (`Raw16`), and
+`read` widens them to float32 (exactly: every bf16 value is an f32 value)."""
+
+import json
+import struct
+
+import numpy as np
+
+# safetensors dtype name -> numpy dtype (little-endian), for the dtypes numpy holds natively.
+_NUMPY_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+}
+_BF16 = "BF16"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class Raw16:
+    """A BF16 tensor as its raw bit patterns: `bits` is a uint16 array of the tensor's shape."""
+
+    def __init__(self, bits):
+        self.bits = np.ascontiguousarray(bits, dtype=np.uint16)
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+
+def float32_to_bf16_bits(x):
+    """float32 values -> bf16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    bits = rounded.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return bits
+
+
+def bf16_bits_to_float32(bits):
+    """bf16 bit patterns (uint16) -> float32, exactly."""
+    b = np.ascontiguousarray(bits, dtype=np.uint16)
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def _dtype_name(array):
+    for name, dt in _NUMPY_DTYPES.items():
+        if array.dtype == dt or array.dtype == dt.newbyteorder("="):
+            return name
+    raise TypeError("safetensors: numpy dtype %s has no safetensors name here (use float32, float16, "
+                    "int64, int32, ... or Raw16 for bf16)" % array.dtype)
+
+
+def dumps(tensors):
+    """tensors: {name: numpy array or Raw16} (insertion order kept) -> safetensors bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        if isinstance(t, Raw16):
+            dtype, raw, shape = _BF16, t.bits.astype("<u2", copy=False).tobytes(), t.shape
+        else:
+            a = np.asarray(t)
+            dtype = _dtype_name(a)
+            raw = np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[dtype]).tobytes()
+            shape = a.shape
+        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)  # keeps the tensors 8-byte aligned
+    return b"".join([struct.pack("<Q", len(text)), text] + blobs)
+
+
+def loads(data):
+    """safetensors bytes -> {name: numpy array}; BF16 comes back as float32.
+    Raises ValueError naming what is malformed."""
+    data = memoryview(data)
+    if len(data) < 8:
+        raise ValueError("safetensors: %d bytes, shorter than the 8-byte header length" % len(data))
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ValueError("safetensors: header length %d exceeds the %d bytes that follow" % (hlen, len(data) - 8))
+    try:
+        header = json.loads(bytes(data[8:8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError("safetensors: header is not JSON: %s" % e) from None
+    if not isinstance(header, dict):
+        raise ValueError("safetensors: header is not a JSON object")
+    body = data[8 + hlen:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], [int(s) for s in meta["shape"]], meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("safetensors: tensor %r lacks dtype, shape or data_offsets" % name) from None
+        if dtype == _BF16:
+            itemsize = 2
+        elif dtype in _NUMPY_DTYPES:
+            itemsize = _NUMPY_DTYPES[dtype].itemsize
+        else:
+            raise ValueError("safetensors: tensor %r has unsupported dtype %r" % (name, dtype))
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not (0 <= begin <= end <= len(body)) or end - begin != count * itemsize:
+            raise ValueError("safetensors: tensor %r: data_offsets [%s, %s] do not fit shape %s of %s in %d bytes"
+                             % (name, begin, end, shape, dtype, len(body)))
+        raw = body[begin:end]
+        if dtype == _BF16:
+            arr = bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+        else:
+            arr = np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).reshape(shape).copy()
+        out[name] = arr
+    return out

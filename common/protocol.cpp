@@ -1,0 +1,206 @@
+#include "common/protocol.h"
+
+#include <cstring>
+#include <type_traits>
+
+namespace reattn {
+namespace {
+
+constexpr uint32_t kMagic = 0x52414f32;  // "RAO2"
+
+class Writer {
+ public:
+  template <typename T>
+  void put(const T& value) {
+    static_assert(std::is_trivially_copyable<T>::value, "plain values only");
+    out_.append(reinterpret_cast<const char*>(&value), sizeof(T));
+  }
+  template <typename T>
+  void put_vector(const std::vector<T>& values) {
+    put(static_cast<uint64_t>(values.size()));
+    out_.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+// Reads plain values, failing (and staying failed) once past the end.
+class Reader {
+ public:
+  explicit Reader(const std::string& bytes) : bytes_(bytes) {}
+  template <typename T>
+  bool get(T* value) {
+    if (!ok_ || bytes_.size() - pos_ < sizeof(T)) return ok_ = false;
+    std::memcpy(value, bytes_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return true;
+  }
+  template <typename T>
+  bool get_vector(std::vector<T>* values) {
+    uint64_t count = 0;
+    if (!get(&count) || count > (bytes_.size() - pos_) / sizeof(T)) return ok_ = false;
+    values->resize(count);
+    std::memcpy(values->data(), bytes_.data() + pos_, count * sizeof(T));
+    pos_ += count * sizeof(T);
+    return true;
+  }
+  // An enum stored as int32, accepted only in [lo, hi].
+  template <typename E>
+  bool get_enum(E* value, E lo, E hi) {
+    int32_t raw = 0;
+    if (!get(&raw) || raw < static_cast<int32_t>(lo) || raw > static_cast<int32_t>(hi)) return ok_ = false;
+    *value = static_cast<E>(raw);
+    return true;
+  }
+  bool ok() const { return ok_; }
+  bool done() const { return ok_ && pos_ == bytes_.size(); }
+
+ private:
+  const std::string& bytes_;
+  size_t pos_ = 0;
+  bool ok_ = true;
+};
+
+template <typename... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <typename... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
+void write_step(Writer& w, const StepPlan& plan) {
+  w.put(static_cast<int32_t>(plan.strategy));
+  w.put(plan.reply_rank);
+  w.put(static_cast<uint64_t>(plan.queries.size()));
+  for (const QueryPlan& q : plan.queries) {
+    w.put(q.context_id);
+    w.put(q.tokens);
+    w.put(q.qlen);
+    w.put(q.q_offset);
+    w.put(q.layer);
+    w.put(static_cast<int32_t>(q.mode));
+    w.put(q.owner_rank);
+  }
+  w.put_vector(plan.q);
+}
+
+bool read_step(Reader& r, StepPlan* plan) {
+  uint64_t count = 0;
+  if (!r.get_enum(&plan->strategy, FinalAttention::kGather, FinalAttention::kPartial) || !r.get(&plan->reply_rank) ||
+      !r.get(&count)) {
+    return false;
+  }
+  constexpr size_t kQueryBytes = 4 * 8 + 3 * 4;
+  // A count the remaining bytes cannot hold is refused before anything is allocated.
+  if (count > (1u << 30) / kQueryBytes) return false;
+  plan->queries.resize(count);
+  for (QueryPlan& q : plan->queries) {
+    if (!r.get(&q.context_id) || !r.get(&q.tokens) || !r.get(&q.qlen) || !r.get(&q.q_offset) || !r.get(&q.layer) ||
+        !r.get_enum(&q.mode, QueryMode::kTail, QueryMode::kDetached) || !r.get(&q.owner_rank)) {
+      return false;
+    }
+  }
+  return r.get_vector(&plan->q);
+}
+
+}  // namespace
+
+void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floats) {
+  query.q_offset = static_cast<int64_t>(plan.q.size());
+  plan.q.insert(plan.q.end(), q, q + q_floats);
+  plan.queries.push_back(query);
+}
+
+const char* operation_name(const Operation& op) {
+  static const char* const kNames[] = {"create", "erase", "append_kv", "synthetic", "query_step", "shutdown"};
+  static_assert(std::variant_size<Operation>::value == 6, "a name per operation");
+  return kNames[op.index()];
+}
+
+ContextId operation_context(const Operation& op) {
+  return std::visit(Overloaded{[](const CreateContext& o) { return o.context_id; },
+                               [](const EraseContext& o) { return o.context_id; },
+                               [](const AppendKv& o) { return o.context_id; },
+                               [](const AppendSynthetic& o) { return o.context_id; },
+                               [](const StepPlan&) { return ContextId{0}; },
+                               [](const Shutdown&) { return ContextId{0}; }},
+                    op);
+}
+
+std::string encode_operation(const Operation& op) {
+  Writer w;
+  w.put(kMagic);
+  w.put(static_cast<int32_t>(op.index()));
+  std::visit(Overloaded{[&](const CreateContext& o) {
+                          w.put(o.context_id);
+                          w.put(o.owner_rank);
+                        },
+                        [&](const EraseContext& o) { w.put(o.context_id); },
+                        [&](const AppendKv& o) {
+                          w.put(o.context_id);
+                          w.put(o.tokens);
+                        },
+                        [&](const AppendSynthetic& o) {
+                          w.put(o.context_id);
+                          w.put(o.tokens);
+                          w.put(o.seed);
+                          w.put_vector(o.needles);
+                        },
+                        [&](const StepPlan& plan) { write_step(w, plan); },
+                        [&](const Shutdown&) {}},
+             op);
+  return w.take();
+}
+
+Expected<Operation> decode_operation(const std::string& bytes) {
+  Reader r(bytes);
+  uint32_t magic = 0;
+  int32_t index = -1;
+  const auto malformed = [] { return internal_error("operation: malformed message"); };
+  if (!r.get(&magic) || magic != kMagic || !r.get(&index)) return malformed();
+  Operation op;
+  switch (index) {
+    case 0: {
+      CreateContext o;
+      r.get(&o.context_id) && r.get(&o.owner_rank);
+      op = o;
+      break;
+    }
+    case 1: {
+      EraseContext o;
+      r.get(&o.context_id);
+      op = o;
+      break;
+    }
+    case 2: {
+      AppendKv o;
+      r.get(&o.context_id) && r.get(&o.tokens);
+      o.body = std::make_shared<std::string>();  // filled by the next broadcast
+      op = std::move(o);
+      break;
+    }
+    case 3: {
+      AppendSynthetic o;
+      r.get(&o.context_id) && r.get(&o.tokens) && r.get(&o.seed) && r.get_vector(&o.needles);
+      op = std::move(o);
+      break;
+    }
+    case 4: {
+      StepPlan plan;
+      read_step(r, &plan);
+      op = std::move(plan);
+      break;
+    }
+    case 5:
+      op = Shutdown{};
+      break;
+    default:
+      return malformed();
+  }
+  if (!r.done()) return malformed();
+  return op;
+}
+
+}  // namespace reattn

@@ -1,0 +1,114 @@
+// The contract between rank 0 (the coordinator) and every rank: context ids, the operations
+// rank 0 broadcasts (create, erase, append K/V, synthetic fill, a step of queries, shutdown),
+// the plan of a query step, and what an operation or query produced. One bounds-checked
+// codec turns an operation into bytes and back. Plain data: no backend, no MPI.
+// Thread-safety: values only; the functions keep no state.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "common/config.h"
+#include "common/status.h"
+
+namespace reattn {
+
+using ContextId = uint64_t;
+
+// One query of a step. Crosses ranks field by field (encode_operation).
+struct QueryPlan {
+  ContextId context_id = 0;
+  int64_t tokens = 0;      // n as the coordinator saw it; every rank checks it
+  int64_t qlen = 0;
+  int64_t q_offset = 0;    // floats into StepPlan::q
+  int32_t layer = 0;
+  QueryMode mode = QueryMode::kTail;
+  int32_t owner_rank = 0;
+};
+
+// A batch of queries run as one step: one broadcast, one allgather, one final phase.
+struct StepPlan {
+  FinalAttention strategy = FinalAttention::kGather;
+  int32_t reply_rank = 0;
+  std::vector<QueryPlan> queries;
+  std::vector<float> q;    // the queries' rows, each [qlen, H, D] pre-RoPE, at q_offset
+};
+
+// Appends `query` (whose q_offset indexes `q`) to `plan`, moving its rows behind the plan's.
+void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floats);
+
+struct StepTiming {
+  double score_ms = 0;      // local chunk scoring and top-k
+  double candidates_ms = 0; // candidate allgather and recall selection (reported as "merge_ms")
+  double attention_ms = 0;  // chunk or state exchange, windowed attention, state merge, reply
+  double total_ms = 0;
+};
+
+struct QueryResult {
+  Status status;
+  std::vector<int64_t> recalled;  // chunk ids, ascending
+  std::vector<float> out;         // [qlen, H, D] fp32
+};
+
+// ---- Operations, broadcast from rank 0 and applied by every rank in the same order ----
+struct CreateContext {
+  ContextId context_id = 0;
+  int32_t owner_rank = 0;
+};
+struct EraseContext {
+  ContextId context_id = 0;
+};
+// A safetensors body with k and v [layers, Hkv, tokens, D]. Rank 0 checked its shapes and
+// values when the request arrived; the bytes follow the encoded operation as their own
+// broadcast (so the body is never copied into the message).
+struct AppendKv {
+  ContextId context_id = 0;
+  int64_t tokens = 0;
+  std::shared_ptr<std::string> body;
+};
+// Tokens [n, n + tokens) of the synthetic context `seed`; needles are absolute positions.
+struct AppendSynthetic {
+  ContextId context_id = 0;
+  int64_t tokens = 0;
+  uint64_t seed = 0;
+  std::vector<int64_t> needles;
+};
+struct Shutdown {};
+
+using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown>;
+
+// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown".
+const char* operation_name(const Operation& op);
+// The context an operation names (0 for a step or shutdown).
+ContextId operation_context(const Operation& op);
+
+// AppendKv's body is not in the bytes: it travels as the next broadcast.
+std::string encode_operation(const Operation& op);
+// Every count, enum and length is range-checked; anything malformed is an error.
+Expected<Operation> decode_operation(const std::string& bytes);
+
+// What an operation did; `status` is the same on every rank.
+struct OperationResult {
+  Status status;
+  int64_t tokens = 0;                 // the context's length afterwards (create, append, synthetic)
+  bool context_dropped = false;       // an append failed on some ranks only: the context was erased everywhere
+  std::vector<QueryResult> queries;   // a step, on its reply rank: one per query of the plan
+  StepTiming timing;                  // a step
+};
+
+// Runs operations on every rank (rank 0 side). The step loop depends on this, not on MPI,
+// so a test can drive it with a fake.
+class OperationRunner {
+ public:
+  virtual ~OperationRunner() = default;
+  // Broadcasts `op` and applies it on every rank. A non-ok return is a fatal fault (the
+  // ranks can no longer agree); a failed operation is reported in result->status.
+  virtual Status submit(const Operation& op, OperationResult* result) = 0;
+  // Between operations: a fault unless every rank answers within the step deadline.
+  virtual Status heartbeat() { return Status::ok(); }
+};
+
+}  // namespace reattn

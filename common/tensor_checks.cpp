@@ -1,0 +1,115 @@
+#include "common/tensor_checks.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common/excerpt.h"
+
+namespace reattn {
+namespace {
+
+float decode_f32(const unsigned char* p) {
+  float x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+float decode_bf16(const unsigned char* p) {
+  uint16_t b;
+  std::memcpy(&b, p, 2);
+  return bf16_to_float(b);
+}
+float decode_f16(const unsigned char* p) {
+  uint16_t b;
+  std::memcpy(&b, p, 2);
+  return f16_to_float(b);
+}
+
+// The first index in [0, count) whose value is not storable, or -1; `bad` gets its value.
+template <float (*Decode)(const unsigned char*), size_t kSize>
+int64_t first_unstorable(const unsigned char* data, int64_t count, float max_abs, float* bad) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float x = Decode(data + i * kSize);
+    // !(|x| <= max_abs) is also true for NaN.
+    if (!(std::fabs(x) <= max_abs) || !std::isfinite(x)) {
+      *bad = x;
+      return i;
+    }
+  }
+  return -1;
+}
+
+// Strict protocol: a K/V body holds exactly 'k' and 'v', in one dtype.
+Status check_kv_tensor_set(const SafetensorsFile& file, const TensorView& k, const TensorView& v) {
+  for (const std::string& name : file.names()) {
+    if (name != "k" && name != "v") {
+      return invalid_argument("unexpected tensor '" + capped(name) + "': a K/V body holds exactly 'k' and 'v'");
+    }
+  }
+  if (k.dtype != v.dtype) {
+    return invalid_argument(std::string("tensors 'k' (") + dtype_name(k.dtype) + ") and 'v' (" + dtype_name(v.dtype) +
+                            ") differ in dtype; send both in one dtype");
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Status check_shape(const TensorView& tensor, std::initializer_list<Dim> dims) {
+  bool fits = tensor.shape.size() == dims.size();
+  std::string want = "[";
+  size_t i = 0;
+  for (const Dim& d : dims) {
+    want += std::string(i ? ", " : "") + d.name;
+    if (d.size >= 0) want += "=" + std::to_string(d.size);
+    if (fits && d.size >= 0) fits = tensor.shape[i] == d.size;
+    ++i;
+  }
+  if (fits) return Status::ok();
+  return invalid_argument("tensor '" + tensor.name + "': shape " + shape_string(tensor.shape) + " does not match " +
+                          want + "]");
+}
+
+Status check_storable(const TensorView& tensor, float max_abs) {
+  const int64_t n = tensor.numel();
+  float bad = 0;
+  int64_t at = -1;
+  switch (tensor.dtype) {
+    case DType::kF32: at = first_unstorable<decode_f32, 4>(tensor.data, n, max_abs, &bad); break;
+    case DType::kBF16: at = first_unstorable<decode_bf16, 2>(tensor.data, n, max_abs, &bad); break;
+    case DType::kF16: at = first_unstorable<decode_f16, 2>(tensor.data, n, max_abs, &bad); break;
+  }
+  if (at < 0) return Status::ok();
+  if (!std::isfinite(bad)) {
+    return invalid_argument("tensor '" + tensor.name + "' holds a non-finite value (" + std::to_string(bad) +
+                            ") at flat index " + std::to_string(at));
+  }
+  return invalid_argument("tensor '" + tensor.name + "' holds " + std::to_string(bad) + " at flat index " +
+                          std::to_string(at) + ", above the f16 storage limit " +
+                          std::to_string(static_cast<int>(max_abs)));
+}
+
+Expected<KvTensors> kv_tensors(const SafetensorsFile& file, const ModelConfig& model) {
+  KvTensors kv;
+  REATTN_ASSIGN_OR_RETURN(kv.k, file.get("k"));
+  REATTN_ASSIGN_OR_RETURN(kv.v, file.get("v"));
+  REATTN_RETURN_IF_ERROR(check_kv_tensor_set(file, kv.k, kv.v));
+  for (const TensorView* t : {&kv.k, &kv.v}) {
+    REATTN_RETURN_IF_ERROR(
+        check_shape(*t, {{"layers", model.layers}, {"kv_heads", model.kv_heads}, {"tokens"}, {"head_dim", model.head_dim}}));
+  }
+  if (kv.k.shape != kv.v.shape) {
+    return invalid_argument("tensors 'k' " + shape_string(kv.k.shape) + " and 'v' " + shape_string(kv.v.shape) +
+                            " differ in shape");
+  }
+  if (kv.k.shape[2] < 1) return invalid_argument("tensor 'k': holds no tokens");
+  kv.tokens = kv.k.shape[2];
+  return kv;
+}
+
+}  // namespace reattn

@@ -1,0 +1,185 @@
+// The rank-0 step loop without MPI: a fake OperationRunner stands in for the ranks, so plan
+// building, the registry re-check, failed and partial appends, and a fault failing the queue
+// are checked as plain unit tests.
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+
+#include <functional>
+#include <optional>
+
+#include "coordinator/step_loop.h"
+#include "tests/http/tiny_service_config.h"
+
+namespace reattn {
+namespace {
+
+Config tiny_config() { return test::tiny_service_config(16); }
+
+// Records what the step loop submits and answers as `answer` says.
+class FakeRanks final : public OperationRunner {
+ public:
+  std::function<Status(const Operation&, OperationResult*)> answer = [](const Operation&, OperationResult*) {
+    return Status::ok();
+  };
+  std::vector<Operation> seen;
+  Status submit(const Operation& op, OperationResult* result) override {
+    seen.push_back(op);
+    *result = OperationResult{};
+    return answer(op, result);
+  }
+};
+
+class StepLoopTest : public ::testing::Test {
+ protected:
+  StepLoopTest() : config_(tiny_config()), registry_(config_, 2), queue_(16) {
+    spdlog::set_level(spdlog::level::err);
+    state_.set_ready();
+  }
+
+  // Pushes a task whose result lands in results_[slot].
+  void push(Operation op, size_t slot) {
+    if (results_.size() <= slot) results_.resize(slot + 1);
+    Task t;
+    t.op = std::move(op);
+    t.done = [this, slot](TaskResult r) { results_[slot] = std::move(r); };
+    ASSERT_TRUE(queue_.push(std::move(t)).is_ok());
+  }
+
+  static StepPlan query(ContextId id, int64_t qlen, QueryMode mode = QueryMode::kTail) {
+    StepPlan plan;
+    plan.queries.push_back(QueryPlan{id, 0, qlen, 0, 1, mode, 0});
+    plan.q.assign(static_cast<size_t>(qlen) * 4 * 16, static_cast<float>(id));
+    return plan;
+  }
+
+  // Runs the loop over what is queued, until the queue is empty.
+  Status run() {
+    queue_.close();
+    StepLoop loop(ranks_, queue_, registry_, metrics_, state_, config_, [](std::function<void()> f) { f(); });
+    return loop.run();
+  }
+
+  Config config_;
+  Metrics metrics_;
+  ServiceState state_;
+  Registry registry_;
+  TaskQueue queue_;
+  FakeRanks ranks_;
+  std::vector<std::optional<TaskResult>> results_;
+};
+
+TEST_F(StepLoopTest, QueuedQueriesBecomeOneStepPlanFromTheRegistry) {
+  registry_.insert({1, 0, 40});
+  registry_.insert({2, 1, 100});
+  push(query(1, 2), 0);
+  push(query(9, 1), 1);  // no such context: fails alone
+  push(query(2, 3, QueryMode::kDetached), 2);
+  push(query(1, 50), 3);  // longer than the context holds (and the window): fails alone
+  ranks_.answer = [](const Operation& op, OperationResult* r) {
+    const StepPlan& plan = std::get<StepPlan>(op);
+    for (const QueryPlan& q : plan.queries) {
+      QueryResult qr;
+      qr.recalled = {static_cast<int64_t>(q.context_id)};
+      qr.out.assign(plan.q.begin() + q.q_offset, plan.q.begin() + q.q_offset + q.qlen * 4 * 16);
+      r->queries.push_back(qr);
+    }
+    r->timing.total_ms = 1.5;
+    return Status::ok();
+  };
+  ASSERT_TRUE(run().is_ok());
+  ASSERT_EQ(ranks_.seen.size(), 1u);
+  const StepPlan& plan = std::get<StepPlan>(ranks_.seen[0]);
+  EXPECT_EQ(plan.strategy, config_.reattention.final_attention);
+  ASSERT_EQ(plan.queries.size(), 2u);
+  EXPECT_EQ(plan.queries[0].context_id, 1u);
+  EXPECT_EQ(plan.queries[0].tokens, 40);
+  EXPECT_EQ(plan.queries[0].owner_rank, 0);
+  EXPECT_EQ(plan.queries[0].q_offset, 0);
+  EXPECT_EQ(plan.queries[1].context_id, 2u);
+  EXPECT_EQ(plan.queries[1].tokens, 100);
+  EXPECT_EQ(plan.queries[1].owner_rank, 1);
+  EXPECT_EQ(plan.queries[1].q_offset, 2 * 4 * 16);
+  EXPECT_EQ(plan.queries[1].mode, QueryMode::kDetached);
+  EXPECT_EQ(plan.q.size(), 5u * 4 * 16);
+
+  ASSERT_TRUE(results_[0] && results_[1] && results_[2] && results_[3]);
+  EXPECT_TRUE(results_[0]->status.is_ok());
+  EXPECT_EQ(results_[0]->query.recalled, (std::vector<int64_t>{1}));
+  EXPECT_EQ(results_[0]->query.out, std::vector<float>(2 * 4 * 16, 1.0f));
+  EXPECT_EQ(results_[0]->batch_size, 2u);
+  EXPECT_EQ(results_[0]->context.tokens, 40);
+  EXPECT_EQ(results_[1]->status.code(), ErrorCode::kNotFound);
+  EXPECT_EQ(results_[2]->query.out, std::vector<float>(3 * 4 * 16, 2.0f));
+  EXPECT_EQ(results_[3]->status.code(), ErrorCode::kInvalidArgument);
+}
+
+TEST_F(StepLoopTest, AppendsUpdateTheRegistryOnlyWhenTheRanksDid) {
+  registry_.insert({1, 0, 10});
+  registry_.insert({2, 1, 10});
+  push(AppendSynthetic{1, 5, 0, {}}, 0);      // goes through
+  push(AppendSynthetic{2, 7, 0, {}}, 1);      // refused by the ranks: nothing changes
+  push(AppendSynthetic{2, 3, 0, {}}, 2);      // went through on some ranks only: dropped
+  push(AppendSynthetic{1, 5000, 0, {}}, 3);   // over capacity: never reaches the ranks
+  push(AppendSynthetic{9, 1, 0, {}}, 4);      // unknown context: never reaches the ranks
+  int call = 0;
+  ranks_.answer = [&call](const Operation& op, OperationResult* r) {
+    const auto& a = std::get<AppendSynthetic>(op);
+    if (call++ == 0) {
+      r->tokens = 10 + a.tokens;
+    } else if (call == 2) {
+      r->status = invalid_argument("refused");
+    } else {
+      r->status = internal_error("partial");
+      r->context_dropped = true;
+    }
+    return Status::ok();
+  };
+  ASSERT_TRUE(run().is_ok());
+  EXPECT_EQ(ranks_.seen.size(), 3u);
+  EXPECT_TRUE(results_[0]->status.is_ok());
+  EXPECT_EQ(results_[0]->context.tokens, 15);
+  EXPECT_EQ(registry_.find(1)->tokens, 15);
+  EXPECT_EQ(results_[1]->status.code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(results_[2]->status.code(), ErrorCode::kInternal);
+  EXPECT_FALSE(registry_.find(2).has_value());
+  EXPECT_EQ(results_[3]->status.code(), ErrorCode::kCapacity);
+  EXPECT_EQ(results_[4]->status.code(), ErrorCode::kNotFound);
+}
+
+TEST_F(StepLoopTest, CreatePlansIdAndOwnerAndInsertsOnlyOnSuccess) {
+  push(CreateContext{}, 0);
+  push(CreateContext{}, 1);
+  int call = 0;
+  ranks_.answer = [&call](const Operation&, OperationResult* r) {
+    if (call++ == 1) r->status = Status(ErrorCode::kCapacity, "no memory");
+    return Status::ok();
+  };
+  ASSERT_TRUE(run().is_ok());
+  ASSERT_EQ(ranks_.seen.size(), 2u);
+  const auto& first = std::get<CreateContext>(ranks_.seen[0]);
+  EXPECT_EQ(first.context_id, results_[0]->context.id);
+  EXPECT_EQ(first.owner_rank, results_[0]->context.owner_rank);
+  EXPECT_TRUE(registry_.find(first.context_id).has_value());
+  EXPECT_EQ(results_[1]->status.code(), ErrorCode::kCapacity);
+  EXPECT_EQ(registry_.size(), 1u);
+}
+
+TEST_F(StepLoopTest, AFatalFaultFailsTheBatchAndEveryQueuedTask) {
+  registry_.insert({1, 0, 40});
+  push(EraseContext{1}, 0);
+  push(query(1, 1), 1);
+  push(query(1, 1), 2);
+  ranks_.answer = [](const Operation&, OperationResult*) { return Status(ErrorCode::kFatal, "MPI_Bcast failed"); };
+  const Status fault = run();
+  EXPECT_EQ(fault.code(), ErrorCode::kFatal);
+  EXPECT_EQ(ranks_.seen.size(), 1u);
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(results_[i].has_value()) << i;
+    EXPECT_EQ(results_[i]->status.code(), ErrorCode::kUnavailable) << i;
+  }
+  EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
+  EXPECT_TRUE(registry_.find(1).has_value());  // the erase did not go through
+}
+
+}  // namespace
+}  // namespace reattn

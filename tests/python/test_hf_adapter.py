@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""reattn_client.hf.attach on tiny random-weight transformers models (Llama, Qwen2, Mistral,
+built from a config, fp32) against reattn-server under mpirun on the CPU with a recall that
+keeps every chunk: the logits of a prompt run in steps through the service equal the model's
+own eager attention over the whole prompt, and greedy model.generate() gives the same tokens.
+Skips (exit 77) without torch or transformers, or while the server has no /step route."""
+
+import sys
+import unittest
+
+import numpy as np
+
+import harness
+
+try:
+    import torch
+    import transformers
+except ImportError as e:  # CI has neither
+    torch = transformers = None
+    MISSING = str(e)
+
+M = harness.TINY_MODEL
+FULL = {"sink_tokens": 4, "local_window": 32, "chunk_tokens": 8, "top_k": 64, "max_recall_chunks": 64,
+        "final_attention": "gather"}
+
+
+def tiny_config(kind):
+    common = dict(vocab_size=101, hidden_size=M["q_heads"] * M["head_dim"], intermediate_size=96,
+                  num_hidden_layers=M["layers"], num_attention_heads=M["q_heads"], num_key_value_heads=M["kv_heads"],
+                  head_dim=M["head_dim"], max_position_embeddings=M["scope"], rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, attn_implementation="eager")
+    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}[kind]
+    config = getattr(transformers, cls)(rope_theta=M["rope_theta"], **common)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        rope["rope_theta"] = M["rope_theta"]
+    if kind == "mistral":
+        config.sliding_window = None
+    return config
+
+
+def tiny_model(kind, seed):
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    model = getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                   "mistral": "MistralForCausalLM"}[kind])(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)  # sharper attention, so a wrong key shows in the logits
+    return model.eval().float()
+
+
+class TorchTensors(unittest.TestCase):
+    """torch tensors go on the wire in their own precision; bf16 by its raw bits."""
+
+    def setUp(self):
+        if torch is None:
+            self.skipTest("torch not installed (%s)" % MISSING)
+
+    def test_wire_dtypes(self):
+        from reattn_client import safetensors
+        from reattn_client.tensors import to_wire
+        x = torch.randn(3, 4, 5)
+        for t, want in [(x, "F32"), (x.double(), "F32"), (x.half(), "F16"), (x.bfloat16(), "BF16")]:
+            arr, dtype = to_wire(t, "x")
+            self.assertEqual(dtype, want, str(t.dtype))
+            back = safetensors.loads(safetensors.dumps({"x": arr}))["x"]
+            np.testing.assert_array_equal(back.astype(np.float32), t.float().numpy())
+        bits = safetensors.float32_to_bf16_bits(x.numpy())
+        np.testing.assert_array_equal(bits, x.bfloat16().view(torch.int16).numpy().view(np.uint16))
+        with self.assertRaises(TypeError):
+            to_wire(torch.ones(2, dtype=torch.int64), "x")
+
+
+class Adapter(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if torch is None:
+            raise unittest.SkipTest("torch/transformers not installed (%s); the adapter tests need both" % MISSING)
+        from reattn_client import hf  # noqa: F401  (imports torch lazily)
+        cls.server, cls.client = harness.step_server("adapter", FULL)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop()
+
+    def check_kind(self, kind):
+        from reattn_client import hf
+        model = tiny_model(kind, seed=3)
+        ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            want = model(ids).logits
+            want_gen = model.generate(ids[:, :70], max_new_tokens=8, do_sample=False)
+        ctx = self.client.create_context()["id"]
+        session = hf.attach(model, self.client, ctx)
+        try:
+            with torch.no_grad():
+                got = model(ids).logits                          # 100 tokens: steps of 32, 32, 32, 4
+            self.assertEqual(got.shape, want.shape)
+            err = (got - want).abs().max().item()
+            self.assertLess(err, 2e-4 * max(1.0, want.abs().max().item()), "%s logits max |diff| %g" % (kind, err))
+            self.assertEqual(self.client.context(ctx)["tokens"], 100)
+            self.assertEqual(session.steps, 4 * M["layers"])
+            ctx2 = self.client.create_context()["id"]
+            session.context_id = ctx2
+            with torch.no_grad():
+                got_gen = model.generate(ids[:, :70], max_new_tokens=8, do_sample=False)
+            self.assertEqual(got_gen.tolist(), want_gen.tolist(), kind)
+            # The prompt and every generated token but the last went through the service.
+            self.assertEqual(self.client.context(ctx2)["tokens"], 70 + 8 - 1)
+            self.client.delete_context(ctx2)
+        finally:
+            session.detach()
+            self.client.delete_context(ctx)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(model(ids).logits, want), "detach() restores the model's own attention")
+
+    def test_llama(self):
+        self.check_kind("llama")
+
+    def test_qwen2(self):
+        self.check_kind("qwen2")
+
+    def test_mistral(self):
+        self.check_kind("mistral")
+
+    def test_shape_mismatch_is_refused(self):
+        from reattn_client import hf
+        config = tiny_config("llama")
+        config.num_key_value_heads = 4
+        model = transformers.LlamaForCausalLM(config)
+        with self.assertRaises(ValueError) as e:
+            hf.attach(model, self.client, 1)
+        self.assertIn("kv_heads", str(e.exception))
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main([TorchTensors, Adapter]))
