@@ -232,6 +232,7 @@ void Handlers::create_context(const HttpRequest& req, Responder done) {
   Task task;
   task.op = CreateContext{};  // the step loop picks the id and owner
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task), [](const TaskResult& r) { return json_response(201, context_json(r.context)); },
           std::move(done));
 }
@@ -241,6 +242,7 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
   Task task;
   task.op = EraseContext{m.id};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [id = m.id](const TaskResult&) { return json_response(200, {{"id", id}, {"deleted", true}}); },
           std::move(done));
@@ -256,6 +258,7 @@ void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) 
   Task task;
   task.op = AppendKv{m.id, *tokens, std::move(body)};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [appended = *tokens](const TaskResult& r) {
             json body = context_json(r.context);
@@ -274,6 +277,7 @@ void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder 
   Task task;
   task.op = AppendSynthetic{m.id, spec->tokens, spec->seed, std::move(spec->needles)};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [appended](const TaskResult& r) {
             json body = context_json(r.context);
@@ -302,6 +306,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   Task task;
   task.op = std::move(plan);
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   const ModelConfig model = config_.model;
   const ReattentionConfig rc = config_.reattention;
   enqueue(std::move(task),

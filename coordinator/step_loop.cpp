@@ -58,10 +58,15 @@ void StepLoop::fail_all(std::vector<Task>& held, const Status& fault) {
 
 bool StepLoop::drop_if_expired(Task& task, std::chrono::steady_clock::time_point now) {
   const double waited_s = ms_between(task.enqueued, now) / 1e3;
-  if (waited_s <= config_.server.queue_deadline_s) return false;
+  const bool gone = task.client_gone && task.client_gone->load();
+  if (!gone && waited_s <= config_.server.queue_deadline_s) return false;
   TaskResult r;
-  r.status = Status(ErrorCode::kUnavailable, "the request waited " + std::to_string(static_cast<int64_t>(waited_s)) +
-                                                 " s in the queue, over server.queue_deadline_s; it was not run");
+  r.status = Status(ErrorCode::kUnavailable,
+                    gone ? std::string("the client closed its connection before the request ran; it was not run")
+                         : "the request waited " + std::to_string(static_cast<int64_t>(waited_s)) +
+                               " s in the queue, over server.queue_deadline_s; it was not run");
+  log_event(LogLevel::kInfo, "request dropped", {{"request_id", task.request_id}, {"client_gone", gone},
+                                                 {"queued_s", waited_s}});
   r.queue_ms = waited_s * 1e3;
   complete(task, std::move(r));
   return true;

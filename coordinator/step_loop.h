@@ -39,7 +39,8 @@ class StepLoop {
   void fail_queued(const Status& why);
   // Reliability: fails `held` and the queue with 503 naming the fault.
   void fail_all(std::vector<Task>& held, const Status& fault);
-  // A task that waited longer than server.queue_deadline_s is answered 503, never run.
+  // A task whose client has gone, or that waited longer than server.queue_deadline_s, is
+  // answered 503 and never run.
   bool drop_if_expired(Task& task, std::chrono::steady_clock::time_point now);
 
   OperationRunner& ranks_;

@@ -253,6 +253,33 @@ class Load:
             t.join(self.timeout + 5)
 
 
+class LiveProbe:
+    """Polls /health/live from its own thread; `worst` is the slowest answer in seconds (99 for
+    none)."""
+
+    def __init__(self, svc, pause=0.01):
+        self.svc, self.pause, self.worst = svc, pause, 0.0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self):
+        p = self.svc.client(api_key=None, timeout=5)
+        while not self.stop_event.is_set():
+            t0 = time.time()
+            try:
+                ok = p.request("GET", "/health/live").status == 200
+            except OSError:
+                ok = False
+            self.worst = max(self.worst, time.time() - t0 if ok else 99.0)
+            time.sleep(self.pause)
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(10)
+        return self.worst
+
+
 def poll_ready_503(svc, want, timeout):
     """Polls /health/ready until a 503 whose message contains `want`; returns (time, message)
     or (None, last seen)."""
@@ -431,22 +458,7 @@ def scenario_stderr_unread(fx):
     os.kill(svc.proc.pid, signal.SIGSTOP)
     try:
         n = 12000  # more lines than the log queue holds (8192)
-        worst = [0.0]
-        stop = threading.Event()
-
-        def live_probe():
-            p = svc.client(api_key=None, timeout=5)
-            while not stop.is_set():
-                t0 = time.time()
-                try:
-                    ok = p.request("GET", "/health/live").status == 200
-                except OSError:
-                    ok = False
-                worst[0] = max(worst[0], time.time() - t0 if ok else 99.0)
-                time.sleep(0.02)
-
-        tp = threading.Thread(target=live_probe)
-        tp.start()
+        probe = LiveProbe(svc, pause=0.02)
         answered = [0]
 
         def sender(k):
@@ -465,11 +477,10 @@ def scenario_stderr_unread(fx):
         for t in ts:
             t.join(120)
         took = time.time() - t0
-        stop.set()
-        tp.join(10)
+        worst = probe.stop()
         c.check(answered[0] == n, "stderr unread: all %d logged requests answered (%d) in %.1f s" %
                 (n, answered[0], took))
-        c.check(worst[0] < 1.0, "stderr unread: /health/live answered throughout, slowest %.0f ms" % (worst[0] * 1e3))
+        c.check(worst < 1.0, "stderr unread: /health/live answered throughout, slowest %.0f ms" % (worst * 1e3))
         m = svc.client(api_key=None, timeout=5).request("GET", "/metrics").body.decode()
         dropped = re.search(r"^reattn_log_lines_dropped_total (\d+)", m, re.M)
         c.check(dropped is not None and int(dropped.group(1)) > 0,
@@ -649,20 +660,6 @@ def scenario_hostile_memory(fx):
     pid = svc.ranks(2)[0]
     rss0 = peak_rss_mb(pid)
     body = b'{"layer": 0, "q": [' + b"0," * (30 << 20) + b"0]}"
-    worst = [0.0]
-    stop = threading.Event()
-
-    def live_probe():
-        p = svc.client(api_key=None, timeout=5)
-        while not stop.is_set():
-            t0 = time.time()
-            try:
-                ok = p.request("GET", "/health/live").status == 200
-            except OSError:
-                ok = False
-            worst[0] = max(worst[0], time.time() - t0 if ok else 99.0)
-            time.sleep(0.01)
-
     results = [None, None]
 
     def send(k):
@@ -672,16 +669,14 @@ def scenario_hostile_memory(fx):
         except Exception as e:  # noqa: BLE001
             results[k] = e
 
-    tp = threading.Thread(target=live_probe)
-    tp.start()
+    probe = LiveProbe(svc)
     ts = [threading.Thread(target=send, args=(k,)) for k in range(2)]
     t0 = time.time()
     for t in ts:
         t.start()
     for t in ts:
         t.join(90)
-    stop.set()
-    tp.join(10)
+    worst = probe.stop()
     for k, r in enumerate(results):
         code, msg = error_of(r) if isinstance(r, sc.Response) else (None, repr(r))
         c.check(isinstance(r, sc.Response) and r.status == 400 and "JSON values" in str(msg),
@@ -689,10 +684,10 @@ def scenario_hostile_memory(fx):
     rss1 = peak_rss_mb(pid)
     c.check(rss1 - rss0 < 600, "60 MB JSON bodies x2: rank 0 peak memory grew %.0f MB (%.0f -> %.0f; under 600)" %
             (rss1 - rss0, rss0, rss1))
-    c.check(worst[0] < 0.1, "60 MB JSON bodies: /health/live answered within 100 ms throughout (slowest %.0f ms)" %
-            (worst[0] * 1e3))
+    c.check(worst < 0.1, "60 MB JSON bodies: /health/live answered within 100 ms throughout (slowest %.0f ms)" %
+            (worst * 1e3))
     print("60 MB x2 refused in %.1f s; peak RSS %.0f -> %.0f MB; slowest liveness %.1f ms" %
-          (time.time() - t0, rss0, rss1, worst[0] * 1e3), flush=True)
+          (time.time() - t0, rss0, rss1, worst * 1e3), flush=True)
     c.check(state_of(cl, ctx) == before, "60 MB JSON bodies changed nothing")
 
 
@@ -748,6 +743,54 @@ def scenario_connection_flood(fx):
     c.check(cl.request("GET", "/v1/contexts").status == 200, "EMFILE: the API answers again")
 
 
+def scenario_dropped_requests(fx):
+    """A request whose client has gone, or that waited past server.queue_deadline_s, is answered
+    503 and never run. Rank 1 is stopped for a moment (shorter than every deadline) so requests
+    queue up behind a create that is in flight."""
+    c = fx.c
+    svc = fx.start("dropped", server={"queue_deadline_s": 0.5})
+    svc.wait_ready()
+    pids = svc.ranks(2)
+    cl = svc.client()
+    n0 = len(cl.request("GET", "/v1/contexts").json()["contexts"])
+    out = {}
+
+    def create(key):
+        try:
+            out[key] = svc.client(timeout=20).request("POST", "/v1/contexts")
+        except Exception as e:  # noqa: BLE001
+            out[key] = e
+
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        blocker = threading.Thread(target=create, args=("in_flight",))
+        blocker.start()
+        time.sleep(0.2)  # the step loop has taken it and waits for rank 1
+        # A client that sends a create and leaves at once.
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as s:
+            s.sendall(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        waiting = threading.Thread(target=create, args=("queued",))
+        waiting.start()
+        time.sleep(0.8)
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    blocker.join(20)
+    waiting.join(20)
+    r = out.get("in_flight")
+    c.check(isinstance(r, sc.Response) and r.status == 201, "the create in flight while rank 1 paused completes: %s" %
+            getattr(r, "status", r))
+    r = out.get("queued")
+    code, msg = error_of(r) if isinstance(r, sc.Response) else (None, repr(r))
+    c.check(isinstance(r, sc.Response) and r.status == 503 and "queue_deadline_s" in str(msg),
+            "a create queued past server.queue_deadline_s gets 503 naming it: %s %s" % (getattr(r, "status", r), msg))
+    time.sleep(0.3)
+    n1 = len(cl.request("GET", "/v1/contexts").json()["contexts"])
+    c.check(n1 == n0 + 1, "only the create in flight ran: %d contexts before, %d after (want %d)" % (n0, n1, n0 + 1))
+    dropped = [l for l in svc.log_lines() if l.get("msg") == "request dropped"]
+    c.check(any(l.get("client_gone") for l in dropped), "the create whose client left was dropped: %s" % dropped)
+    c.check(cl.request("GET", "/health/ready").status == 200, "still ready after the pause")
+
+
 SCENARIOS = {
     "worker_kill_idle": lambda fx: scenario_worker_kill(fx, under_load=False),
     "worker_kill_load": lambda fx: scenario_worker_kill(fx, under_load=True, ranks=3),
@@ -758,6 +801,7 @@ SCENARIOS = {
     "hostile_inputs": scenario_hostile_inputs,
     "hostile_memory": scenario_hostile_memory,
     "connection_flood": scenario_connection_flood,
+    "dropped_requests": scenario_dropped_requests,
 }
 
 
