@@ -4,7 +4,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
-#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -14,7 +14,13 @@
 #include <optional>
 #include <utility>
 
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <thread>
+#include <vector>
 
 #include "common/excerpt.h"
 #include "coordinator/logging.h"
@@ -31,6 +37,9 @@ namespace {
 constexpr uint32_t kHeaderLimit = 64 * 1024;
 // Room the read buffer keeps for a request body: 1 MiB per socket read.
 constexpr size_t kBodyReadBytes = 1 << 20;
+
+// Nice value of the parse pool's threads (the I/O threads keep the process's).
+constexpr int kParseNice = 10;
 
 // Back-off of the accept loop when the process is out of file descriptors or memory.
 constexpr std::chrono::milliseconds kFirstBackoff{10};
@@ -64,8 +73,20 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
         options(opt),
         handler(std::move(h)),
         rejecter(std::move(r)),
-        parse_pool(static_cast<size_t>(std::max(1, opt.parse_threads))) {}
-  ~Impl() { parse_pool.join(); }
+        parse_work(net::make_work_guard(parse_ioc)) {
+    for (int i = 0; i < std::max(1, opt.parse_threads); ++i) {
+      parse_threads.emplace_back([this] {
+        // Below the I/O threads: under CPU contention a health check wins over a heavy body.
+        setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), kParseNice);
+        parse_ioc.run();
+      });
+    }
+  }
+  ~Impl() {
+    parse_work.reset();
+    parse_ioc.stop();
+    for (std::thread& t : parse_threads) t.join();
+  }
 
   void accept();
   void on_accept(beast::error_code ec, tcp::socket socket);
@@ -78,7 +99,10 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   HttpServerOptions options;
   Handler handler;
   Rejecter rejecter;
-  net::thread_pool parse_pool;
+  // The parse pool: runs the handler for every request but health and metrics.
+  net::io_context parse_ioc;
+  net::executor_work_guard<net::io_context::executor_type> parse_work;
+  std::vector<std::thread> parse_threads;
   std::atomic<int> active{0};
   std::atomic<int> connections{0};
   std::atomic<uint64_t> refused{0};
@@ -186,7 +210,7 @@ class Session : public std::enable_shared_from_this<Session> {
     watch_client(request.client_gone);
     if (is_light_path(request.path)) return dispatch(server_, std::move(request), std::move(done));
     // Parsing a body (up to max_body_bytes of JSON) runs on the parse pool.
-    net::post(server_->parse_pool, [server = server_, r = std::move(request), d = std::move(done)]() mutable {
+    net::post(server_->parse_ioc, [server = server_, r = std::move(request), d = std::move(done)]() mutable {
       dispatch(server, std::move(r), std::move(d));
     });
   }
