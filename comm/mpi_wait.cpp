@@ -7,6 +7,10 @@
 namespace reattn {
 namespace {
 
+// Point-to-point tags of the roll call (control plane and data plane use their own).
+constexpr int kRollCallTag = 7101;
+constexpr int kRollAnswerTag = 7102;
+
 std::string rank_list(const std::set<int>& ranks) {
   std::string out;
   size_t i = 0;
@@ -63,6 +67,41 @@ Status wait_for_collective(MPI_Request& request, const Deadline& deadline, const
     }
     pacer.pause();
   }
+}
+
+}  // namespace reattn
+
+namespace reattn {
+
+Status roll_call(int world, double seconds) {
+  const Deadline deadline(seconds);
+  std::vector<int> calls(world, 1), answers(world, 0);
+  std::vector<MPI_Request> requests;
+  std::vector<int> peers;
+  for (int r = 1; r < world; ++r) {
+    requests.emplace_back(MPI_REQUEST_NULL);
+    peers.push_back(r);
+    MPI_Irecv(&answers[r], 1, MPI_INT, r, kRollAnswerTag, MPI_COMM_WORLD, &requests.back());
+    requests.emplace_back(MPI_REQUEST_NULL);
+    peers.push_back(r);
+    MPI_Isend(&calls[r], 1, MPI_INT, r, kRollCallTag, MPI_COMM_WORLD, &requests.back());
+  }
+  const Status s = wait_for_peers(requests, peers, deadline, "roll call");
+  // The buffers must outlive requests that never complete (the job ends after this).
+  if (!s.is_ok()) {
+    new std::vector<int>(std::move(calls));
+    new std::vector<int>(std::move(answers));
+  }
+  return s;
+}
+
+bool answer_roll_call() {
+  int pending = 0;
+  if (MPI_Iprobe(0, kRollCallTag, MPI_COMM_WORLD, &pending, MPI_STATUS_IGNORE) != MPI_SUCCESS || !pending) return false;
+  int call = 0, answer = 1;
+  MPI_Recv(&call, 1, MPI_INT, 0, kRollCallTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+  MPI_Send(&answer, 1, MPI_INT, 0, kRollAnswerTag, MPI_COMM_WORLD);
+  return true;
 }
 
 }  // namespace reattn

@@ -20,6 +20,9 @@
 namespace reattn {
 namespace {
 
+// How long rank 0's roll call after a time-out waits for the other ranks' answers.
+constexpr double kRollCallSeconds = 1.0;
+
 // What rank 0 broadcasts: whether it made an id, and the id.
 struct Bootstrap {
   int ok = 0;
@@ -78,10 +81,20 @@ Status NcclCommunicator::wait_stream(const char* phase) {
     const ncclResult_t q = ncclCommGetAsyncError(comm_, &state);
     if (q != ncclSuccess) return fail(nccl_status(q, "ncclCommGetAsyncError", __FILE__, __LINE__));
     if (state != ncclSuccess && state != ncclInProgress) return fail(nccl_status(state, phase, __FILE__, __LINE__));
+    if (rank_ != 0 && answer_roll_call()) {
+      return fail(Status(ErrorCode::kFatal, std::string(phase) + ": called off by rank 0 after a fault"));
+    }
     if (deadline.passed()) {
+      // NCCL cannot say which peer is missing: ask every rank over MPI.
+      std::string who = " (a peer is dead or hung)";
+      if (rank_ == 0) {
+        const Status missing = roll_call(world_, kRollCallSeconds);
+        who = missing.is_ok() ? "; every rank answered the roll call, the collective itself is stuck"
+                              : "; " + missing.message();
+      }
       return fail(Status(ErrorCode::kFatal, std::string(phase) + ": not complete within " + deadline.budget() +
                                                  " on rank " + std::to_string(rank_) + ", device " +
-                                                 std::to_string(device_) + " (a peer is dead or hung)"));
+                                                 std::to_string(device_) + who));
     }
     pacer.pause();
   }
