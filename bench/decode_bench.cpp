@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "bench/event_timing.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
@@ -25,10 +26,6 @@
 namespace reattn {
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
 
 Config llama_layer_config(const std::string& final_attention) {
   Config c;
@@ -56,33 +53,13 @@ size_t device_used_bytes() {
   return total - free_bytes;
 }
 
-// Times `fn` (queued on `stream`) with events, `repeat` times after `warmup`; median ms.
-template <typename Fn>
-Expected<double> time_events(cudaStream_t stream, int warmup, int repeat, Fn fn) {
-  cudaEvent_t start, stop;
-  REATTN_CUDA_CHECK(cudaEventCreate(&start));
-  REATTN_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int r = 0; r < warmup + repeat; ++r) {
-    REATTN_CUDA_CHECK(cudaEventRecord(start, stream));
-    REATTN_RETURN_IF_ERROR(fn());
-    REATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    REATTN_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    REATTN_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    if (r >= warmup) ms.push_back(t);
-  }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
-  return median(ms);
-}
 
 Expected<nlohmann::json> read_bandwidth(CudaBackend& backend, size_t bytes) {
   REATTN_ASSIGN_OR_RETURN(Buffer buf, backend.allocate(bytes));
   REATTN_ASSIGN_OR_RETURN(Buffer sink, backend.allocate(sizeof(unsigned long long)));
   REATTN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x5a, bytes, backend.stream()));
   REATTN_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), backend.stream()));
-  REATTN_ASSIGN_OR_RETURN(double ms, time_events(backend.stream(), 3, 20, [&]() {
+  REATTN_ASSIGN_OR_RETURN(double ms, bench::time_events(backend.stream(), 3, 20, [&]() {
     return cuda::run_read_probe(buf.data(), bytes, sink.as<unsigned long long>(), backend.device_info(), backend.stream());
   }));
   return nlohmann::json{{"bytes", bytes}, {"ms", ms}, {"gb_per_s", bytes / ms / 1e6}};
@@ -169,7 +146,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   p.chunk_tokens = rc.chunk_tokens;
   p.top_k = rc.top_k;
   p.out = cand.as<Candidate>();
-  REATTN_ASSIGN_OR_RETURN(double kernel_ms, time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
+  REATTN_ASSIGN_OR_RETURN(double kernel_ms, bench::time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
   const double key_bytes = static_cast<double>(p.block_count) * m.kv_heads * rc.chunk_tokens * m.head_dim * 2;
 
   const double kv_bytes = static_cast<double>(tokens_charged(tokens, 0, rank, world, rc)) * m.kv_heads * m.head_dim * 2 * 2;
@@ -180,11 +157,11 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
       {"rank", rank},
       {"world", world},
       {"load_s", load_s},
-      {"e2e_ms", median(e2e_ms)},
+      {"e2e_ms", bench::median(e2e_ms)},
       {"e2e_min_ms", *std::min_element(e2e_ms.begin(), e2e_ms.end())},
-      {"step_score_ms", median(score_ms)},
-      {"step_merge_ms", median(merge_ms)},
-      {"step_attention_ms", median(attention_ms)},
+      {"step_score_ms", bench::median(score_ms)},
+      {"step_merge_ms", bench::median(merge_ms)},
+      {"step_attention_ms", bench::median(attention_ms)},
       {"score_kernel_ms", kernel_ms},
       {"score_key_bytes", key_bytes},
       {"score_kernel_gb_per_s", key_bytes / kernel_ms / 1e6},

@@ -72,6 +72,14 @@ JsonBudget json_budget(Route route, const Config& config) {
       b.max_values = kKeys + rows * static_cast<uint64_t>(m.q_heads) * (static_cast<uint64_t>(m.head_dim) + 1) + rows;
       break;
     }
+    case Route::kLayerStep: {
+      // q [qlen][q_heads][head_dim] and k, v with kv_heads each, qlen <= local_window.
+      const ModelConfig& m = config.model;
+      const uint64_t rows = static_cast<uint64_t>(config.reattention.local_window);
+      const uint64_t heads = static_cast<uint64_t>(m.q_heads) + 2 * static_cast<uint64_t>(m.kv_heads);
+      b.max_values = kKeys + rows * heads * (static_cast<uint64_t>(m.head_dim) + 1) + 3 * rows + 3 * 64;
+      break;
+    }
     default: b.max_values = 0; break;
   }
   return b;

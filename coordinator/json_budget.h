@@ -1,7 +1,7 @@
 // A memory bound on JSON bodies, checked before any DOM is built: one streaming (SAX) pass in
 // constant memory counts the body's values and its nesting depth and refuses a body that holds
 // more than its route can need (a query: at most local_window rows of q_heads x head_dim
-// numbers), or that is not JSON at all. A DOM costs tens of bytes per value, so without this a
+// numbers; a layer step also k and v), or that is not JSON at all. A DOM costs tens of bytes per value, so without this a
 // 60 MB body of small numbers would take gigabytes.
 // Thread-safety: pure functions.
 #pragma once

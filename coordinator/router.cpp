@@ -28,6 +28,7 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
+    {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
 };
 
 std::vector<std::string> split(const std::string& path) {
@@ -119,13 +120,15 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       break;
     case Route::kSynthetic: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
-    case Route::kQuery: want = "application/json or application/octet-stream"; break;
+    case Route::kQuery:
+    case Route::kLayerStep: want = "application/json or application/octet-stream"; break;
     default: return "";
   }
   const std::string type = media_type(content_type);
   const bool json = type == "application/json";
   const bool binary = type == "application/octet-stream";
-  const bool fits = route == Route::kQuery ? json || binary : route == Route::kAppendKv ? binary : json;
+  const bool either = route == Route::kQuery || route == Route::kLayerStep;
+  const bool fits = either ? json || binary : route == Route::kAppendKv ? binary : json;
   if (fits) return "";
   return "Content-Type " + (content_type.empty() ? std::string("missing") : "'" + capped(content_type, 64) + "'") +
          ": this route takes " + want;

@@ -22,6 +22,7 @@ enum class Route {
   kAppendKv,          // POST /v1/contexts/{id}/kv
   kSynthetic,         // POST /v1/contexts/{id}/synthetic
   kQuery,             // POST /v1/contexts/{id}/query
+  kLayerStep,         // POST /v1/contexts/{id}/step
 };
 
 struct RouteMatch {
@@ -41,7 +42,7 @@ bool is_api_route(Route route);
 
 // Why a body's Content-Type does not fit its route ("" when it does): JSON routes take
 // application/json (create may have no body at all), the K/V append takes
-// application/octet-stream (safetensors), a query either. Parameters (";charset=utf-8") are
+// application/octet-stream (safetensors), a query and a layer step either. Parameters (";charset=utf-8") are
 // ignored. Any other type, or none with a body, is refused (415): browsers send text/plain,
 // form and multipart bodies cross-origin without a CORS preflight.
 std::string content_type_problem(Route route, const std::string& content_type, size_t body_bytes);

@@ -36,6 +36,7 @@ class StepLoop {
   Status run_queries(std::vector<Task>& tasks);
   Status run_operation(Task& task);
   void complete(Task& task, TaskResult result);
+  void observe_step(const StepTiming& timing);
   void fail_queued(const Status& why);
   // Reliability: fails `held` and the queue with 503 naming the fault.
   void fail_all(std::vector<Task>& held, const Status& fault);

@@ -28,6 +28,9 @@ TEST(ContentType, EachRouteTakesItsTypesOnly) {
   EXPECT_EQ(content_type_problem(Route::kQuery, "application/json", 5), "");
   EXPECT_EQ(content_type_problem(Route::kQuery, "application/octet-stream", 5), "");
   EXPECT_NE(content_type_problem(Route::kQuery, "text/plain;charset=UTF-8", 5), "");
+  EXPECT_EQ(content_type_problem(Route::kLayerStep, "application/json", 5), "");
+  EXPECT_EQ(content_type_problem(Route::kLayerStep, "application/octet-stream", 5), "");
+  EXPECT_NE(content_type_problem(Route::kLayerStep, "text/plain", 5), "");
   EXPECT_EQ(content_type_problem(Route::kAppendKv, "application/octet-stream", 5), "");
   EXPECT_NE(content_type_problem(Route::kAppendKv, "application/json", 5), "");
   // Routes without a body take anything.
@@ -90,6 +93,8 @@ TEST(JsonBudget, AQueryGetsWhatItsShapeCanNeed) {
   big += "]}";
   EXPECT_FALSE(check_json_budget(big, b).is_ok());
   EXPECT_EQ(json_budget(Route::kGetContext, c).max_values, 0u);
+  // A layer step carries k and v next to q.
+  EXPECT_GT(json_budget(Route::kLayerStep, c).max_values, b.max_values);
 }
 
 TEST(Metrics, MethodLabelsComeFromAFixedSet) {
