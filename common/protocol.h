@@ -123,6 +123,8 @@ class OperationRunner {
   // Broadcasts `op` and applies it on every rank. A non-ok return is a fatal fault (the
   // ranks can no longer agree); a failed operation is reported in result->status.
   virtual Status submit(const Operation& op, OperationResult* result) = 0;
+  // Between operations: a fault unless every rank answers within the step deadline.
+  virtual Status heartbeat() { return Status::ok(); }
 };
 
 }  // namespace reattn

@@ -36,7 +36,7 @@ Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
 Status ServiceLoop::serve() {
   for (;;) {
     std::string bytes;
-    REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
+    REATTN_RETURN_IF_ERROR(control_.next_operation(bytes));
     Expected<Operation> op = decode_operation(bytes);
     // Rank 0 sent the same bytes to everyone; a message that does not decode is a bug.
     if (!op) return Status(ErrorCode::kFatal, op.status().message());

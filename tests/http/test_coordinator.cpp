@@ -383,6 +383,7 @@ class HandlersTest : public ::testing::Test {
     r.method = method;
     r.path = path;
     r.body = body;
+    r.content_type = body.empty() ? "" : "application/json";
     r.authorization = auth;
     r.request_id = "t-1";
     r.received = std::chrono::steady_clock::now();
@@ -448,6 +449,7 @@ TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
     r.method = "POST";
     r.path = "/v1/contexts/1/query";
     r.body = body;
+    r.content_type = "application/json";
     r.authorization = "Bearer k3y";
     handlers_.handle(r, [&answers, i](HttpResponse resp) { answers[i] = std::move(resp); });
   }
