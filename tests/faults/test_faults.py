@@ -350,10 +350,17 @@ def scenario_worker_kill(fx, under_load, signo=signal.SIGKILL, ranks=2):
         late["t"] = time.time()
 
     tl = threading.Thread(target=late_create)
-    tl.start()
-    # The create may meet the dead rank first (operation deadline), else the heartbeat does.
-    bound = max(OPERATION_S, HEARTBEAT_S + STEP_S) + 1.5
+    if under_load:
+        # The create is queued behind the work that meets the fault: a step's collective
+        # (step deadline) or an operation's broadcast or agreement (operation deadline).
+        tl.start()
+        bound = max(STEP_S, OPERATION_S) + 1.5
+    else:
+        # Idle: only the heartbeat can find the fault; the create comes after.
+        bound = HEARTBEAT_S + STEP_S + 1.5
     t_seen, msg = poll_ready_503(svc, "rank 1", bound + 2)
+    if not under_load:
+        tl.start()
     c.check(t_seen is not None, "%s: readiness 503 naming rank 1 (got %r)" % (what, msg))
     if t_seen:
         c.check(t_seen - t_fault <= bound, "%s: readiness 503 within %.1f s (took %.2f s): %s" %
