@@ -432,6 +432,33 @@ def scenario_rank0_kill(fx):
     c.check(not any(alive(p) for p in pids[1:]), "kill -9 of rank 0: no worker rank outlives it")
 
 
+def scenario_rank0_stop(fx):
+    """Rank 0 hangs (SIGSTOP): the workers hear no operation or heartbeat and end the job."""
+    c = fx.c
+    svc = fx.start("rank0_stop")
+    svc.wait_ready()
+    pids = svc.ranks(2)
+    t0 = time.time()
+    os.kill(pids[0], signal.SIGSTOP)
+    # A worker's idle limit: 2 x (heartbeat + step deadline) + 3 s (comm/deadline.h).
+    limit = 2 * (HEARTBEAT_S + STEP_S) + 3
+    t_worker = None
+    while time.time() - t0 < limit + 5:
+        if not alive(pids[1]):
+            t_worker = time.time() - t0
+            break
+        time.sleep(0.05)
+    c.check(t_worker is not None and t_worker <= limit + 3,
+            "SIGSTOP of rank 0: the worker ended %s s after it (idle limit %.1f s)" %
+            ("%.1f" % t_worker if t_worker else "not", limit))
+    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
+    c.check(rc is not None and rc != 0, "SIGSTOP of rank 0: the job exits non-zero (rc %s, %.1f s after the stop)" %
+            (rc, time.time() - t0))
+    why = [l for l in svc.log_lines() if l.get("rank") == 1 and l.get("level") == "error"]
+    c.check(any("rank 0" in l.get("error", "") for l in why),
+            "SIGSTOP of rank 0: the worker logged that rank 0 went silent: %s" % [l.get("error") for l in why])
+
+
 def scenario_drain_hung_worker(fx):
     c = fx.c
     # Heartbeats rarer than the drain: the drain itself must find the hung rank.
@@ -831,6 +858,7 @@ SCENARIOS = {
     "worker_kill_load": lambda fx: scenario_worker_kill(fx, under_load=True, ranks=3),
     "worker_stop_load": lambda fx: scenario_worker_kill(fx, under_load=True, signo=signal.SIGSTOP),
     "rank0_kill": scenario_rank0_kill,
+    "rank0_stop": scenario_rank0_stop,
     "drain_hung_worker": scenario_drain_hung_worker,
     "stderr_unread": scenario_stderr_unread,
     "hostile_inputs": scenario_hostile_inputs,
