@@ -5,7 +5,12 @@ deadlines; the test kills, stops or starves a rank, or sends hostile input, and 
 exact status every client gets, that readiness and liveness say the right thing, and that the
 job ends non-zero within a bounded time (or, for hostile input, that it still answers and
 nothing changed). Exits 0 when every check passed, 1 otherwise, 77 when skipped.
-Python 3 standard library only."""
+Python 3 standard library only.
+
+    python3 tests/faults/test_faults.py worker_kill_load --server build/reattn-server \
+        --config configs/tiny.yaml [--backend cuda --config tests/http/tiny_d64.yaml] [--keep]
+
+Scenarios: see SCENARIOS at the end (CTest runs each as faults_<name>)."""
 
 import argparse
 import json
