@@ -51,12 +51,27 @@ struct Vote {
 
 }  // namespace
 
-Status mpi_status(int rc, const char* statement, const char* file, int line) {
-  if (rc == MPI_SUCCESS) return Status::ok();
+namespace {
+
+std::string mpi_error_text(int rc) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(rc, text, &len);
-  return Status(ErrorCode::kFatal, std::string(statement) + " failed: " + std::string(text, len) + fault_site(file, line));
+  return std::string(text, len);
+}
+
+}  // namespace
+
+Status mpi_status(int rc, const char* statement, const char* file, int line) {
+  if (rc == MPI_SUCCESS) return Status::ok();
+  return Status(ErrorCode::kFatal, std::string(statement) + " failed: " + mpi_error_text(rc) + fault_site(file, line));
+}
+
+Status mpi_status(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return Status::ok();
+  int rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return Status(ErrorCode::kFatal, std::string(what) + " failed: " + mpi_error_text(rc) + " on rank " + std::to_string(rank));
 }
 
 Expected<Control> Control::init(int* argc, char*** argv) {

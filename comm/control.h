@@ -70,5 +70,7 @@ class Control {
 // Status of an MPI call for REATTN_MPI_CHECK (common/check.h): kFatal naming the statement,
 // the MPI error string, file:line and rank.
 Status mpi_status(int rc, const char* statement, const char* file, int line);
+// The same, as a value, where a caller collects statuses instead of returning at once.
+Status mpi_status(int rc, const char* what);
 
 }  // namespace reattn

@@ -331,7 +331,7 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
   const int layer = step->layer;
   const int64_t qlen = step->qlen;
   Task task;
-  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), std::move(step->k), std::move(step->v)};
+  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), step->kv_dtype, std::move(step->k), std::move(step->v)};
   task.request_id = req.request_id;
   task.client_gone = req.client_gone;
   enqueue(std::move(task),

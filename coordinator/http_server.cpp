@@ -181,8 +181,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void read_body() {
     // Beast reads at most the buffer's spare capacity (at least 512 bytes) per call: without
-    // room, a 64 MiB body would take 131072 reads.
-    buffer_.reserve(kBodyReadBytes);
+    // room, a 64 MiB body would take 131072 reads. The room is given back after the body.
+    const auto length = parser_->content_length();
+    buffer_.reserve(static_cast<size_t>(std::min<uint64_t>(length ? *length : kBodyReadBytes, kBodyReadBytes)));
     http::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&Session::on_body, shared_from_this()));
   }
 
@@ -197,6 +198,7 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.expires_never();
     HttpRequest request = head();
     request.body = std::move(parser_->get().body());
+    buffer_.shrink_to_fit();
     keep_alive_ = parser_->get().keep_alive();
     version_ = parser_->get().version();
     ++server_->active;

@@ -201,7 +201,10 @@ Status StepLoop::run_operation(Task& task) {
   r.status = result.status;
   r.context = *ctx;
   if (std::holds_alternative<CreateContext>(task.op)) {
-    if (result.status.is_ok()) registry_.insert(*ctx);
+    if (result.status.is_ok()) {
+      registry_.insert(*ctx);
+      r.context = *registry_.find(ctx->id);
+    }
   } else if (std::holds_alternative<EraseContext>(task.op)) {
     if (result.status.is_ok() || result.status.code() == ErrorCode::kNotFound) registry_.erase(ctx->id);
   } else if (const auto* step = std::get_if<LayerStep>(&task.op)) {
