@@ -78,6 +78,15 @@ def alive(pid):
         return False
 
 
+def seconds_until_gone(pid, t0, timeout):
+    """Seconds from t0 until process `pid` is gone, or None if it outlives `timeout`."""
+    while time.time() - t0 < timeout:
+        if not alive(pid):
+            return time.time() - t0
+        time.sleep(0.05)
+    return None
+
+
 def cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -447,12 +456,7 @@ def scenario_rank0_stop(fx):
     os.kill(pids[0], signal.SIGSTOP)
     # A worker's idle limit: 2 x (heartbeat + step deadline) + 3 s (comm/deadline.h).
     limit = 2 * (HEARTBEAT_S + STEP_S) + 3
-    t_worker = None
-    while time.time() - t0 < limit + 5:
-        if not alive(pids[1]):
-            t_worker = time.time() - t0
-            break
-        time.sleep(0.05)
+    t_worker = seconds_until_gone(pids[1], t0, limit + 5)
     c.check(t_worker is not None and t_worker <= limit + 3,
             "SIGSTOP of rank 0: the worker ended %s s after it (idle limit %.1f s)" %
             ("%.1f" % t_worker if t_worker else "not", limit))
@@ -488,12 +492,7 @@ def scenario_drain_hung_worker(fx):
         c.check(False, "SIGTERM with a hung worker: the listener answers while draining: %r" % e)
     # Rank 0 ends the job within the drain deadline; mpirun then takes up to two of its
     # sigkill timeouts to end a rank that ignores SIGTERM (README "Reliability").
-    t_rank0 = None
-    while time.time() - t0 < DRAIN_S + 5:
-        if not alive(pids[0]):
-            t_rank0 = time.time() - t0
-            break
-        time.sleep(0.05)
+    t_rank0 = seconds_until_gone(pids[0], t0, DRAIN_S + 5)
     c.check(t_rank0 is not None and t_rank0 <= DRAIN_S + 1,
             "SIGTERM with a hung worker: rank 0 ended %s s after SIGTERM (drain deadline %.0f s)" %
             ("%.1f" % t_rank0 if t_rank0 else "not", DRAIN_S))
