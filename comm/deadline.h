@@ -5,6 +5,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <string>
 
 namespace reattn {
@@ -47,14 +48,15 @@ class Deadline {
   Clock::time_point at_;
 };
 
-// Sleeps between polls: not at all for the first `spin` polls (a step's collectives take
-// microseconds), then briefly, so an idle rank does not hold a core.
+// Paces a polling loop: no pause for the first 20 ms of a wait, then 100 us naps, so a rank
+// waiting long (idle between operations) does not hold a core.
 class PollPacer {
  public:
   void pause();
 
  private:
-  int polls_ = 0;
+  int64_t polls_ = 0;
+  std::chrono::steady_clock::time_point started_;
 };
 
 }  // namespace reattn

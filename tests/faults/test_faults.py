@@ -5,7 +5,12 @@ deadlines; the test kills, stops or starves a rank, or sends hostile input, and 
 exact status every client gets, that readiness and liveness say the right thing, and that the
 job ends non-zero within a bounded time (or, for hostile input, that it still answers and
 nothing changed). Exits 0 when every check passed, 1 otherwise, 77 when skipped.
-Python 3 standard library only."""
+Python 3 standard library only.
+
+    python3 tests/faults/test_faults.py worker_kill_load --server build/reattn-server \
+        --config configs/tiny.yaml [--backend cuda --config tests/http/tiny_d64.yaml] [--keep]
+
+Scenarios: see SCENARIOS at the end (CTest runs each as faults_<name>)."""
 
 import argparse
 import json
@@ -71,6 +76,15 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def seconds_until_gone(pid, t0, timeout):
+    """Seconds from t0 until process `pid` is gone, or None if it outlives `timeout`."""
+    while time.time() - t0 < timeout:
+        if not alive(pid):
+            return time.time() - t0
+        time.sleep(0.05)
+    return None
 
 
 def cpu_seconds(pid):
@@ -350,10 +364,17 @@ def scenario_worker_kill(fx, under_load, signo=signal.SIGKILL, ranks=2):
         late["t"] = time.time()
 
     tl = threading.Thread(target=late_create)
-    tl.start()
-    # The create may meet the dead rank first (operation deadline), else the heartbeat does.
-    bound = max(OPERATION_S, HEARTBEAT_S + STEP_S) + 1.5
+    if under_load:
+        # The create is queued behind the work that meets the fault: a step's collective
+        # (step deadline) or an operation's broadcast or agreement (operation deadline).
+        tl.start()
+        bound = max(STEP_S, OPERATION_S) + 1.5
+    else:
+        # Idle: only the heartbeat can find the fault; the create comes after.
+        bound = HEARTBEAT_S + STEP_S + 1.5
     t_seen, msg = poll_ready_503(svc, "rank 1", bound + 2)
+    if not under_load:
+        tl.start()
     c.check(t_seen is not None, "%s: readiness 503 naming rank 1 (got %r)" % (what, msg))
     if t_seen:
         c.check(t_seen - t_fault <= bound, "%s: readiness 503 within %.1f s (took %.2f s): %s" %
@@ -425,6 +446,28 @@ def scenario_rank0_kill(fx):
     c.check(not any(alive(p) for p in pids[1:]), "kill -9 of rank 0: no worker rank outlives it")
 
 
+def scenario_rank0_stop(fx):
+    """Rank 0 hangs (SIGSTOP): the workers hear no operation or heartbeat and end the job."""
+    c = fx.c
+    svc = fx.start("rank0_stop")
+    svc.wait_ready()
+    pids = svc.ranks(2)
+    t0 = time.time()
+    os.kill(pids[0], signal.SIGSTOP)
+    # A worker's idle limit: 2 x (heartbeat + step deadline) + 3 s (comm/deadline.h).
+    limit = 2 * (HEARTBEAT_S + STEP_S) + 3
+    t_worker = seconds_until_gone(pids[1], t0, limit + 5)
+    c.check(t_worker is not None and t_worker <= limit + 3,
+            "SIGSTOP of rank 0: the worker ended %s s after it (idle limit %.1f s)" %
+            ("%.1f" % t_worker if t_worker else "not", limit))
+    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
+    c.check(rc is not None and rc != 0, "SIGSTOP of rank 0: the job exits non-zero (rc %s, %.1f s after the stop)" %
+            (rc, time.time() - t0))
+    why = [l for l in svc.log_lines() if l.get("rank") == 1 and l.get("level") == "error"]
+    c.check(any("rank 0" in l.get("error", "") for l in why),
+            "SIGSTOP of rank 0: the worker logged that rank 0 went silent: %s" % [l.get("error") for l in why])
+
+
 def scenario_drain_hung_worker(fx):
     c = fx.c
     # Heartbeats rarer than the drain: the drain itself must find the hung rank.
@@ -449,12 +492,7 @@ def scenario_drain_hung_worker(fx):
         c.check(False, "SIGTERM with a hung worker: the listener answers while draining: %r" % e)
     # Rank 0 ends the job within the drain deadline; mpirun then takes up to two of its
     # sigkill timeouts to end a rank that ignores SIGTERM (README "Reliability").
-    t_rank0 = None
-    while time.time() - t0 < DRAIN_S + 5:
-        if not alive(pids[0]):
-            t_rank0 = time.time() - t0
-            break
-        time.sleep(0.05)
+    t_rank0 = seconds_until_gone(pids[0], t0, DRAIN_S + 5)
     c.check(t_rank0 is not None and t_rank0 <= DRAIN_S + 1,
             "SIGTERM with a hung worker: rank 0 ended %s s after SIGTERM (drain deadline %.0f s)" %
             ("%.1f" % t_rank0 if t_rank0 else "not", DRAIN_S))
@@ -824,6 +862,7 @@ SCENARIOS = {
     "worker_kill_load": lambda fx: scenario_worker_kill(fx, under_load=True, ranks=3),
     "worker_stop_load": lambda fx: scenario_worker_kill(fx, under_load=True, signo=signal.SIGSTOP),
     "rank0_kill": scenario_rank0_kill,
+    "rank0_stop": scenario_rank0_stop,
     "drain_hung_worker": scenario_drain_hung_worker,
     "stderr_unread": scenario_stderr_unread,
     "hostile_inputs": scenario_hostile_inputs,
