@@ -307,12 +307,17 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
               const int64_t first = rc.sink_tokens + j * rc.chunk_tokens;
               chunks.push_back({{"chunk", j}, {"first_token", first}, {"last_token", first + rc.chunk_tokens - 1}});
             }
+            json spans = json::array();  // span recall's token ranges, inclusive
+            for (const auto& [first, end] : r.query.recalled_spans) {
+              spans.push_back({{"first_token", first}, {"last_token", end - 1}});
+            }
             return json_response(
                 200, {{"context_id", id},
                       {"layer", layer},
                       {"mode", query_mode_name(mode)},
                       {"tokens", r.context.tokens},
                       {"recalled_chunks", chunks},
+                      {"recalled_spans", spans},
                       {"out", nested_output<json>(r.query.out, qlen, model.q_heads, model.head_dim)},
                       {"timing",
                        {{"score_ms", r.timing.score_ms},

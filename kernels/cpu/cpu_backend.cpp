@@ -33,6 +33,17 @@ inline void rotate(const float* x, const float* cs, const float* sn, int dim, fl
   }
 }
 
+// Folds per-thread top-k lists partial [threads][rows][k] into out [rows][k]. The order is
+// total, so the result is the same for any split of the work.
+void fold_thread_lists(const std::vector<Candidate>& partial, int threads, int64_t rows, int k, Candidate* out) {
+  for (int tid = 0; tid < threads; ++tid) {
+    const Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int s = 0; s < k && top[row * k + s].chunk >= 0; ++s) topk_insert(out + row * k, k, top[row * k + s]);
+    }
+  }
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {}
@@ -103,13 +114,43 @@ Status CpuBackend::score_chunks(const ScoreParams& p) {
       }
     }
   }
-  // The order is total, so folding the per-thread lists gives the same result for any split.
-  for (int tid = 0; tid < threads; ++tid) {
-    const Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int s = 0; s < k && top[row * k + s].chunk >= 0; ++s) topk_insert(p.out + row * k, k, top[row * k + s]);
+  fold_thread_lists(partial, threads, rows, k, p.out);
+  return Status::ok();
+}
+
+Status CpuBackend::score_tokens(const ScoreParams& p) {
+  const int k = p.top_k;
+  const int group = p.q_heads / p.kv_heads;
+  const int64_t rows = p.qlen * p.q_heads;
+  const int dim = p.head_dim;
+  for (int64_t i = 0; i < rows * k; ++i) p.out[i] = Candidate{0.0f, -1};
+  if (p.block_count == 0) return Status::ok();
+
+  const int threads = static_cast<int>(std::min<int64_t>(threads_, p.block_count));
+  std::vector<Candidate> partial(static_cast<size_t>(threads) * rows * k, Candidate{0.0f, -1});
+#pragma omp parallel num_threads(threads)
+  {
+    Candidate* top = partial.data() + static_cast<size_t>(omp_get_thread_num()) * rows * k;
+#pragma omp for schedule(static)
+    for (int64_t slot = 0; slot < p.block_count; ++slot) {
+      const auto* block = static_cast<const float*>(p.k_pages[slot / p.blocks_per_page]) +
+                          (slot % p.blocks_per_page) * p.kv_heads * p.chunk_tokens * dim;
+      const int64_t first = p.first_token + (slot * p.chunk_id_stride + p.chunk_id_offset) * p.chunk_tokens;
+      for (int g = 0; g < p.kv_heads; ++g) {
+        const float* keys = block + static_cast<int64_t>(g) * p.chunk_tokens * dim;
+        for (int64_t t = 0; t < p.chunk_tokens; ++t) {
+          const auto token = static_cast<int32_t>(first + t);
+          for (int64_t i = 0; i < p.qlen; ++i) {
+            for (int r = 0; r < group; ++r) {
+              const int64_t row = i * p.q_heads + g * group + r;
+              topk_insert(top + row * k, k, Candidate{dot(p.q + row * dim, keys + t * dim, dim), token});
+            }
+          }
+        }
+      }
     }
   }
+  fold_thread_lists(partial, threads, rows, k, p.out);
   return Status::ok();
 }
 
@@ -122,7 +163,7 @@ Status CpuBackend::attend(const AttendParams& p) {
   // cos/sin of every position that occurs, computed in double.
   std::vector<float> cos_table(static_cast<size_t>(p.max_position + 1) * half);
   std::vector<float> sin_table(cos_table.size());
-  const std::vector<double> inv_freq = rope_inv_freq(dim, p.rope_theta);
+  const std::vector<double> inv_freq = rope_inv_freq(dim, p.rope_theta, p.rope_scaling);
   for (int64_t pos = 0; pos <= p.max_position; ++pos) {
     for (int d = 0; d < half; ++d) {
       const double angle = static_cast<double>(pos) * inv_freq[d];
@@ -206,6 +247,16 @@ Status CpuBackend::pack_blocks(const PackParams& p) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < p.count; ++b) {
     std::memcpy(static_cast<char*>(p.dst) + b * p.block_bytes, p.src[b], p.block_bytes);
+  }
+  return Status::ok();
+}
+
+Status CpuBackend::copy_ranges(const CopyRangesParams& p) {
+  if (p.count < 0) return invalid_argument("copy_ranges: count " + std::to_string(p.count) + " is negative");
+  if (p.count == 0) return Status::ok();
+  if (!p.ranges || !p.dst) return invalid_argument("copy_ranges: null range list or destination");
+  for (int64_t i = 0; i < p.count; ++i) {
+    std::memcpy(static_cast<char*>(p.dst) + p.ranges[i].dst_offset, p.ranges[i].src, p.ranges[i].bytes);
   }
   return Status::ok();
 }
