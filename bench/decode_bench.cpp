@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "bench/cuda_timing.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
@@ -25,10 +26,9 @@
 namespace reattn {
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
+using bench::median;
+using bench::read_bandwidth;
+using bench::time_events;
 
 Config llama_layer_config(const std::string& final_attention) {
   Config c;
@@ -54,38 +54,6 @@ size_t device_used_bytes() {
   size_t free_bytes = 0, total = 0;
   if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
   return total - free_bytes;
-}
-
-// Times `fn` (queued on `stream`) with events, `repeat` times after `warmup`; median ms.
-template <typename Fn>
-Expected<double> time_events(cudaStream_t stream, int warmup, int repeat, Fn fn) {
-  cudaEvent_t start, stop;
-  REATTN_CUDA_CHECK(cudaEventCreate(&start));
-  REATTN_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int r = 0; r < warmup + repeat; ++r) {
-    REATTN_CUDA_CHECK(cudaEventRecord(start, stream));
-    REATTN_RETURN_IF_ERROR(fn());
-    REATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    REATTN_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    REATTN_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    if (r >= warmup) ms.push_back(t);
-  }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
-  return median(ms);
-}
-
-Expected<nlohmann::json> read_bandwidth(CudaBackend& backend, size_t bytes) {
-  REATTN_ASSIGN_OR_RETURN(Buffer buf, backend.allocate(bytes));
-  REATTN_ASSIGN_OR_RETURN(Buffer sink, backend.allocate(sizeof(unsigned long long)));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x5a, bytes, backend.stream()));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), backend.stream()));
-  REATTN_ASSIGN_OR_RETURN(double ms, time_events(backend.stream(), 3, 20, [&]() {
-    return cuda::run_read_probe(buf.data(), bytes, sink.as<unsigned long long>(), backend.device_info(), backend.stream());
-  }));
-  return nlohmann::json{{"bytes", bytes}, {"ms", ms}, {"gb_per_s", bytes / ms / 1e6}};
 }
 
 Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, const Control& control, const Config& cfg,

@@ -15,21 +15,19 @@
 #include <cstdio>
 #include <fstream>
 
+#include "bench/cuda_timing.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
 #include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/cuda_check.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
 
 namespace reattn {
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
+using bench::median;
+using bench::time_events;
 
 Config layer_config(RecallMode recall, FinalAttention strategy) {
   Config c;
@@ -55,37 +53,6 @@ Config layer_config(RecallMode recall, FinalAttention strategy) {
   c.backend.storage_dtype = DType::kBF16;
   c.capacity.tokens_per_rank = int64_t{1} << 27;
   return c;
-}
-
-template <typename Fn>
-Expected<double> time_events(cudaStream_t stream, int warmup, int repeat, Fn fn) {
-  cudaEvent_t start, stop;
-  REATTN_CUDA_CHECK(cudaEventCreate(&start));
-  REATTN_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<double> ms;
-  for (int r = 0; r < warmup + repeat; ++r) {
-    REATTN_CUDA_CHECK(cudaEventRecord(start, stream));
-    REATTN_RETURN_IF_ERROR(fn());
-    REATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    REATTN_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    REATTN_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    if (r >= warmup) ms.push_back(t);
-  }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
-  return median(ms);
-}
-
-Expected<double> read_bandwidth_gbps(CudaBackend& backend, size_t bytes) {
-  REATTN_ASSIGN_OR_RETURN(Buffer buf, backend.allocate(bytes));
-  REATTN_ASSIGN_OR_RETURN(Buffer sink, backend.allocate(sizeof(unsigned long long)));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x5a, bytes, backend.stream()));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), backend.stream()));
-  REATTN_ASSIGN_OR_RETURN(double ms, time_events(backend.stream(), 3, 20, [&]() {
-    return cuda::run_read_probe(buf.data(), bytes, sink.as<unsigned long long>(), backend.device_info(), backend.stream());
-  }));
-  return bytes / ms / 1e6;
 }
 
 // Both modes over one loaded context of `tokens` tokens.
@@ -231,7 +198,8 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
   REATTN_RETURN_IF_ERROR(control.agree(comm.status()));
   cudaDeviceProp prop{};
   REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, backend.device()));
-  REATTN_ASSIGN_OR_RETURN(double read_gbps, read_bandwidth_gbps(backend, size_t{4} << 30));
+  REATTN_ASSIGN_OR_RETURN(nlohmann::json probe, bench::read_bandwidth(backend, size_t{4} << 30));
+  const double read_gbps = probe["gb_per_s"].get<double>();
   nlohmann::json out{{"device", prop.name},
                      {"world", control.world()},
                      {"final_attention", strategy_name},
