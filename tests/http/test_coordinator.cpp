@@ -401,7 +401,10 @@ TEST_F(HandlersTest, ReadinessFollowsTheServiceState) {
   EXPECT_EQ(call("GET", "/v1/info").status, 503);
   state_.set_ready();
   EXPECT_EQ(call("GET", "/health/ready").status, 200);
-  EXPECT_EQ(call("GET", "/v1/info").status, 200);
+  const HttpResponse info = call("GET", "/v1/info");
+  EXPECT_EQ(info.status, 200);
+  EXPECT_EQ(json::parse(info.body)["reattention"]["recall"], "chunk");
+  EXPECT_EQ(json::parse(info.body)["model"]["rope_scaling"], "none");
   state_.set_draining();
   EXPECT_EQ(call("GET", "/health/ready").status, 503);
   state_.set_ready();  // draining is final
