@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dispatch.cuh"
@@ -36,40 +37,34 @@ struct TokenScoreParams {
   Candidate* partial = nullptr;  // [Hkv][warps_per_head][pairs][top_k]
 };
 
+// Tensor-core ops of the storage dtype T (__nv_bfloat16 or __half).
 template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
+struct Mma {
+  static constexpr bool kHalf = std::is_same<T, __half>::value;
+  // The storage-dtype bits nearest to x; `rest` gets what they miss.
   static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    rest = x - __bfloat162float(h);
-    return __bfloat16_as_ushort(h);
+    if constexpr (kHalf) {
+      const __half h = __float2half_rn(x);
+      rest = x - __half2float(h);
+      return __half_as_ushort(h);
+    } else {
+      const __nv_bfloat16 h = __float2bfloat16_rn(x);
+      rest = x - __bfloat162float(h);
+      return __bfloat16_as_ushort(h);
+    }
   }
+  // c[16x8] += a[16x16] * b[16x8], fp32 accumulation.
   static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __half h = __float2half_rn(x);
-    rest = x - __half2float(h);
-    return __half_as_ushort(h);
-  }
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (kHalf) {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                   : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
   }
 };
 

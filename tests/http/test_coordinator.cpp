@@ -404,7 +404,7 @@ TEST_F(HandlersTest, ReadinessFollowsTheServiceState) {
   const HttpResponse info = call("GET", "/v1/info");
   EXPECT_EQ(info.status, 200);
   EXPECT_EQ(json::parse(info.body)["reattention"]["recall"], "chunk");
-  EXPECT_EQ(json::parse(info.body)["model"]["rope_scaling"], "none");
+  EXPECT_EQ(json::parse(info.body)["model"]["rope_scaling"]["type"], "none");
   state_.set_draining();
   EXPECT_EQ(call("GET", "/health/ready").status, 503);
   state_.set_ready();  // draining is final
