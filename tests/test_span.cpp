@@ -83,6 +83,10 @@ TEST_P(SpanDistributed, MatchesReferenceForEveryStrategyAndOwner) {
     }
   }
   if (comm.rank() != 0) return;
+  EXPECT_LE(static_cast<int64_t>(want.kept.size()), c.max_recall_tokens);
+  if (std::string(c.name).find("cap binding") != std::string::npos) {
+    EXPECT_EQ(static_cast<int64_t>(want.kept.size()), c.max_recall_tokens) << "the cap does not bind";
+  }
   // Every needle in the mid was kept (the cap allowing), and so recalled with its neighbours.
   const int64_t mid_end = 4 + 8 * std::max<int64_t>(0, (c.n - 36) / 8);
   for (int64_t t : c.needles) {
