@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 
 namespace reattn {
@@ -123,6 +124,11 @@ Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
 
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
   REATTN_RETURN_IF_ERROR(check_qlen(qlen, mode, rc));
+  // Span recall's candidates carry the token as an int32.
+  if (rc.recall == RecallMode::kSpan && n > INT32_MAX) {
+    return invalid_argument("context of " + std::to_string(n) + " tokens is above span recall's limit of " +
+                            std::to_string(INT32_MAX) + " tokens");
+  }
   if (mode == QueryMode::kDetached) {
     if (n < 1) return invalid_argument("context is empty: a query needs at least one token");
     return Status::ok();

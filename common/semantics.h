@@ -131,7 +131,7 @@ RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode
 Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 
 // Checks a query against a context of n tokens: check_qlen; tail needs qlen <= n; a detached
-// query needs n >= 1.
+// query needs n >= 1; span recall needs n <= INT32_MAX.
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 
 // inv_freq[d] = theta^(-2d/D) for d in [0, D/2), in double; with llama3 scaling, the

@@ -46,6 +46,16 @@ TEST(Spans, OverlappingAndTouchingSpansMerge) {
   EXPECT_EQ(pairs(widen_to_spans({309, 300, 300}, mid_4_964(), 8)), (Spans{{296, 304}, {305, 313}}));  // any order
 }
 
+TEST(Spans, ContextsAboveInt32TokensAreRefusedInSpanMode) {
+  ReattentionConfig rc = test::tiny_rc();
+  EXPECT_TRUE(validate_query(int64_t{1} << 32, 1, QueryMode::kTail, rc).is_ok());
+  rc.recall = RecallMode::kSpan;
+  const Status st = validate_query(int64_t{1} << 32, 1, QueryMode::kTail, rc);
+  EXPECT_FALSE(st.is_ok());
+  EXPECT_NE(st.message().find("span recall's limit"), std::string::npos) << st.message();
+  EXPECT_TRUE(validate_query(1000, 1, QueryMode::kTail, rc).is_ok());
+}
+
 TEST(Spans, NoMidNoSpans) {
   EXPECT_TRUE(widen_to_spans({}, mid_4_964(), 32).empty());
 }
