@@ -1,6 +1,6 @@
 // Span recall's selection rule (common/semantics.h: widen_to_spans, select_spans,
-// make_span_layout), the per-rank cut of spans into block pieces (worker/rank_plan.h), and the
-// llama3 RoPE inverse frequencies against the formula written out here.
+// make_span_layout), the per-rank cut of spans into block pieces and their transfers and segments
+// (worker/rank_plan.h), and the llama3 RoPE inverse frequencies against the formula written out here.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -129,6 +129,76 @@ TEST(Rope, Llama3InverseFrequenciesMatchTheFormula) {
 TEST(Rope, NoScalingIsThetaPower) {
   const std::vector<double> inv = rope_inv_freq(16, 10000.0);
   for (int d = 0; d < 8; ++d) EXPECT_DOUBLE_EQ(inv[d], std::pow(10000.0, -2.0 * d / 16));
+}
+
+}  // namespace
+}  // namespace reattn
+
+namespace reattn {
+namespace {
+
+// Span recall's transfers (gather): n = 4 + 8*8 + 32 + 5, mid [4, 68) in blocks of 8 striped
+// over 2 ranks (block b on rank b % 2), owner 0. Spans [10, 14) and [18, 30): pieces in blocks
+// 0 (6..8, rank 0), 1 (0..2 and 6..8, rank 1), 2 (0..8, rank 0), 3 (0..2, rank 1).
+TEST(SpanRankPlan, GatherSendsExactlyTheRangesAndStagesThemInOrder) {
+  const ReattentionConfig rc = test::tiny_rc();
+  SelectedQuery q;
+  q.ok = true;
+  q.owner_rank = 0;
+  q.qlen = 1;
+  q.regions = compute_regions(4 + 8 * 8 + 32 + 5, rc);
+  q.spans = {{10, 14}, {18, 30}};
+  q.layout = make_span_layout(q.regions, q.spans);
+  const std::vector<SelectedQuery> qs{q};
+  using Kind = SegmentSource::Kind;
+
+  const RankPlan sender = plan_rank(qs, FinalAttention::kGather, 1, 2, 0, 2, 4, rc);
+  // Pieces 1, 2 and 4 (of 0..4) live on rank 1 and go to the owner, in piece order.
+  EXPECT_EQ(sender.send_chunks[0], (std::vector<std::pair<size_t, int64_t>>{{0, 1}, {0, 2}, {0, 4}}));
+  EXPECT_TRUE(sender.calls.empty());
+
+  const RankPlan owner = plan_rank(qs, FinalAttention::kGather, 0, 2, 0, 2, 4, rc);
+  EXPECT_EQ(owner.recv_blocks, (std::vector<size_t>{0, 2 * (2 + 2 + 2)}));  // token rows, K and V
+  EXPECT_EQ(owner.staging_blocks, 12u);
+  ASSERT_EQ(owner.calls.size(), 1u);
+  const std::vector<SegmentSource>& s = owner.segments;
+  ASSERT_GE(s.size(), 6u);
+  EXPECT_EQ(s[0].kind, Kind::kSinks);
+  // block 0 tokens 6..8 at layout 4; staged 2 tokens at 6 (row 0); staged 2 at 8 (row 4);
+  // block 2 at 10; staged 2 at 18 (row 8).
+  const struct {
+    Kind kind;
+    int64_t block, skip, tokens, position;
+  } want[] = {{Kind::kHomeBlock, 0, 6, 2, 4},
+              {Kind::kStagedRange, 0, 0, 2, 6},
+              {Kind::kStagedRange, 4, 0, 2, 8},
+              {Kind::kHomeBlock, 2, 0, 8, 10},
+              {Kind::kStagedRange, 8, 0, 2, 18}};
+  for (size_t i = 0; i < 5; ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(s[1 + i].kind, want[i].kind);
+    EXPECT_EQ(s[1 + i].block, want[i].block);
+    EXPECT_EQ(s[1 + i].skip, want[i].skip);
+    EXPECT_EQ(s[1 + i].tokens, want[i].tokens);
+    EXPECT_EQ(s[1 + i].position, want[i].position);
+  }
+  EXPECT_EQ(s[6].kind, Kind::kRing);
+  EXPECT_EQ(s[6].position, 4 + 16);  // the local region after 16 recalled tokens
+}
+
+TEST(SpanRankPlan, PartialStatesComeFromTheRanksThatHoldPieces) {
+  const ReattentionConfig rc = test::tiny_rc();
+  SelectedQuery q;
+  q.ok = true;
+  q.owner_rank = 0;
+  q.qlen = 1;
+  q.regions = compute_regions(4 + 8 * 8 + 32 + 5, rc);
+  q.spans = {{12, 20}};  // block 1 only: rank 1 of 3
+  q.layout = make_span_layout(q.regions, q.spans);
+  const RankPlan owner = plan_rank({q}, FinalAttention::kPartial, 0, 3, 0, 2, 4, rc);
+  EXPECT_EQ(owner.partial_peers[0], (std::vector<int>{1}));
+  EXPECT_TRUE(plan_rank({q}, FinalAttention::kPartial, 1, 3, 0, 2, 4, rc).sends_state[0]);
+  EXPECT_FALSE(plan_rank({q}, FinalAttention::kPartial, 2, 3, 0, 2, 4, rc).sends_state[0]);
 }
 
 }  // namespace
