@@ -14,7 +14,8 @@
 #include <fstream>
 #include <iostream>
 
-#include "bench/cuda_timing.h"
+#include "bench/event_timing.h"
+#include "bench/read_probe.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
@@ -26,9 +27,8 @@
 namespace reattn {
 namespace {
 
-using bench::median;
 using bench::read_bandwidth;
-using bench::time_events;
+
 
 Config llama_layer_config(const std::string& final_attention) {
   Config c;
@@ -55,6 +55,7 @@ size_t device_used_bytes() {
   if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
   return total - free_bytes;
 }
+
 
 Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, const Control& control, const Config& cfg,
                                     int64_t tokens, int repeat) {
@@ -137,7 +138,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   p.chunk_tokens = rc.chunk_tokens;
   p.top_k = rc.top_k;
   p.out = cand.as<Candidate>();
-  REATTN_ASSIGN_OR_RETURN(double kernel_ms, time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
+  REATTN_ASSIGN_OR_RETURN(double kernel_ms, bench::time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
   const double key_bytes = static_cast<double>(p.block_count) * m.kv_heads * rc.chunk_tokens * m.head_dim * 2;
 
   const double kv_bytes = static_cast<double>(tokens_charged(tokens, 0, rank, world, rc)) * m.kv_heads * m.head_dim * 2 * 2;
@@ -148,11 +149,11 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
       {"rank", rank},
       {"world", world},
       {"load_s", load_s},
-      {"e2e_ms", median(e2e_ms)},
+      {"e2e_ms", bench::median(e2e_ms)},
       {"e2e_min_ms", *std::min_element(e2e_ms.begin(), e2e_ms.end())},
-      {"step_score_ms", median(score_ms)},
-      {"step_merge_ms", median(merge_ms)},
-      {"step_attention_ms", median(attention_ms)},
+      {"step_score_ms", bench::median(score_ms)},
+      {"step_merge_ms", bench::median(merge_ms)},
+      {"step_attention_ms", bench::median(attention_ms)},
       {"score_kernel_ms", kernel_ms},
       {"score_key_bytes", key_bytes},
       {"score_kernel_gb_per_s", key_bytes / kernel_ms / 1e6},

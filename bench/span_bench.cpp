@@ -15,7 +15,8 @@
 #include <cstdio>
 #include <fstream>
 
-#include "bench/cuda_timing.h"
+#include "bench/event_timing.h"
+#include "bench/read_probe.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"

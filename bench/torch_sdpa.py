@@ -7,20 +7,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-
-def time_ms(fn, warmup, repeat):
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    times = []
-    for r in range(warmup + repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        if r >= warmup:
-            times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2]
+from cuda_timing import time_ms
 
 
 def main():

@@ -114,8 +114,9 @@ void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floa
 }
 
 const char* operation_name(const Operation& op) {
-  static const char* const kNames[] = {"create", "erase", "append_kv", "synthetic", "query_step", "shutdown"};
-  static_assert(std::variant_size<Operation>::value == 6, "a name per operation");
+  static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic",
+                                       "query_step", "shutdown", "layer_step"};
+  static_assert(std::variant_size<Operation>::value == 7, "a name per operation");
   return kNames[op.index()];
 }
 
@@ -125,7 +126,8 @@ ContextId operation_context(const Operation& op) {
                                [](const AppendKv& o) { return o.context_id; },
                                [](const AppendSynthetic& o) { return o.context_id; },
                                [](const StepPlan&) { return ContextId{0}; },
-                               [](const Shutdown&) { return ContextId{0}; }},
+                               [](const Shutdown&) { return ContextId{0}; },
+                               [](const LayerStep& o) { return o.context_id; }},
                     op);
 }
 
@@ -149,7 +151,16 @@ std::string encode_operation(const Operation& op) {
                           w.put_vector(o.needles);
                         },
                         [&](const StepPlan& plan) { write_step(w, plan); },
-                        [&](const Shutdown&) {}},
+                        [&](const Shutdown&) {},
+                        [&](const LayerStep& o) {
+                          w.put(o.context_id);
+                          w.put(o.layer);
+                          w.put(o.layer_tokens);
+                          w.put(o.qlen);
+                          w.put_vector(o.q);
+                          w.put_vector(o.k);
+                          w.put_vector(o.v);
+                        }},
              op);
   return w.take();
 }
@@ -196,6 +207,13 @@ Expected<Operation> decode_operation(const std::string& bytes) {
     case 5:
       op = Shutdown{};
       break;
+    case 6: {
+      LayerStep o;
+      r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) && r.get_vector(&o.q) &&
+          r.get_vector(&o.k) && r.get_vector(&o.v);
+      op = std::move(o);
+      break;
+    }
     default:
       return malformed();
   }

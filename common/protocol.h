@@ -22,7 +22,7 @@ using ContextId = uint64_t;
 // One query of a step. Crosses ranks field by field (encode_operation).
 struct QueryPlan {
   ContextId context_id = 0;
-  int64_t tokens = 0;      // n as the coordinator saw it; every rank checks it
+  int64_t tokens = 0;      // n, the layer's length as the coordinator saw it; every rank checks it
   int64_t qlen = 0;
   int64_t q_offset = 0;    // floats into StepPlan::q
   int32_t layer = 0;
@@ -79,10 +79,22 @@ struct AppendSynthetic {
   std::vector<int64_t> needles;
 };
 struct Shutdown {};
+// One layer of a model's forward pass: appends k and v to layer `layer` only, then runs the
+// tail query whose rows are those tokens. Rank 0 checked the order rule (check_layer_step);
+// every rank checks that the layer holds `layer_tokens` before it.
+struct LayerStep {
+  ContextId context_id = 0;
+  int32_t layer = 0;
+  int64_t layer_tokens = 0;  // the layer's length before the step
+  int64_t qlen = 0;
+  std::vector<float> q;      // [qlen, H, D], pre-RoPE
+  std::vector<float> k;      // [Hkv, qlen, D], pre-RoPE
+  std::vector<float> v;      // [Hkv, qlen, D]
+};
 
-using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown>;
+using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep>;
 
-// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown".
+// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step".
 const char* operation_name(const Operation& op);
 // The context an operation names (0 for a step or shutdown).
 ContextId operation_context(const Operation& op);
@@ -95,9 +107,10 @@ Expected<Operation> decode_operation(const std::string& bytes);
 // What an operation did; `status` is the same on every rank.
 struct OperationResult {
   Status status;
-  int64_t tokens = 0;                 // the context's length afterwards (create, append, synthetic)
+  int64_t tokens = 0;                 // the context's length afterwards (create, append, synthetic;
+                                      // a layer step: that layer's)
   bool context_dropped = false;       // an append failed on some ranks only: the context was erased everywhere
-  std::vector<QueryResult> queries;   // a step, on its reply rank: one per query of the plan
+  std::vector<QueryResult> queries;   // a step or layer step, on its reply rank: one per query
   StepTiming timing;                  // a step
 };
 

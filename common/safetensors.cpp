@@ -252,7 +252,7 @@ std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", dtype_name(t.dtype)},
+    header[t.name] = {{"dtype", t.dtype_label ? t.dtype_label : dtype_name(t.dtype)},
                       {"shape", t.shape},
                       {"data_offsets", {offset, offset + t.data.size()}}};
     offset += t.data.size();

@@ -58,6 +58,9 @@ struct TensorToWrite {
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
   std::string data;
+  // Written in place of dtype's name: a type only written here, never read (e.g. "I64" for
+  // the chunk ids of a response).
+  const char* dtype_label = nullptr;
 };
 
 // Serialises tensors (in the given order) to a safetensors blob.

@@ -197,4 +197,42 @@ Status check_capacity(const std::vector<int64_t>& charged, int64_t n0, int64_t n
   return Status::ok();
 }
 
+Status check_layers_level(const std::vector<int64_t>& layer_tokens) {
+  for (size_t l = 1; l < layer_tokens.size(); ++l) {
+    if (layer_tokens[l] != layer_tokens[0]) {
+      return Status(ErrorCode::kOutOfOrder, "a forward pass is under way: layer 0 holds " +
+                                                std::to_string(layer_tokens[0]) + " tokens, layer " + std::to_string(l) +
+                                                " holds " + std::to_string(layer_tokens[l]) +
+                                                "; finish it (step every layer) before appending to all layers");
+    }
+  }
+  return Status::ok();
+}
+
+Status check_layer_step(const std::vector<int64_t>& layer_tokens, int layer, int64_t qlen) {
+  const int layers = static_cast<int>(layer_tokens.size());
+  if (layer < 0 || layer >= layers) {
+    return invalid_argument("layer: " + std::to_string(layer) + " is outside [0, " + std::to_string(layers) + ")");
+  }
+  if (layer == 0) {
+    for (int l = 1; l < layers; ++l) {
+      if (layer_tokens[l] != layer_tokens[0]) {
+        return Status(ErrorCode::kOutOfOrder,
+                      "a step at layer 0 starts a forward pass, but the last one is not finished: layer 0 holds " +
+                          std::to_string(layer_tokens[0]) + " tokens, layer " + std::to_string(l) + " holds " +
+                          std::to_string(layer_tokens[l]));
+      }
+    }
+    return Status::ok();
+  }
+  if (layer_tokens[layer - 1] != layer_tokens[layer] + qlen) {
+    return Status(ErrorCode::kOutOfOrder,
+                  "a step of " + std::to_string(qlen) + " tokens at layer " + std::to_string(layer) + " needs layer " +
+                      std::to_string(layer - 1) + " to hold " + std::to_string(layer_tokens[layer] + qlen) +
+                      " tokens (layer " + std::to_string(layer) + " holds " + std::to_string(layer_tokens[layer]) +
+                      "), but it holds " + std::to_string(layer_tokens[layer - 1]));
+  }
+  return Status::ok();
+}
+
 }  // namespace reattn

@@ -173,6 +173,13 @@ namespace reattn {
 // so capacity checks agree without communication.
 int64_t tokens_charged(int64_t n, int owner, int rank, int world, const ReattentionConfig& rc);
 
+// The order rule of per-layer steps: a forward pass appends `qlen` tokens to layer 0, then
+// to layer 1, and so on. A step at layer 0 needs every layer at the same length; a step at
+// layer l > 0 needs length(l - 1) == length(l) + qlen. OutOfOrder otherwise, naming both
+// lengths. A whole-context append (every layer at once) needs every layer at the same length.
+Status check_layer_step(const std::vector<int64_t>& layer_tokens, int layer, int64_t qlen);
+Status check_layers_level(const std::vector<int64_t>& layer_tokens);
+
 // The one capacity rule: growing a context owned by `owner` from n0 to n1 tokens, with
 // `charged[r]` tokens charged to rank r now (all contexts, this one at n0), fits when no rank
 // ends above `tokens_per_rank`. Capacity otherwise, naming the rank.

@@ -8,6 +8,7 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kInvalidArgument: return "invalid_argument";
     case ErrorCode::kNotFound: return "not_found";
     case ErrorCode::kCapacity: return "capacity_exhausted";
+    case ErrorCode::kOutOfOrder: return "out_of_order";
     case ErrorCode::kUnavailable: return "unavailable";
     case ErrorCode::kInternal: return "internal";
     case ErrorCode::kFatal: return "fatal";

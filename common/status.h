@@ -14,6 +14,7 @@ enum class ErrorCode {
   kInvalidArgument,   // bad input from a user: file, tensor, config value, request field
   kNotFound,          // unknown context, tensor or layer
   kCapacity,          // KV capacity exhausted
+  kOutOfOrder,        // a layer step that does not follow the context's layer lengths
   kUnavailable,       // not ready, queue full, shutting down
   kInternal,          // a bug or an unexpected library failure
   kFatal,             // a device, communicator or protocol fault: ends the job

@@ -8,7 +8,7 @@
 #include "common/excerpt.h"
 #include "common/semantics.h"
 #include "coordinator/logging.h"
-#include "common/output_json.h"
+#include "coordinator/responses.h"
 
 namespace reattn {
 namespace {
@@ -37,7 +37,9 @@ std::string unknown_context(const RouteMatch& m) { return "context '" + m.id_tex
 }  // namespace
 
 json context_json(const ContextInfo& c) {
-  return {{"id", c.id}, {"owner_rank", c.owner_rank}, {"tokens", c.tokens}};
+  json layers = json::array();
+  for (int64_t n : c.layer_tokens) layers.push_back(n);
+  return {{"id", c.id}, {"owner_rank", c.owner_rank}, {"tokens", c.tokens}, {"layer_tokens", layers}};
 }
 
 Handlers::Handlers(const Config& config, ServiceInfo info, std::string api_key, Registry& registry, TaskQueue& queue,
@@ -138,6 +140,7 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kAppendKv: return append_kv(request, m, std::move(reply));
     case Route::kSynthetic: return synthetic(request, m, std::move(reply));
     case Route::kQuery: return query(request, m, std::move(reply));
+    case Route::kLayerStep: return layer_step(request, m, std::move(reply));
     case Route::kNone: break;
   }
   reply(error_response(404, "not_found", "no route for " + capped(request.method) + " " + capped(request.path)));
@@ -292,7 +295,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
   Expected<QueryRequest> q = parse_query_request(req.body, req.content_type, req.query_string, config_);
   if (!q) return done(body_error(q.status()));
-  if (Status s = registry_.check_query(m.id, q->qlen, q->mode); !s.is_ok()) return done(status_response(s));
+  if (Status s = registry_.check_query(m.id, q->qlen, q->mode, q->layer); !s.is_ok()) return done(status_response(s));
   const int layer = q->layer;
   const QueryMode mode = q->mode;
   const int64_t qlen = q->qlen;
@@ -307,34 +310,36 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   Task task;
   task.op = std::move(plan);
   task.request_id = req.request_id;
-  const ModelConfig model = config_.model;
-  const ReattentionConfig rc = config_.reattention;
   enqueue(std::move(task),
-          [id = m.id, layer, mode, qlen, model, rc](const TaskResult& r) {
-            json chunks = json::array();
-            for (int64_t j : r.query.recalled) {
-              const int64_t first = rc.sink_tokens + j * rc.chunk_tokens;
-              chunks.push_back({{"chunk", j}, {"first_token", first}, {"last_token", first + rc.chunk_tokens - 1}});
-            }
-            json spans = json::array();  // span recall's token ranges, inclusive
-            for (const auto& [first, end] : r.query.recalled_spans) {
-              spans.push_back({{"first_token", first}, {"last_token", end - 1}});
-            }
-            return json_response(
-                200, {{"context_id", id},
-                      {"layer", layer},
-                      {"mode", query_mode_name(mode)},
-                      {"tokens", r.context.tokens},
-                      {"recalled_chunks", chunks},
-                      {"recalled_spans", spans},
-                      {"out", nested_output<json>(r.query.out, qlen, model.q_heads, model.head_dim)},
-                      {"timing",
-                       {{"score_ms", r.timing.score_ms},
-                        {"merge_ms", r.timing.candidates_ms},
-                        {"attention_ms", r.timing.attention_ms},
-                        {"total_ms", r.timing.total_ms},
-                        {"queue_ms", r.queue_ms},
-                        {"batch_size", r.batch_size}}}});
+          [this, id = m.id, layer, mode, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
+            return attention_response({{"context_id", id},
+                                       {"layer", layer},
+                                       {"mode", query_mode_name(mode)},
+                                       {"tokens", r.context.layer_length(layer)}},
+                                      r, qlen, config_, binary);
+          },
+          std::move(done));
+}
+
+void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  Expected<StepRequest> step = parse_step_request(req.body, req.content_type, req.query_string, config_);
+  if (!step) return done(body_error(step.status()));
+  if (Status s = registry_.check_layer_step(m.id, step->layer, step->qlen); !s.is_ok()) {
+    return done(status_response(s));
+  }
+  const int layer = step->layer;
+  const int64_t qlen = step->qlen;
+  Task task;
+  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), std::move(step->k), std::move(step->v)};
+  task.request_id = req.request_id;
+  enqueue(std::move(task),
+          [this, id = m.id, layer, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
+            return attention_response({{"context_id", id},
+                                       {"layer", layer},
+                                       {"tokens", r.context.layer_length(layer)},
+                                       {"context_tokens", r.context.tokens}},
+                                      r, qlen, config_, binary);
           },
           std::move(done));
 }

@@ -57,6 +57,7 @@ class Handlers {
   void append_kv(HttpRequest& req, const RouteMatch& m, Responder done);  // takes the body
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
+  void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
   // Pushes a task whose result `respond` turns into the response; 503 when the queue is full.
   void enqueue(Task task, std::function<HttpResponse(const TaskResult&)> respond, Responder done);
 
@@ -72,7 +73,8 @@ class Handlers {
   std::atomic<uint64_t> next_request_{1};
 };
 
-// JSON of a context: {"id", "owner_rank", "tokens"}.
+// JSON of a context: {"id", "owner_rank", "tokens" (what every layer has reached),
+// "layer_tokens" (each layer's length)}.
 nlohmann::json context_json(const ContextInfo& c);
 
 }  // namespace reattn

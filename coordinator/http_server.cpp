@@ -142,6 +142,7 @@ class Session : public std::enable_shared_from_this<Session> {
     r.request_id = std::string(req["X-Request-Id"]);
     r.authorization = std::string(req[http::field::authorization]);
     r.content_type = std::string(req[http::field::content_type]);
+    r.accept = std::string(req[http::field::accept]);
     beast::error_code ec;
     const auto ep = stream_.socket().remote_endpoint(ec);
     if (!ec) r.peer = ep.address().to_string() + ":" + std::to_string(ep.port());

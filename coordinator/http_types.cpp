@@ -22,6 +22,7 @@ int http_status_of(ErrorCode code) {
     case ErrorCode::kInvalidArgument: return 400;
     case ErrorCode::kNotFound: return 404;
     case ErrorCode::kCapacity: return 507;
+    case ErrorCode::kOutOfOrder: return 409;
     case ErrorCode::kUnavailable: return 503;
     case ErrorCode::kInternal: return 500;
     case ErrorCode::kFatal: return 500;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/config.h"
@@ -19,7 +20,12 @@ namespace reattn {
 struct ContextInfo {
   ContextId id = 0;
   int owner_rank = 0;
-  int64_t tokens = 0;
+  int64_t tokens = 0;                 // what every layer has reached (the shortest layer)
+  std::vector<int64_t> layer_tokens;  // [layers]; they differ only while a forward pass is under way
+
+  int64_t layer_length(int layer) const { return layer_tokens.empty() ? tokens : layer_tokens[layer]; }
+  // What capacity charges: the longest layer.
+  int64_t charged_tokens() const;
 };
 
 class Registry {
@@ -38,18 +44,25 @@ class Registry {
   // NotFound, or Capacity when appending `tokens` would put any rank over
   // capacity.tokens_per_rank.
   Status check_append(ContextId id, int64_t tokens) const;
-  // NotFound, or InvalidArgument when the query does not fit the context as it is now.
-  Status check_query(ContextId id, int64_t qlen, QueryMode mode) const;
+  // NotFound, or InvalidArgument when the query does not fit the context's layer as it is now.
+  Status check_query(ContextId id, int64_t qlen, QueryMode mode, int layer = 0) const;
+  // NotFound, OutOfOrder (check_layer_step), Capacity, or InvalidArgument (qlen) for a layer
+  // step of `qlen` tokens at `layer`.
+  Status check_layer_step(ContextId id, int layer, int64_t qlen) const;
 
   // Step loop only. The id and owner of the next context: owners balanced by fewest
   // contexts, then fewest tokens, then the lowest rank. Capacity when max_contexts are held.
   Expected<ContextInfo> plan_create();
+  // `info.layer_tokens` empty: every layer at info.tokens.
   void insert(const ContextInfo& info);
   void erase(ContextId id);
+  // Every layer at `tokens` (after an append to all layers).
   void set_tokens(ContextId id, int64_t tokens);
+  // One layer at `tokens` (after a layer step).
+  void set_layer_tokens(ContextId id, int layer, int64_t tokens);
 
  private:
-  Status check_append_locked(const ContextInfo& ctx, int64_t tokens) const;
+  Status check_growth_locked(const ContextInfo& ctx, int64_t charged_after) const;
   std::vector<int64_t> tokens_per_rank_locked() const;
 
   const Config config_;

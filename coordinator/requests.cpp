@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -86,44 +87,53 @@ Status check_layer(int64_t layer, const ModelConfig& model) {
   return Status::ok();
 }
 
+// A 3-D tensor as nested JSON arrays of finite numbers, `dims` its dimensions (one may be
+// free, e.g. qlen: its size is taken from the first array at that depth and held to).
+// Errors name the element ("k[1][0]: ...") and the expected shape.
+Status read_nested(const json& x, const std::string& name, std::initializer_list<Dim> dims, float max_abs,
+                   std::vector<float>* out, int64_t* free_size) {
+  const std::vector<Dim> d(dims);
+  std::string shape;
+  for (const Dim& dim : d) shape += "[" + std::string(dim.name) + (dim.size >= 0 ? "=" + std::to_string(dim.size) : "") + "]";
+  std::vector<int64_t> want(d.size());
+  for (size_t i = 0; i < d.size(); ++i) want[i] = d[i].size;
+  const std::function<Status(const json&, size_t, const std::string&)> walk = [&](const json& v, size_t depth,
+                                                                                   const std::string& where) -> Status {
+    if (depth == d.size()) {
+      if (!v.is_number()) return invalid_argument(where + ": expected a number, got " + type_of(v));
+      const double value = v.get<double>();
+      const float f = static_cast<float>(value);
+      if (!std::isfinite(value) || !std::isfinite(f)) {
+        return invalid_argument(where + ": " + json_excerpt(v) + " is not a finite fp32 value");
+      }
+      if (std::fabs(f) > max_abs) {
+        return invalid_argument(where + ": " + json_excerpt(v) + " is above the f16 storage limit " +
+                                std::to_string(static_cast<int>(max_abs)));
+      }
+      out->push_back(f);
+      return Status::ok();
+    }
+    if (!v.is_array()) return invalid_argument(where + ": expected nested arrays " + shape + ", got " + type_of(v));
+    if (want[depth] < 0) {
+      want[depth] = static_cast<int64_t>(v.size());
+      *free_size = want[depth];
+    }
+    if (static_cast<int64_t>(v.size()) != want[depth]) {
+      return invalid_argument(where + ": expected " + std::to_string(want[depth]) + " entries (" + d[depth].name +
+                              ") " + shape + ", got " + std::to_string(v.size()));
+    }
+    for (size_t i = 0; i < v.size(); ++i) {
+      REATTN_RETURN_IF_ERROR(walk(v[i], depth + 1, where + "[" + std::to_string(i) + "]"));
+    }
+    return Status::ok();
+  };
+  return walk(x, 0, name);
+}
+
 // q as nested arrays [qlen][H][D] of finite numbers.
 Status read_nested_q(const json& q, const ModelConfig& model, float max_abs, QueryRequest* out) {
-  const int64_t H = model.q_heads, D = model.head_dim;
-  const std::string shape = "[qlen][q_heads=" + std::to_string(H) + "][head_dim=" + std::to_string(D) + "]";
-  if (!q.is_array()) return invalid_argument("q: expected nested arrays " + shape + ", got " + type_of(q));
-  out->qlen = static_cast<int64_t>(q.size());
-  out->q.reserve(static_cast<size_t>(out->qlen * H * D));
-  for (int64_t i = 0; i < out->qlen; ++i) {
-    const json& row = q[i];
-    if (!row.is_array() || static_cast<int64_t>(row.size()) != H) {
-      return invalid_argument("q[" + std::to_string(i) + "]: expected " + std::to_string(H) + " heads " + shape +
-                              ", got " + (row.is_array() ? std::to_string(row.size()) + " entries" : type_of(row)));
-    }
-    for (int64_t h = 0; h < H; ++h) {
-      const json& vec = row[h];
-      if (!vec.is_array() || static_cast<int64_t>(vec.size()) != D) {
-        return invalid_argument("q[" + std::to_string(i) + "][" + std::to_string(h) + "]: expected " +
-                                std::to_string(D) + " numbers " + shape + ", got " +
-                                (vec.is_array() ? std::to_string(vec.size()) + " entries" : type_of(vec)));
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        const json& x = vec[d];
-        const std::string where = "q[" + std::to_string(i) + "][" + std::to_string(h) + "][" + std::to_string(d) + "]";
-        if (!x.is_number()) return invalid_argument(where + ": expected a number, got " + type_of(x));
-        const double value = x.get<double>();
-        const float f = static_cast<float>(value);
-        if (!std::isfinite(value) || !std::isfinite(f)) {
-          return invalid_argument(where + ": " + json_excerpt(x) + " is not a finite fp32 value");
-        }
-        if (std::fabs(f) > max_abs) {
-          return invalid_argument(where + ": " + json_excerpt(x) + " is above the f16 storage limit " +
-                                  std::to_string(static_cast<int>(max_abs)));
-        }
-        out->q.push_back(f);
-      }
-    }
-  }
-  return Status::ok();
+  return read_nested(q, "q", {{"qlen"}, {"q_heads", model.q_heads}, {"head_dim", model.head_dim}}, max_abs, &out->q,
+                     &out->qlen);
 }
 
 Expected<QueryRequest> parse_json_query(const std::string& body, const Config& config) {
@@ -164,16 +174,11 @@ Expected<QueryRequest> parse_json_query(const std::string& body, const Config& c
   return req;
 }
 
-Expected<QueryRequest> parse_safetensors_query(const std::string& body, const std::string& query_string,
-                                               const Config& config) {
-  QueryRequest req;
-  const auto params = parse_query_string(query_string);
-  for (const auto& [key, value] : params) {
-    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + capped(key) + "'");
-  }
+// ?layer=N of a safetensors body.
+Expected<int> layer_from_url(const std::map<std::string, std::string>& params, const ModelConfig& model) {
   const auto layer_it = params.find("layer");
   if (layer_it == params.end()) {
-    return invalid_argument("layer: missing (a safetensors query body takes it from the URL: ?layer=N)");
+    return invalid_argument("layer: missing (a safetensors body takes it from the URL: ?layer=N)");
   }
   int64_t layer = 0;
   const std::string& text = layer_it->second;
@@ -181,8 +186,18 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   if (ec != std::errc() || end != text.data() + text.size()) {
     return invalid_argument("layer: expected an integer, got '" + capped(text) + "'");
   }
-  REATTN_RETURN_IF_ERROR(check_layer(layer, config.model));
-  req.layer = static_cast<int>(layer);
+  REATTN_RETURN_IF_ERROR(check_layer(layer, model));
+  return static_cast<int>(layer);
+}
+
+Expected<QueryRequest> parse_safetensors_query(const std::string& body, const std::string& query_string,
+                                               const Config& config) {
+  QueryRequest req;
+  const auto params = parse_query_string(query_string);
+  for (const auto& [key, value] : params) {
+    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + capped(key) + "'");
+  }
+  REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
   if (params.count("mode")) {
     REATTN_ASSIGN_OR_RETURN(req.mode, parse_query_mode(params.at("mode")));
   }
@@ -198,7 +213,88 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
   return req;
 }
 
+Status check_step_qlen(const StepRequest& req, int64_t kv_qlen, const ReattentionConfig& rc) {
+  if (kv_qlen != req.qlen) {
+    return invalid_argument("k, v: " + std::to_string(kv_qlen) + " tokens, but q has " + std::to_string(req.qlen) +
+                            " rows (qlen must agree)");
+  }
+  return check_qlen(req.qlen, QueryMode::kTail, rc);
+}
+
+Expected<StepRequest> parse_json_step(const std::string& body, const Config& config) {
+  REATTN_ASSIGN_OR_RETURN(json doc, parse_json_object(body));
+  REATTN_RETURN_IF_ERROR(check_keys(doc, {"layer", "q", "k", "v"}));
+  for (const char* key : {"layer", "q", "k", "v"}) {
+    if (!doc.contains(key)) return invalid_argument(std::string(key) + ": missing");
+  }
+  const ModelConfig& m = config.model;
+  StepRequest req;
+  REATTN_ASSIGN_OR_RETURN(int64_t layer, get_integer(doc, "layer", INT32_MIN, INT32_MAX));
+  REATTN_RETURN_IF_ERROR(check_layer(layer, m));
+  req.layer = static_cast<int>(layer);
+  const float max_abs = config.max_stored_value();
+  REATTN_RETURN_IF_ERROR(
+      read_nested(doc["q"], "q", {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}, max_abs, &req.q, &req.qlen));
+  int64_t k_len = -1, v_len = -1;
+  REATTN_RETURN_IF_ERROR(
+      read_nested(doc["k"], "k", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &req.k, &k_len));
+  REATTN_RETURN_IF_ERROR(
+      read_nested(doc["v"], "v", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &req.v, &v_len));
+  if (k_len != v_len) {
+    return invalid_argument("k, v: k has " + std::to_string(k_len) + " tokens, v " + std::to_string(v_len));
+  }
+  REATTN_RETURN_IF_ERROR(check_step_qlen(req, k_len, config.reattention));
+  return req;
+}
+
+Expected<StepRequest> parse_safetensors_step(const std::string& body, const std::string& query_string,
+                                             const Config& config) {
+  StepRequest req;
+  const auto params = parse_query_string(query_string);
+  for (const auto& [key, value] : params) {
+    if (key != "layer") return invalid_argument("unknown query parameter '" + capped(key) + "'");
+  }
+  REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "step body"));
+  const ModelConfig& m = config.model;
+  REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
+  REATTN_ASSIGN_OR_RETURN(TensorView k, file.get("k"));
+  REATTN_ASSIGN_OR_RETURN(TensorView v, file.get("v"));
+  REATTN_RETURN_IF_ERROR(check_shape(q, {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}));
+  for (const TensorView* t : {&k, &v}) {
+    REATTN_RETURN_IF_ERROR(check_shape(*t, {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}));
+  }
+  if (k.shape != v.shape) {
+    return invalid_argument("tensors 'k' " + shape_string(k.shape) + " and 'v' " + shape_string(v.shape) +
+                            " differ in shape");
+  }
+  req.qlen = q.shape[0];
+  REATTN_RETURN_IF_ERROR(check_step_qlen(req, k.shape[1], config.reattention));
+  for (const TensorView* t : {&q, &k, &v}) REATTN_RETURN_IF_ERROR(check_storable(*t, config.max_stored_value()));
+  req.q = q.to_f32();
+  req.k = k.to_f32();
+  req.v = v.to_f32();
+  return req;
+}
+
+// A JSON body (no query parameters) or a safetensors body (parameters in the URL).
+template <typename T>
+Expected<T> parse_either(const std::string& body, const std::string& content_type, const std::string& query_string,
+                         const Config& config, Expected<T> (*from_json)(const std::string&, const Config&),
+                         Expected<T> (*from_safetensors)(const std::string&, const std::string&, const Config&)) {
+  if (is_json_body(body, content_type)) {
+    if (!query_string.empty()) return invalid_argument("query parameters are only read with a safetensors body");
+    return from_json(body, config);
+  }
+  return from_safetensors(body, query_string, config);
+}
+
 }  // namespace
+
+Expected<StepRequest> parse_step_request(const std::string& body, const std::string& content_type,
+                                         const std::string& query_string, const Config& config) {
+  return parse_either<StepRequest>(body, content_type, query_string, config, parse_json_step, parse_safetensors_step);
+}
 
 bool is_json_body(const std::string& body, const std::string& content_type) {
   const std::string ct = lower(content_type);
@@ -212,11 +308,8 @@ bool is_json_body(const std::string& body, const std::string& content_type) {
 
 Expected<QueryRequest> parse_query_request(const std::string& body, const std::string& content_type,
                                            const std::string& query_string, const Config& config) {
-  if (is_json_body(body, content_type)) {
-    if (!query_string.empty()) return invalid_argument("query parameters are only read with a safetensors body");
-    return parse_json_query(body, config);
-  }
-  return parse_safetensors_query(body, query_string, config);
+  return parse_either<QueryRequest>(body, content_type, query_string, config, parse_json_query,
+                                    parse_safetensors_query);
 }
 
 Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {

@@ -29,6 +29,22 @@ struct QueryRequest {
 Expected<QueryRequest> parse_query_request(const std::string& body, const std::string& content_type,
                                            const std::string& query_string, const Config& config);
 
+// POST /v1/contexts/{id}/step: one layer of a forward pass.
+struct StepRequest {
+  int layer = 0;
+  int64_t qlen = 0;
+  std::vector<float> q;  // [qlen, H, D] fp32, pre-RoPE
+  std::vector<float> k;  // [Hkv, qlen, D] fp32, pre-RoPE
+  std::vector<float> v;  // [Hkv, qlen, D] fp32
+};
+
+// The body is JSON {"layer", "q": [qlen][H][D], "k": [Hkv][qlen][D], "v": [Hkv][qlen][D]}, or
+// a safetensors body with tensors q, k, v (F32/F16/BF16) and the layer in the query string
+// ("layer=3"). Shapes, qlen agreement, qlen <= local_window and storable values are checked
+// here, each error naming the field; the order rule is the registry's.
+Expected<StepRequest> parse_step_request(const std::string& body, const std::string& content_type,
+                                         const std::string& query_string, const Config& config);
+
 // POST /v1/contexts/{id}/synthetic: {"tokens": >= 1, "seed": >= 0 (default 0), "needles": [token, ...]}
 struct SyntheticRequest {
   int64_t tokens = 0;

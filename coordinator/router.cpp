@@ -26,6 +26,7 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
+    {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
 };
 
 std::vector<std::string> split(const std::string& path) {

@@ -22,6 +22,7 @@ enum class Route {
   kAppendKv,          // POST /v1/contexts/{id}/kv
   kSynthetic,         // POST /v1/contexts/{id}/synthetic
   kQuery,             // POST /v1/contexts/{id}/query
+  kLayerStep,         // POST /v1/contexts/{id}/step
 };
 
 struct RouteMatch {

@@ -26,6 +26,13 @@ StepLoop::StepLoop(OperationRunner& ranks, TaskQueue& queue, Registry& registry,
       config_(config),
       post_(std::move(post)) {}
 
+void StepLoop::observe_step(const StepTiming& timing) {
+  metrics_.observe_phase("score", timing.score_ms / 1e3);
+  metrics_.observe_phase("merge", timing.candidates_ms / 1e3);
+  metrics_.observe_phase("attention", timing.attention_ms / 1e3);
+  metrics_.observe_phase("total", timing.total_ms / 1e3);
+}
+
 void StepLoop::complete(Task& task, TaskResult result) {
   if (!task.done) return;
   post_([done = std::move(task.done), r = std::move(result)]() mutable { done(std::move(r)); });
@@ -83,7 +90,8 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
     Status s = asked.queries.size() != 1 ? internal_error("a query task holds " + std::to_string(asked.queries.size()) +
                                                           " queries, not one")
                : !ctx ? missing(asked.queries[0].context_id)
-                      : registry_.check_query(ctx->id, asked.queries[0].qlen, asked.queries[0].mode);
+                      : registry_.check_query(ctx->id, asked.queries[0].qlen, asked.queries[0].mode,
+                                              asked.queries[0].layer);
     if (!s.is_ok()) {
       TaskResult r;
       r.status = s;
@@ -92,7 +100,7 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
       continue;
     }
     QueryPlan query = asked.queries[0];
-    query.tokens = ctx->tokens;
+    query.tokens = ctx->layer_length(query.layer);
     query.owner_rank = ctx->owner_rank;
     append_query(plan, query, asked.q.data(), asked.q.size());
     planned.push_back(&t);
@@ -107,10 +115,7 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
                                          " results for " + std::to_string(planned.size()) + " queries");
   }
   metrics_.observe_batch(planned.size());
-  metrics_.observe_phase("score", result.timing.score_ms / 1e3);
-  metrics_.observe_phase("merge", result.timing.candidates_ms / 1e3);
-  metrics_.observe_phase("attention", result.timing.attention_ms / 1e3);
-  metrics_.observe_phase("total", result.timing.total_ms / 1e3);
+  observe_step(result.timing);
   log_event(LogLevel::kDebug, "query step",
             {{"queries", planned.size()}, {"total_ms", result.timing.total_ms}, {"queue_depth", queue_.depth()}});
   for (size_t i = 0; i < planned.size(); ++i) {
@@ -151,6 +156,9 @@ Status StepLoop::run_operation(Task& task) {
       r.status = registry_.check_append(id, append->tokens);
     } else if (const auto* synthetic = std::get_if<AppendSynthetic>(&task.op)) {
       r.status = registry_.check_append(id, synthetic->tokens);
+    } else if (auto* step = std::get_if<LayerStep>(&task.op)) {
+      r.status = registry_.check_layer_step(id, step->layer, step->qlen);
+      if (r.status.is_ok()) step->layer_tokens = ctx->layer_length(step->layer);
     }
   }
   if (!r.status.is_ok()) {
@@ -165,6 +173,16 @@ Status StepLoop::run_operation(Task& task) {
     if (result.status.is_ok()) registry_.insert(*ctx);
   } else if (std::holds_alternative<EraseContext>(task.op)) {
     if (result.status.is_ok() || result.status.code() == ErrorCode::kNotFound) registry_.erase(ctx->id);
+  } else if (const auto* step = std::get_if<LayerStep>(&task.op)) {
+    if (result.status.is_ok()) {
+      registry_.set_layer_tokens(ctx->id, step->layer, result.tokens);
+      r.context = *registry_.find(ctx->id);
+      r.query = result.queries.empty() ? QueryResult{} : std::move(result.queries[0]);
+      r.timing = result.timing;
+      r.batch_size = 1;
+      observe_step(result.timing);
+    }
+    if (result.context_dropped) registry_.erase(ctx->id);
   } else {
     if (result.status.is_ok()) {
       registry_.set_tokens(ctx->id, result.tokens);

@@ -35,6 +35,7 @@ class StepLoop {
   Status run_queries(std::vector<Task>& tasks);
   Status run_operation(Task& task);
   void complete(Task& task, TaskResult result);
+  void observe_step(const StepTiming& timing);
   void fail_queued(const Status& why);
 
   OperationRunner& ranks_;

@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -121,6 +124,8 @@ void check_case(const Case& c) {
     EXPECT_EQ(got.recalled, want.recalled);
     EXPECT_EQ(got.recalled, cpu_got.recalled);
     const double err = ref::relative_error(got.out, want.out);
+    std::printf("[ error ] %s %s: %.2e\n", c.name().c_str(), strategy == FinalAttention::kGather ? "gather" : "partial",
+                err);
     EXPECT_LT(err, tol) << "cuda vs fp64 reference";
     EXPECT_LT(ref::relative_error(cpu_got.out, want.out), 1e-4) << "cpu vs fp64 reference";
   }
@@ -245,6 +250,29 @@ TEST(CudaBackend, QueryMatchesReferenceMultiPass) {
   check_case(b);
 }
 
+TEST(CudaBackend, QueryMatchesReferenceQueryBlocks) {
+  SKIP_WITHOUT_GPU();
+  // Prefill-sized blocks through the whole step: scoring on the gemm kernel.
+  Case a;
+  a.window = 1024;
+  a.qlen = 1000;
+  a.n = 5003;
+  a.seed = 41;
+  check_case(a);
+  Case b;
+  b.head_dim = 64;
+  b.dtype = DType::kF16;
+  b.q_heads = 12;
+  b.kv_heads = 2;
+  b.chunk = 100;
+  b.window = 256;
+  b.qlen = 128;
+  b.n = 4001;
+  b.seed = 42;
+  b.mode = QueryMode::kDetached;
+  check_case(b);
+}
+
 // K/V values k/16 for integers k in [-32, 32): exact in bf16, f16 and fp32, so both backends
 // score the same keys and differ only in fp32 summation order.
 class ExactKvSource final : public Fp32KvSource {
@@ -325,6 +353,353 @@ TEST(CudaBackend, ScoreChunksMatchesCpu) {
     if (g.chunk != w.chunk) ++id_mismatches;
   }
   EXPECT_LE(id_mismatches, 2);
+}
+
+// ---- Chunk scoring (warp kernel for few pairs, wgmma kernel for query blocks) against an fp64
+// reference of the chunk scores, over the shapes of issue 14: qlen 1 .. 4096, G 1/4/6, D 64/128,
+// chunks of 16, 64, 100, 128 and longer than a tile, bf16/f16 storage, fp32 and storage-exact q.
+struct ScoreCase {
+  int64_t qlen = 1;
+  int q_heads = 8;
+  int kv_heads = 2;
+  int head_dim = 128;
+  int64_t chunk = 64;
+  int64_t blocks = 24;       // chunk slots on this "rank"
+  DType dtype = DType::kBF16;
+  bool exact_q = false;      // q rounded to the storage dtype (one pass) or fp32 (three parts)
+  int top_k = 4;
+  int64_t id_stride = 1;
+  int64_t id_offset = 0;
+  uint64_t seed = 1;
+
+  std::string name() const {
+    return "qlen" + std::to_string(qlen) + " H" + std::to_string(q_heads) + "/" + std::to_string(kv_heads) + " D" +
+           std::to_string(head_dim) + " C" + std::to_string(chunk) + " blocks" + std::to_string(blocks) + " " +
+           dtype_name(dtype) + (exact_q ? " exact-q" : " fp32-q") + " k" + std::to_string(top_k);
+  }
+};
+
+float round_to(DType dtype, float x) {
+  return dtype == DType::kBF16 ? bf16_to_float(float_to_bf16(x)) : f16_to_float(float_to_f16(x));
+}
+
+void check_scores(const ScoreCase& c) {
+  SCOPED_TRACE(c.name());
+  Case base;
+  base.head_dim = c.head_dim;
+  base.q_heads = c.q_heads;
+  base.kv_heads = c.kv_heads;
+  base.dtype = c.dtype;
+  base.chunk = c.chunk;
+  base.top_k = c.top_k;
+  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(make_config(base), 0);
+  ASSERT_TRUE(made.is_ok()) << made.status().to_string();
+  Backend& gpu = **made;
+  const int D = c.head_dim, Hkv = c.kv_heads, H = c.q_heads, G = H / Hkv;
+  const int64_t C = c.chunk;
+  // Keys [blocks][Hkv][C][D] in pages of 5 blocks (slots cross pages), values rounded to storage.
+  constexpr int64_t kBlocksPerPage = 5;
+  std::mt19937 rng(static_cast<uint32_t>(c.seed));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const size_t block_elems = static_cast<size_t>(Hkv) * C * D;
+  std::vector<float> keys(static_cast<size_t>(c.blocks) * block_elems);
+  for (float& x : keys) x = round_to(c.dtype, normal(rng));
+  std::vector<float> q(static_cast<size_t>(c.qlen) * H * D);
+  for (float& x : q) x = c.exact_q ? round_to(c.dtype, normal(rng)) : normal(rng);
+
+  const int64_t pages = (c.blocks + kBlocksPerPage - 1) / kBlocksPerPage;
+  std::vector<Buffer> page_buffers;
+  std::vector<const void*> page_ptrs;
+  std::vector<uint16_t> bits(kBlocksPerPage * block_elems);
+  for (int64_t pg = 0; pg < pages; ++pg) {
+    const int64_t first = pg * kBlocksPerPage;
+    const int64_t count = std::min(kBlocksPerPage, c.blocks - first);
+    convert_from_f32(c.dtype, keys.data() + first * block_elems, count * block_elems, bits.data());
+    Expected<Buffer> page = gpu.allocate(kBlocksPerPage * block_elems * 2);
+    ASSERT_TRUE(page.is_ok());
+    ASSERT_TRUE(gpu.upload(page->data(), bits.data(), count * block_elems * 2).is_ok());
+    page_ptrs.push_back(page->data());
+    page_buffers.push_back(std::move(page).value());
+  }
+  Expected<Buffer> table = gpu.allocate(page_ptrs.size() * sizeof(void*));
+  Expected<Buffer> q_dev = gpu.allocate(q.size() * sizeof(float));
+  const int64_t rows = c.qlen * H;
+  Expected<Buffer> out = gpu.allocate(rows * c.top_k * sizeof(Candidate));
+  ASSERT_TRUE(table.is_ok() && q_dev.is_ok() && out.is_ok());
+  ASSERT_TRUE(gpu.upload(table->data(), page_ptrs.data(), page_ptrs.size() * sizeof(void*)).is_ok());
+  ASSERT_TRUE(gpu.upload(q_dev->data(), q.data(), q.size() * sizeof(float)).is_ok());
+  // Poison: every slot must be written.
+  std::vector<Candidate> got(rows * c.top_k, Candidate{12345.0f, 7777777});
+  ASSERT_TRUE(gpu.upload(out->data(), got.data(), got.size() * sizeof(Candidate)).is_ok());
+  ScoreParams p;
+  p.k_pages = table->as<const void* const>();
+  p.blocks_per_page = kBlocksPerPage;
+  p.block_count = c.blocks;
+  p.chunk_id_stride = c.id_stride;
+  p.chunk_id_offset = c.id_offset;
+  p.q = q_dev->as<float>();
+  p.qlen = c.qlen;
+  p.q_heads = H;
+  p.kv_heads = Hkv;
+  p.head_dim = D;
+  p.chunk_tokens = C;
+  p.top_k = c.top_k;
+  p.out = out->as<Candidate>();
+  const Status st = gpu.score_chunks(p);
+  ASSERT_TRUE(st.is_ok()) << st.to_string();
+  ASSERT_TRUE(gpu.download(got.data(), out->data(), got.size() * sizeof(Candidate)).is_ok());
+
+  // fp64 reference: every chunk's score for every (row, head), in parallel over rows.
+  std::vector<double> ref(static_cast<size_t>(rows) * c.blocks);
+  auto score_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int h = static_cast<int>(r % H);
+      const float* qr = q.data() + r * D;
+      for (int64_t b = 0; b < c.blocks; ++b) {
+        const float* kb = keys.data() + b * block_elems + static_cast<size_t>(h / G) * C * D;
+        double best = -INFINITY;
+        for (int64_t t = 0; t < C; ++t) {
+          double dot = 0.0;
+          for (int d = 0; d < D; ++d) dot += static_cast<double>(qr[d]) * kb[t * D + d];
+          best = std::max(best, dot);
+        }
+        ref[r * c.blocks + b] = best;
+      }
+    }
+  };
+  const int threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int w = 0; w < threads; ++w) pool.emplace_back(score_rows, rows * w / threads, rows * (w + 1) / threads);
+  for (std::thread& t : pool) t.join();
+
+  int failures = 0;
+  std::string first_failure;
+  auto fail = [&](const std::string& what) {
+    if (failures++ == 0) first_failure = what;
+  };
+  const int k = c.top_k;
+  std::vector<int64_t> order(c.blocks);
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* sr = ref.data() + r * c.blocks;
+    for (int64_t b = 0; b < c.blocks; ++b) order[b] = b;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sr[a] > sr[b]; });
+    for (int s = 0; s < k; ++s) {
+      const Candidate g = got[r * k + s];
+      const std::string where = "row " + std::to_string(r / H) + " head " + std::to_string(r % H) + " rank " +
+                                std::to_string(s) + ": got (" + std::to_string(g.score) + ", " +
+                                std::to_string(g.chunk) + ")";
+      if (s >= c.blocks) {
+        if (g.chunk != -1) fail(where + ", want an empty slot");
+        continue;
+      }
+      const double want = sr[order[s]];
+      // fp32 accumulation of D products of storage-dtype keys and (split) fp32 q.
+      const double tol = 2e-4 * (1.0 + std::fabs(want));
+      if (!(std::fabs(g.score - want) <= tol)) {
+        fail(where + ", want score " + std::to_string(want));
+        continue;
+      }
+      const int64_t slot = (g.chunk - c.id_offset) / c.id_stride;
+      if (g.chunk < 0 || (g.chunk - c.id_offset) % c.id_stride != 0 || slot >= c.blocks ||
+          !(std::fabs(sr[slot] - g.score) <= tol)) {
+        fail(where + ": not that chunk's score");
+        continue;
+      }
+      // Away from ties, the id is the reference's.
+      const bool clear = (s == 0 || sr[order[s - 1]] - want > 2 * tol) &&
+                         (s + 1 >= c.blocks || want - sr[order[s + 1]] > 2 * tol);
+      if (clear && slot != order[s]) fail(where + ", want chunk slot " + std::to_string(order[s]));
+    }
+  }
+  EXPECT_EQ(failures, 0) << first_failure;
+}
+
+TEST(CudaScore, DecodeAndSmallBlocks) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;  // qlen 1: the warp kernel
+  a.blocks = 300;
+  check_scores(a);
+  ScoreCase b;  // 20 pairs: the gemm kernel, one CTA of 128 pairs per KV head, many key splits
+  b.qlen = 5;
+  b.blocks = 700;
+  b.exact_q = true;
+  b.id_stride = 3;
+  b.id_offset = 2;
+  check_scores(b);
+}
+
+TEST(CudaScore, QueryBlocksQlen17) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;
+  a.qlen = 17;
+  a.blocks = 400;
+  check_scores(a);
+  ScoreCase b;
+  b.qlen = 17;
+  b.q_heads = 12;
+  b.kv_heads = 2;
+  b.head_dim = 64;
+  b.chunk = 100;
+  b.dtype = DType::kF16;
+  b.exact_q = true;
+  b.blocks = 60;
+  check_scores(b);
+}
+
+TEST(CudaScore, QueryBlocksQlen128) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;
+  a.qlen = 128;
+  a.q_heads = 4;
+  a.kv_heads = 4;
+  a.chunk = 16;
+  a.exact_q = true;
+  a.blocks = 90;
+  check_scores(a);
+  ScoreCase b;
+  b.qlen = 128;
+  b.head_dim = 64;
+  b.chunk = 128;
+  b.dtype = DType::kF16;
+  b.blocks = 21;
+  b.top_k = 7;
+  check_scores(b);
+}
+
+TEST(CudaScore, QueryBlocksQlen1000) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;
+  a.qlen = 1000;
+  a.q_heads = 6;
+  a.kv_heads = 1;
+  a.chunk = 100;
+  a.blocks = 13;
+  check_scores(a);
+  ScoreCase b;
+  b.qlen = 1000;
+  b.chunk = 64;
+  b.dtype = DType::kF16;
+  b.exact_q = true;
+  b.blocks = 19;
+  check_scores(b);
+  ScoreCase d;
+  d.qlen = 1000;
+  d.q_heads = 2;
+  d.kv_heads = 2;
+  d.chunk = 128;
+  d.exact_q = true;
+  d.top_k = 16;
+  d.blocks = 23;
+  check_scores(d);
+}
+
+TEST(CudaScore, QueryBlocksQlen4096) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;
+  a.qlen = 4096;
+  a.q_heads = 4;
+  a.kv_heads = 1;
+  a.exact_q = true;
+  a.blocks = 17;
+  check_scores(a);
+  ScoreCase b;
+  b.qlen = 4096;
+  b.q_heads = 2;
+  b.kv_heads = 2;
+  b.head_dim = 64;
+  b.chunk = 16;
+  b.dtype = DType::kF16;
+  b.blocks = 45;
+  check_scores(b);
+}
+
+TEST(CudaScore, ChunksLongerThanATile) {
+  SKIP_WITHOUT_GPU();
+  ScoreCase a;  // 256 = two full tiles per chunk
+  a.qlen = 300;
+  a.chunk = 256;
+  a.blocks = 9;
+  check_scores(a);
+  ScoreCase b;  // 136 = a full tile and 8 rows
+  b.qlen = 40;
+  b.head_dim = 64;
+  b.chunk = 136;
+  b.dtype = DType::kF16;
+  b.exact_q = true;
+  b.blocks = 11;
+  check_scores(b);
+}
+
+// ---- Device candidate merge + recall selection against merge_candidates + select_recall, with
+// many ties: few chunks (vote-count ties) and scores from a small set (best-score ties).
+void check_merge_select(int world, int64_t rows, int k, int64_t num_chunks, const std::vector<int64_t>& caps,
+                        uint64_t seed) {
+  SCOPED_TRACE("world " + std::to_string(world) + " rows " + std::to_string(rows) + " k " + std::to_string(k) +
+               " chunks " + std::to_string(num_chunks));
+  Case base;
+  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(make_config(base), 0);
+  ASSERT_TRUE(made.is_ok()) << made.status().to_string();
+  auto& gpu = static_cast<CudaBackend&>(**made);
+  std::mt19937_64 rng(seed);
+  std::vector<Candidate> gathered(static_cast<size_t>(world) * rows * k);
+  for (int rank = 0; rank < world; ++rank) {
+    std::vector<int32_t> mine;
+    for (int64_t c = rank; c < num_chunks; c += world) mine.push_back(static_cast<int32_t>(c));
+    for (int64_t row = 0; row < rows; ++row) {
+      Candidate* list = gathered.data() + (static_cast<int64_t>(rank) * rows + row) * k;
+      std::shuffle(mine.begin(), mine.end(), rng);
+      const int filled = std::min<int>(static_cast<int>(mine.size()), row % 7 == 0 ? k / 2 : k);
+      for (int s = 0; s < k; ++s) {
+        list[s] = s < filled ? Candidate{static_cast<float>(static_cast<int>(rng() % 9) - 4) / 8.0f, mine[s]}
+                             : Candidate{0.0f, -1};
+      }
+      std::sort(list, list + k, [](const Candidate& a, const Candidate& b) { return candidate_before(a, b); });
+    }
+  }
+  std::vector<Candidate> want_merged(rows * k);
+  merge_candidates(gathered.data(), world, rows, k, want_merged.data());
+  Expected<Buffer> g_dev = gpu.allocate(gathered.size() * sizeof(Candidate));
+  Expected<Buffer> merged = gpu.allocate(want_merged.size() * sizeof(Candidate));
+  const int64_t max_cap = *std::max_element(caps.begin(), caps.end());
+  Expected<Buffer> recall = gpu.allocate((max_cap + 1) * sizeof(int64_t));
+  Expected<Buffer> ws = gpu.allocate(cuda::merge_select_workspace_bytes(num_chunks));
+  ASSERT_TRUE(g_dev.is_ok() && merged.is_ok() && recall.is_ok() && ws.is_ok());
+  ASSERT_TRUE(gpu.upload(g_dev->data(), gathered.data(), gathered.size() * sizeof(Candidate)).is_ok());
+  for (int64_t cap : caps) {
+    SCOPED_TRACE("max_recall " + std::to_string(cap));
+    cuda::MergeSelectParams p;
+    p.gathered = g_dev->as<const Candidate>();
+    p.world = world;
+    p.rows = rows;
+    p.top_k = k;
+    p.num_chunks = num_chunks;
+    p.max_recall = cap;
+    p.merged = merged->as<Candidate>();
+    p.recall = recall->as<int64_t>();
+    p.recall_count = recall->as<int64_t>() + max_cap;
+    const Status st = cuda::run_merge_select(p, ws->data(), ws->bytes(), gpu.stream());
+    ASSERT_TRUE(st.is_ok()) << st.to_string();
+    std::vector<Candidate> got_merged(rows * k);
+    std::vector<int64_t> got(max_cap + 1, -7);
+    ASSERT_TRUE(gpu.download(got_merged.data(), merged->data(), got_merged.size() * sizeof(Candidate)).is_ok());
+    ASSERT_TRUE(gpu.download(got.data(), recall->data(), got.size() * sizeof(int64_t)).is_ok());
+    int merged_mismatches = 0;
+    for (size_t i = 0; i < got_merged.size(); ++i) {
+      merged_mismatches += got_merged[i].chunk != want_merged[i].chunk || got_merged[i].score != want_merged[i].score;
+    }
+    EXPECT_EQ(merged_mismatches, 0);
+    const std::vector<int64_t> want = select_recall(want_merged.data(), rows, k, cap);
+    ASSERT_EQ(got[max_cap], static_cast<int64_t>(want.size()));
+    EXPECT_EQ(std::vector<int64_t>(got.begin(), got.begin() + static_cast<int64_t>(want.size())), want);
+  }
+}
+
+TEST(CudaSelect, MatchesMergeAndSelectRecall) {
+  SKIP_WITHOUT_GPU();
+  check_merge_select(1, 4096 * 8, 4, 300, {1, 32, 299, 4096}, 1);
+  check_merge_select(3, 1000, 5, 61, {7, 32}, 2);
+  check_merge_select(2, 17, 16, 5000, {32, 100}, 3);
+  check_merge_select(4, 0, 4, 10, {3}, 4);
 }
 
 TEST(CudaBackend, MergeStatesMatchesCpu) {

@@ -198,6 +198,32 @@ TEST(Store, CapacityRefusesAndChangesNothing) {
   EXPECT_EQ(store.erase(1).code(), ErrorCode::kNotFound);
 }
 
+// Layer steps: one layer at a time, charged once per token (by the longest layer); an append
+// to every layer waits until the layers are level again.
+TEST(Store, LayerAppendsKeepPerLayerLengthsAndChargeOnce) {
+  Config config = tiny_config();
+  config.capacity.tokens_per_rank = 100;
+  CpuBackend backend(1);
+  KvStore store(backend, config, 0, 1);
+  ASSERT_TRUE(store.create(1, 0).is_ok());
+  const ref::Context ctx = ref::synthetic_context(config.model, config.reattention, 150, 5, {}, 0);
+  ASSERT_TRUE(store.append(1, test::ContextSource(ctx, 0, 0, 60), 0).is_ok());
+  EXPECT_EQ(store.find(1)->layer_tokens, (std::vector<int64_t>{60, 0}));
+  EXPECT_EQ(store.find(1)->tokens, 60);
+  EXPECT_EQ(store.append(1, test::ContextSource(ctx, 0, 60, 5)).code(), ErrorCode::kOutOfOrder);
+  ASSERT_TRUE(store.append(1, test::ContextSource(ctx, 0, 0, 60), 1).is_ok());
+  EXPECT_EQ(store.find(1)->layer_tokens, (std::vector<int64_t>{60, 60}));
+  EXPECT_EQ(store.tokens_charged_to(0), 60);
+  ASSERT_TRUE(store.append(1, test::ContextSource(ctx, 0, 60, 30), 0).is_ok());
+  EXPECT_EQ(store.tokens_charged_to(0), 90);
+  const Status full = store.append(1, test::ContextSource(ctx, 0, 90, 20), 0);  // 110 > 100
+  EXPECT_EQ(full.code(), ErrorCode::kCapacity);
+  EXPECT_EQ(store.find(1)->layer_tokens, (std::vector<int64_t>{90, 60}));
+  ASSERT_TRUE(store.append(1, test::ContextSource(ctx, 0, 60, 30), 1).is_ok());  // within the longest layer
+  EXPECT_EQ(store.tokens_charged_to(0), 90);
+  EXPECT_EQ(store.append(1, test::ContextSource(ctx, 0, 0, 1), 2).code(), ErrorCode::kInvalidArgument);
+}
+
 TEST(Store, BadQueriesFailAloneInABatch) {
   const Config config = tiny_config();
   CpuBackend backend(1);

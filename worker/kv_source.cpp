@@ -1,5 +1,6 @@
 #include "worker/kv_source.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace reattn {
@@ -23,6 +24,13 @@ void SafetensorsKvSource::read(int layer, int kv_head, int64_t offset, int64_t c
   const int64_t first = ((static_cast<int64_t>(layer) * kv_heads_ + kv_head) * kv_.tokens + offset) * head_dim_;
   convert(kv_.k.dtype, kv_.k.data + first * dtype_size(kv_.k.dtype), count * head_dim_, dtype, k);
   convert(kv_.v.dtype, kv_.v.data + first * dtype_size(kv_.v.dtype), count * head_dim_, dtype, v);
+}
+
+void LayerStepKvSource::read_f32(int, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {
+  const size_t first = (static_cast<size_t>(kv_head) * step_.qlen + offset) * head_dim_;
+  const size_t n = static_cast<size_t>(count) * head_dim_;
+  std::copy(step_.k.begin() + first, step_.k.begin() + first + n, k);
+  std::copy(step_.v.begin() + first, step_.v.begin() + first + n, v);
 }
 
 void SyntheticKvSource::read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {

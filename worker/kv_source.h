@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/protocol.h"
 #include "common/synthetic.h"
 #include "common/tensor_checks.h"
 
@@ -51,6 +52,18 @@ class SafetensorsKvSource final : public KvSource {
   KvTensors kv_;
   int kv_heads_ = 0;
   int head_dim_ = 0;
+};
+
+// The k and v of a layer step ([Hkv, qlen, D] fp32 each), for whichever layer is written.
+class LayerStepKvSource final : public Fp32KvSource {
+ public:
+  LayerStepKvSource(const LayerStep& step, int head_dim) : Fp32KvSource(head_dim), step_(step), head_dim_(head_dim) {}
+  int64_t tokens() const override { return step_.qlen; }
+  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+
+ private:
+  const LayerStep& step_;
+  int head_dim_;
 };
 
 // Tokens [first_token, first_token + count) of a synthetic context.

@@ -80,6 +80,7 @@ Status KvStore::create(ContextId id, int owner_rank, const std::vector<int>& res
   ctx.id = id;
   ctx.owner_rank = owner_rank;
   ctx.resident.assign(m.layers, resident_layers.empty());
+  ctx.layer_tokens.assign(m.layers, 0);
   for (int layer : resident_layers) {
     if (layer < 0 || layer >= m.layers) {
       return invalid_argument("layer " + std::to_string(layer) + " is outside [0, " + std::to_string(m.layers) + ")");
@@ -212,83 +213,103 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   return Status::ok();
 }
 
-Status KvStore::append(ContextId id, const KvSource& source) {
+Status KvStore::append(ContextId id, const KvSource& source, int only_layer) {
   auto it = contexts_.find(id);
   if (it == contexts_.end()) return not_found("context " + std::to_string(id) + " not found");
   ContextShard& ctx = it->second;
   const ReattentionConfig& rc = config_.reattention;
-  const int64_t n0 = ctx.tokens;
-  const int64_t n1 = n0 + source.tokens();
+  const int layers = config_.model.layers;
+  std::vector<int> targets;
+  if (only_layer < 0) {
+    REATTN_RETURN_IF_ERROR(check_layers_level(ctx.layer_tokens));
+    for (int layer = 0; layer < layers; ++layer) targets.push_back(layer);
+  } else if (only_layer >= layers || !ctx.resident[only_layer]) {
+    return invalid_argument("layer " + std::to_string(only_layer) + " is not held");
+  } else {
+    targets.push_back(only_layer);
+  }
+  // Capacity is charged once per token, by the longest layer.
+  int64_t charged_after = ctx.tokens;
+  for (int layer : targets) charged_after = std::max(charged_after, ctx.layer_tokens[layer] + source.tokens());
   std::vector<int64_t> charged(world_);
   for (int r = 0; r < world_; ++r) charged[r] = tokens_charged_to(r);
-  REATTN_RETURN_IF_ERROR(check_capacity(charged, n0, n1, ctx.owner_rank, rc, config_.capacity.tokens_per_rank));
+  REATTN_RETURN_IF_ERROR(
+      check_capacity(charged, ctx.tokens, charged_after, ctx.owner_rank, rc, config_.capacity.tokens_per_rank));
   // Allocate every page this append needs before writing anything: a refused allocation then
   // leaves the context as it was (the owner's ring is only overwritten once nothing can fail
   // short of a device fault).
-  if (n1 > rc.sink_tokens) {
+  for (int layer : targets) {
+    const int64_t n1 = ctx.layer_tokens[layer] + source.tokens();
+    if (!ctx.resident[layer] || n1 <= rc.sink_tokens) continue;
     const int64_t last_grid_block = (n1 - 1 - rc.sink_tokens) / rc.chunk_tokens;
     const int64_t my_last = last_grid_block - ((last_grid_block - rank_) % world_ + world_) % world_;
-    if (my_last >= 0) {
-      for (int layer = 0; layer < config_.model.layers; ++layer) {
-        if (ctx.resident[layer]) REATTN_RETURN_IF_ERROR(ensure_pages(ctx.layers[layer], home_slot(my_last, world_) + 1));
-      }
-    }
+    if (my_last >= 0) REATTN_RETURN_IF_ERROR(ensure_pages(ctx.layers[layer], home_slot(my_last, world_) + 1));
   }
+  for (int layer : targets) {
+    const int64_t n0 = ctx.layer_tokens[layer];
+    if (ctx.resident[layer]) {
+      REATTN_RETURN_IF_ERROR(write_layer(ctx, layer, source, n0, n0 + source.tokens()));
+    }
+    ctx.layer_tokens[layer] = n0 + source.tokens();
+  }
+  ctx.tokens = charged_after;
+  return Status::ok();
+}
+
+// Writes tokens [n0, n1) of one layer to every place this rank keeps them.
+Status KvStore::write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1) {
+  const ReattentionConfig& rc = config_.reattention;
+  LayerShard& shard = ctx.layers[layer];
   // Blocks that end below this floor are out of the owner's ring by the end of the append.
   const int64_t last_block = n1 > rc.sink_tokens ? (n1 - 1 - rc.sink_tokens) / rc.chunk_tokens : 0;
   const int64_t ring_floor = rc.sink_tokens + std::max<int64_t>(0, last_block - ring_blocks(rc) + 1) * rc.chunk_tokens;
-  for (int layer = 0; layer < config_.model.layers; ++layer) {
-    if (!ctx.resident[layer]) continue;
-    LayerShard& shard = ctx.layers[layer];
-    int64_t t = n0;
-    while (t < n1) {
-      int64_t end;
-      if (t < rc.sink_tokens) {
-        end = std::min(n1, rc.sink_tokens);
-        if (ctx.owner_rank != rank_) {
-          t = end;
-          continue;
-        }
-      } else {
-        const int64_t block = (t - rc.sink_tokens) / rc.chunk_tokens;
-        end = std::min(n1, rc.sink_tokens + (block + 1) * rc.chunk_tokens);
-        const bool home = home_rank(block, world_) == rank_;
-        const bool in_ring = ctx.owner_rank == rank_ && end > ring_floor;
-        if (!home && !in_ring) {
-          t = end;
-          continue;
-        }
-        const int64_t block_first = rc.sink_tokens + block * rc.chunk_tokens;
-        if (home && !in_ring && t == block_first && end == block_first + rc.chunk_tokens) {
-          // A run of whole home blocks below the ring floor, in consecutive slots of one page
-          // (the other ranks' blocks between them are skipped here anyway). Their ring copy is
-          // skipped too: a block below the floor is overwritten in the ring by the end of this
-          // append before anything reads it.
-          int64_t blocks = 1;
-          while (blocks < kBatchBlocks) {
-            const int64_t next = block + blocks * world_;
-            const int64_t next_end = rc.sink_tokens + (next + 1) * rc.chunk_tokens;
-            const bool next_in_ring = ctx.owner_rank == rank_ && next_end > ring_floor;
-            if (next_end > n1 || next_in_ring ||
-                home_slot(next, world_) / kBlocksPerPage != home_slot(block, world_) / kBlocksPerPage) {
-              break;
-            }
-            ++blocks;
-          }
-          REATTN_RETURN_IF_ERROR(ensure_pages(shard, home_slot(block + (blocks - 1) * world_, world_) + 1));
-          REATTN_RETURN_IF_ERROR(write_home_blocks(backend_, config_.model, rc, world_, block_bytes(),
-                                                   const_cast<void*>(home_block(shard, false, block)),
-                                                   const_cast<void*>(home_block(shard, true, block)), source, layer,
-                                                   n0, block, blocks));
-          t = rc.sink_tokens + (block + (blocks - 1) * world_ + 1) * rc.chunk_tokens;
-          continue;
-        }
+  int64_t t = n0;
+  while (t < n1) {
+    int64_t end;
+    if (t < rc.sink_tokens) {
+      end = std::min(n1, rc.sink_tokens);
+      if (ctx.owner_rank != rank_) {
+        t = end;
+        continue;
       }
-      REATTN_RETURN_IF_ERROR(write_block_range(shard, ctx, source, layer, n0, t, end));
-      t = end;
+    } else {
+      const int64_t block = (t - rc.sink_tokens) / rc.chunk_tokens;
+      end = std::min(n1, rc.sink_tokens + (block + 1) * rc.chunk_tokens);
+      const bool home = home_rank(block, world_) == rank_;
+      const bool in_ring = ctx.owner_rank == rank_ && end > ring_floor;
+      if (!home && !in_ring) {
+        t = end;
+        continue;
+      }
+      const int64_t block_first = rc.sink_tokens + block * rc.chunk_tokens;
+      if (home && !in_ring && t == block_first && end == block_first + rc.chunk_tokens) {
+        // A run of whole home blocks below the ring floor, in consecutive slots of one page
+        // (the other ranks' blocks between them are skipped here anyway). Their ring copy is
+        // skipped too: a block below the floor is overwritten in the ring by the end of this
+        // append before anything reads it.
+        int64_t blocks = 1;
+        while (blocks < kBatchBlocks) {
+          const int64_t next = block + blocks * world_;
+          const int64_t next_end = rc.sink_tokens + (next + 1) * rc.chunk_tokens;
+          const bool next_in_ring = ctx.owner_rank == rank_ && next_end > ring_floor;
+          if (next_end > n1 || next_in_ring ||
+              home_slot(next, world_) / kBlocksPerPage != home_slot(block, world_) / kBlocksPerPage) {
+            break;
+          }
+          ++blocks;
+        }
+        REATTN_RETURN_IF_ERROR(ensure_pages(shard, home_slot(block + (blocks - 1) * world_, world_) + 1));
+        REATTN_RETURN_IF_ERROR(write_home_blocks(backend_, config_.model, rc, world_, block_bytes(),
+                                                 const_cast<void*>(home_block(shard, false, block)),
+                                                 const_cast<void*>(home_block(shard, true, block)), source, layer,
+                                                 n0, block, blocks));
+        t = rc.sink_tokens + (block + (blocks - 1) * world_ + 1) * rc.chunk_tokens;
+        continue;
+      }
     }
+    REATTN_RETURN_IF_ERROR(write_block_range(shard, ctx, source, layer, n0, t, end));
+    t = end;
   }
-  ctx.tokens = n1;
   return Status::ok();
 }
 

@@ -29,7 +29,8 @@ struct LayerShard {
 struct ContextShard {
   ContextId id = 0;
   int owner_rank = 0;
-  int64_t tokens = 0;              // n, the same on every rank
+  int64_t tokens = 0;              // the longest layer's length (what capacity charges), the same on every rank
+  std::vector<int64_t> layer_tokens;  // [layers]: each layer's length; they differ only during a forward pass
   std::vector<bool> resident;      // [layers]: whether the layer is held
   std::vector<LayerShard> layers;  // [layers]
 };
@@ -46,10 +47,11 @@ class KvStore {
   const ContextShard* find(ContextId id) const;
   const std::map<ContextId, ContextShard>& contexts() const { return contexts_; }
 
-  // Appends source.tokens() tokens to every resident layer. Fails with kCapacity, changing
-  // nothing, when any rank would exceed capacity.tokens_per_rank (checked identically on
-  // every rank).
-  Status append(ContextId id, const KvSource& source);
+  // Appends source.tokens() tokens to every layer (which must be at the same length:
+  // OutOfOrder otherwise), or to `only_layer` alone (a layer step; the caller checked the
+  // order rule). Fails with kCapacity, changing nothing, when any rank would exceed
+  // capacity.tokens_per_rank (checked identically on every rank).
+  Status append(ContextId id, const KvSource& source, int only_layer = -1);
 
   // Tokens charged to `rank` over all contexts (capacity and metrics).
   int64_t tokens_charged_to(int rank) const;
@@ -61,6 +63,7 @@ class KvStore {
 
  private:
   Status ensure_pages(LayerShard& shard, int64_t slots);
+  Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1);
   Status write_block_range(LayerShard& shard, ContextShard& ctx, const KvSource& source, int layer,
                            int64_t n0, int64_t begin, int64_t end);
 

@@ -57,6 +57,7 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
         if constexpr (std::is_same_v<T, AppendSynthetic>) return apply_synthetic(o, result);
         if constexpr (std::is_same_v<T, StepPlan>) return apply_step(o, result);
         if constexpr (std::is_same_v<T, Shutdown>) return Status::ok();
+        if constexpr (std::is_same_v<T, LayerStep>) return apply_layer_step(o, result);
       },
       op);
 }
@@ -116,7 +117,7 @@ Status ServiceLoop::apply_synthetic(const AppendSynthetic& op, OperationResult* 
 }
 
 Status ServiceLoop::apply_append(ContextId id, const KvSource* source, const Status& source_status,
-                                 OperationResult* result) {
+                                 OperationResult* result, int only_layer) {
   // Phase 1: every rank has a valid source (the same bytes or spec, so normally all or none).
   const Status ready = control_.agree(source_status);
   if (is_fault(ready)) return ready;
@@ -125,18 +126,19 @@ Status ServiceLoop::apply_append(ContextId id, const KvSource* source, const Sta
     return Status::ok();
   }
   const ContextShard* ctx = store_.find(id);
-  const int64_t before = ctx ? ctx->tokens : -1;
+  const std::vector<int64_t> before = ctx ? ctx->layer_tokens : std::vector<int64_t>{};
   // Phase 2: the append. Its capacity check is the same computation on every rank.
-  const Status appended = control_.agree(store_.append(id, *source));
+  const Status appended = control_.agree(store_.append(id, *source, only_layer));
   if (is_fault(appended)) return appended;
   if (appended.is_ok()) {
-    result->tokens = store_.find(id)->tokens;
+    ctx = store_.find(id);
+    result->tokens = only_layer < 0 ? ctx->tokens : ctx->layer_tokens[only_layer];
     return Status::ok();
   }
   // Phase 3: if the append went through on some ranks only, the context's ranks disagree on
   // its length; it cannot be rolled back, so it is erased everywhere.
   ctx = store_.find(id);
-  const bool unchanged = ctx == nullptr || ctx->tokens == before;
+  const bool unchanged = ctx == nullptr || ctx->layer_tokens == before;
   const Status consistent =
       control_.agree(unchanged ? Status::ok() : internal_error("append applied on rank " + std::to_string(control_.rank())));
   if (is_fault(consistent)) return consistent;
@@ -147,6 +149,43 @@ Status ServiceLoop::apply_append(ContextId id, const KvSource* source, const Sta
     result->status = internal_error(appended.message() + "; the append had gone through on some ranks, so context " +
                                     std::to_string(id) + " was dropped");
   }
+  return Status::ok();
+}
+
+Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* result) {
+  const ModelConfig& m = config_.model;
+  const ContextShard* ctx = store_.find(op.context_id);
+  Status check = Status::ok();
+  if (!ctx) {
+    check = not_found("context " + std::to_string(op.context_id) + " not found");
+  } else if (op.layer < 0 || op.layer >= m.layers || !ctx->resident[op.layer]) {
+    check = invalid_argument("layer " + std::to_string(op.layer) + " is not held");
+  } else if (ctx->layer_tokens[op.layer] != op.layer_tokens) {
+    check = internal_error("layer " + std::to_string(op.layer) + " of context " + std::to_string(op.context_id) +
+                           " differs between ranks");
+  } else if (op.qlen < 1 || op.q.size() != static_cast<size_t>(op.qlen * m.q_heads * m.head_dim) ||
+             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) || op.v.size() != op.k.size()) {
+    check = internal_error("layer step: q, k, v do not match qlen " + std::to_string(op.qlen));
+  }
+  const LayerStepKvSource source(op, m.head_dim);
+  REATTN_RETURN_IF_ERROR(apply_append(op.context_id, check.is_ok() ? &source : nullptr, check, result, op.layer));
+  if (!result->status.is_ok()) return Status::ok();
+  // The tail query over the layer as it now is: its rows are the tokens just appended.
+  StepPlan plan;
+  plan.strategy = config_.reattention.final_attention;
+  plan.reply_rank = 0;
+  QueryPlan query;
+  query.context_id = op.context_id;
+  query.tokens = result->tokens;
+  query.qlen = op.qlen;
+  query.layer = op.layer;
+  query.mode = QueryMode::kTail;
+  query.owner_rank = store_.find(op.context_id)->owner_rank;
+  append_query(plan, query, op.q.data(), op.q.size());
+  const int64_t tokens = result->tokens;
+  REATTN_RETURN_IF_ERROR(apply_step(plan, result));
+  result->tokens = tokens;
+  if (control_.rank() == plan.reply_rank && !result->queries.empty()) result->status = result->queries[0].status;
   return Status::ok();
 }
 

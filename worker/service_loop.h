@@ -38,7 +38,10 @@ class ServiceLoop final : public OperationRunner {
   Status apply_append_kv(const AppendKv& op, OperationResult* result);
   Status apply_synthetic(const AppendSynthetic& op, OperationResult* result);
   Status apply_step(const StepPlan& plan, OperationResult* result);
-  Status apply_append(ContextId id, const KvSource* source, const Status& source_status, OperationResult* result);
+  Status apply_layer_step(const LayerStep& op, OperationResult* result);
+  // only_layer < 0: every layer.
+  Status apply_append(ContextId id, const KvSource* source, const Status& source_status, OperationResult* result,
+                      int only_layer = -1);
 
   const Control& control_;
   Config config_;

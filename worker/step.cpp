@@ -68,7 +68,7 @@ std::vector<StepRunner::QueryState> StepRunner::check(const StepPlan& plan, int6
     } else if (qp.layer < 0 || qp.layer >= m.layers || !s.ctx->resident[qp.layer]) {
       s.status = invalid_argument("layer " + std::to_string(qp.layer) + " is not held (model has " +
                                   std::to_string(m.layers) + " layers)");
-    } else if (s.ctx->tokens != qp.tokens || s.ctx->owner_rank != qp.owner_rank) {
+    } else if (s.ctx->layer_tokens[qp.layer] != qp.tokens || s.ctx->owner_rank != qp.owner_rank) {
       s.status = internal_error("context " + std::to_string(qp.context_id) + " differs between ranks");
     } else if (qp.qlen < 1 || qp.q_offset < 0 ||
                static_cast<size_t>(qp.q_offset + s.rows * m.head_dim) > plan.q.size()) {

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.h"
@@ -351,25 +352,38 @@ __global__ void __launch_bounds__(256) read_probe_kernel(const ReadProbeParams r
   if (acc == 0x9e3779b9u) atomicXor(rp.sink, 1ull);  // keeps the loads; almost never taken
 }
 
+template <int D>
+Status launch_split_merge(const AttendParams& p, const AttendPlan& plan, const float* partial, cudaStream_t stream) {
+  SplitMergeParams mp;
+  mp.partial = partial;
+  mp.splits = plan.splits;
+  mp.kv_heads = p.kv_heads;
+  mp.group = p.q_heads / p.kv_heads;
+  mp.pairs = static_cast<int>(p.qlen) * mp.group;
+  mp.q_heads = p.q_heads;
+  mp.out = p.out;
+  mp.row_max = p.row_max;
+  mp.row_sum = p.row_sum;
+  const int64_t items = static_cast<int64_t>(mp.kv_heads) * mp.pairs;
+  attend_merge_kernel<D><<<static_cast<unsigned>((items + 3) / 4), 128, 0, stream>>>(mp);
+  REATTN_CUDA_CHECK_LAUNCH("attend_merge_kernel");
+  return Status::ok();
+}
+
 template <typename T, int D>
 Status launch_attend(const AttendKernelParams& kp, const AttendPlan& plan, cudaStream_t stream) {
   const dim3 grid(plan.splits, kp.p.kv_heads, plan.pair_tiles);
   attend_split_kernel<T, D><<<grid, kAttendThreads, 0, stream>>>(kp);
   REATTN_CUDA_CHECK_LAUNCH("attend_split_kernel");
-  SplitMergeParams mp;
-  mp.partial = kp.partial;
-  mp.splits = plan.splits;
-  mp.kv_heads = kp.p.kv_heads;
-  mp.pairs = kp.pairs;
-  mp.group = kp.group;
-  mp.q_heads = kp.p.q_heads;
-  mp.out = kp.p.out;
-  mp.row_max = kp.p.row_max;
-  mp.row_sum = kp.p.row_sum;
-  const int64_t items = static_cast<int64_t>(mp.kv_heads) * mp.pairs;
-  attend_merge_kernel<D><<<static_cast<unsigned>((items + 3) / 4), 128, 0, stream>>>(mp);
-  REATTN_CUDA_CHECK_LAUNCH("attend_merge_kernel");
-  return Status::ok();
+  return launch_split_merge<D>(kp.p, plan, kp.partial, stream);
+}
+
+Status launch_split_merge_for(const AttendParams& p, const AttendPlan& plan, const float* partial,
+                              cudaStream_t stream) {
+  if (p.head_dim == 128) return launch_split_merge<128>(p, plan, partial, stream);
+  if (p.head_dim == 64) return launch_split_merge<64>(p, plan, partial, stream);
+  return invalid_argument("attend: head_dim " + std::to_string(p.head_dim) +
+                          " is not supported by the cuda backend (64 or 128)");
 }
 
 }  // namespace
@@ -378,13 +392,28 @@ AttendPlan plan_attend(const AttendParams& p, const DeviceInfo& info) {
   AttendPlan plan;
   const int group = p.q_heads / p.kv_heads;
   const int64_t pairs = p.qlen * group;
+  const size_t state_bytes = static_cast<size_t>(p.kv_heads) * pairs * (p.head_dim + 2) * sizeof(float);
+  if (pairs >= kMinMmaAttendPairs && (p.head_dim == 64 || p.head_dim == 128) && p.max_position < INT32_MAX) {
+    // About two CTAs of 64 pairs per multiprocessor, each over a range of at least 4 key tiles.
+    plan.mma = true;
+    plan.pair_tiles = static_cast<int>((pairs + attend_mma_pairs_per_cta() - 1) / attend_mma_pairs_per_cta());
+    const int64_t ctas = static_cast<int64_t>(p.kv_heads) * plan.pair_tiles;
+    const int64_t key_tiles = (p.max_position + attend_mma_keys_per_tile() - 1) / attend_mma_keys_per_tile();
+    const int64_t wanted = (2 * static_cast<int64_t>(info.sm_count) + ctas - 1) / ctas;
+    plan.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, key_tiles / 4)));
+    plan.key_capacity = std::max<int64_t>(p.max_position, 1);
+    plan.rotated_offset = (plan.splits * state_bytes + 255) / 256 * 256;
+    const size_t kv_bytes = static_cast<size_t>(p.kv_heads) * plan.key_capacity * p.head_dim * 2;
+    plan.workspace_bytes = plan.rotated_offset + 2 * kv_bytes + plan.key_capacity * sizeof(int) + sizeof(unsigned);
+    return plan;
+  }
   plan.pair_tiles = static_cast<int>((pairs + kPairsPerTile - 1) / kPairsPerTile);
   const int64_t ctas_per_split = static_cast<int64_t>(p.kv_heads) * plan.pair_tiles;
   // About four CTAs per multiprocessor: each takes a few segments, so the step's short
   // attention is latency-bound and wants many small CTAs.
   const int64_t wanted = (4 * static_cast<int64_t>(info.sm_count) + ctas_per_split - 1) / ctas_per_split;
   plan.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, p.segment_count)));
-  plan.workspace_bytes = static_cast<size_t>(plan.splits) * p.kv_heads * pairs * (p.head_dim + 2) * sizeof(float);
+  plan.workspace_bytes = plan.splits * state_bytes;
   return plan;
 }
 
@@ -398,6 +427,11 @@ Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, co
   kp.rope_cos = rope_cos;
   kp.rope_sin = rope_sin;
   kp.partial = static_cast<float*>(workspace);
+  if (plan.mma) {
+    REATTN_RETURN_IF_ERROR(run_attend_mma(p, dtype, plan, rope_cos, rope_sin, workspace, stream));
+    // One split writes the final state itself.
+    return plan.splits == 1 ? Status::ok() : launch_split_merge_for(p, plan, kp.partial, stream);
+  }
   return dispatch_dtype_head_dim(dtype, p.head_dim, "attend", [&](auto element, auto dim) {
     return launch_attend<typename decltype(element)::type, decltype(dim)::value>(kp, plan, stream);
   });

@@ -53,6 +53,8 @@ Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int l
   REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, local_rank));
   backend->info_.sm_count = prop.multiProcessorCount;
   backend->info_.max_shared_per_block = prop.sharedMemPerBlockOptin;
+  backend->info_.compute_major = prop.major;
+  backend->info_.compute_minor = prop.minor;
   REATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
   REATTN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&backend->ring_), CudaBackend::kRingBytes));
   REATTN_CUDA_CHECK(cudaEventCreateWithFlags(&backend->ring_done_, cudaEventDisableTiming));

@@ -1,4 +1,5 @@
-// Device helpers shared by the CUDA kernels: 16-byte loads of storage-dtype vectors into fp32.
+// Device helpers shared by the CUDA kernels: 16-byte loads of storage-dtype vectors into fp32, and
+// the exact split of an fp32 value into storage-dtype parts.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -49,6 +50,25 @@ __device__ __forceinline__ void load8_f32(const float* src, float (&out)[8]) {
   out[5] = b.y;
   out[6] = b.z;
   out[7] = b.w;
+}
+
+// The storage-dtype value nearest to x (its bits); `rest` gets what it misses (exactly, in fp32).
+// Three such parts (hi, mid, lo) hold an fp32 q for the tensor-core scoring kernels.
+template <typename T>
+__device__ __forceinline__ uint16_t split_part(float x, float& rest);
+
+template <>
+__device__ __forceinline__ uint16_t split_part<__nv_bfloat16>(float x, float& rest) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(x);
+  rest = x - __bfloat162float(h);
+  return __bfloat16_as_ushort(h);
+}
+
+template <>
+__device__ __forceinline__ uint16_t split_part<__half>(float x, float& rest) {
+  const __half h = __float2half_rn(x);
+  rest = x - __half2float(h);
+  return __half_as_ushort(h);
 }
 
 }  // namespace reattn::cuda

@@ -19,20 +19,43 @@ struct DeviceInfo {
   int device = 0;
   int sm_count = 1;
   size_t max_shared_per_block = 48 << 10;  // opt-in limit, bytes
+  int compute_major = 0;                   // compute capability; the gemm kernels need 9 (sm_90a)
+  int compute_minor = 0;
 };
 
 // Largest top_k the scoring kernel keeps.
 constexpr int kMaxTopK = 32;
 
-// ---- Chunk scoring (score_kernels.cu) ----
+// ---- Chunk scoring (score_kernels.cu: warp kernel for few pairs, e.g. decode; the list merge;
+// score_gemm_kernels.cu: wgmma kernel for query blocks) ----
+enum class ScoreKernel { kWarp, kGemm };
 struct ScorePlan {
-  int warps_per_head = 0;      // scoring warps per KV head; each keeps its own top-k lists
-  int pairs_per_pass = 0;      // (row, head-in-group) pairs per pass: their lists and q fragments share shared memory
+  ScoreKernel kernel = ScoreKernel::kWarp;
+  int warps_per_head = 0;      // partial top-k lists per KV head (warp kernel: one per warp; gemm: one per key split)
+  int pairs_per_pass = 0;      // warp kernel: (row, head-in-group) pairs per pass (lists and q fragments in shared memory)
+  int pair_tiles = 0;          // gemm kernel: CTAs of 128 pairs per KV head
+  int key_splits = 0;          // gemm kernel: chunk-slot ranges per KV head (== warps_per_head)
+  int64_t slots_per_split = 0;
   size_t shared_bytes = 0;     // dynamic shared memory of the scoring kernel
   size_t workspace_bytes = 0;  // partial lists [Hkv][warps_per_head][qlen*G][top_k] Candidate
 };
+// Picks the gemm kernel for blocks of at least kMinGemmPairs pairs per KV head (chunks of at
+// least kMinGemmChunkTokens tokens, on an sm_90 device), the warp kernel otherwise; `force`
+// picks one (benchmarks).
+constexpr int kMinGemmPairs = 16;
+constexpr int kMinGemmChunkTokens = 16;
 ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info);
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info, ScoreKernel force);
 Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void* workspace, cudaStream_t stream);
+
+// The gemm kernel's pieces (score_gemm_kernels.cu), for plan_score/run_score.
+size_t score_gemm_shared_bytes(int head_dim, int top_k);
+int score_gemm_pairs_per_cta();
+int score_gemm_chunks_per_tile(int64_t chunk_tokens);
+int score_gemm_tiles_per_chunk(int64_t chunk_tokens);
+// Writes partial lists [Hkv][plan.key_splits][qlen*G][top_k] (merged by run_score).
+Status run_score_gemm(const ScoreParams& p, DType dtype, const ScorePlan& plan, Candidate* partial,
+                      cudaStream_t stream);
 
 // ---- Span recall (span_score_kernels.cu) ----
 // Token scoring with the per-(row, head) token top-k; the plan's fields mean what they mean
@@ -45,16 +68,47 @@ Status run_copy_ranges(const CopyRangesParams& p, cudaStream_t stream);
 
 // ---- Windowed attention and state merge (attend_kernels.cu) ----
 struct AttendPlan {
-  int splits = 0;              // key splits (each takes every splits-th segment)
+  bool mma = false;            // tensor-core kernel (query blocks) instead of the scalar one
+  int splits = 0;              // key splits (scalar: every splits-th segment; mma: ranges of 64-key tiles)
   int pair_tiles = 0;          // tiles of (row, head-in-group) pairs
-  size_t workspace_bytes = 0;  // partial states [splits][Hkv][qlen*G][D + 2] float
+  int64_t key_capacity = 0;    // mma: keys the rotated copy holds (max_position)
+  size_t rotated_offset = 0;   // mma: byte offset of the rotated K, V copies and key positions
+  size_t workspace_bytes = 0;  // partial states [splits][Hkv][qlen*G][D + 2] float (+ mma: rotated copies)
 };
+// The mma kernel takes blocks of at least kMinMmaAttendPairs (row, head) pairs per KV head.
+constexpr int kMinMmaAttendPairs = 64;
 AttendPlan plan_attend(const AttendParams& p, const DeviceInfo& info);
+// The tensor-core attention (attend_mma_kernels.cu): rotates the step's keys once into the
+// workspace, then writes the split partial states that run_attend merges.
+int attend_mma_pairs_per_cta();
+int attend_mma_keys_per_tile();
+Status run_attend_mma(const AttendParams& p, DType dtype, const AttendPlan& plan, const float* rope_cos,
+                      const float* rope_sin, void* workspace, cudaStream_t stream);
 // rope_cos / rope_sin: [positions > p.max_position][D/2] float tables (build_rope_table).
 Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, const float* rope_cos,
                   const float* rope_sin, void* workspace, cudaStream_t stream);
 
 Status run_merge_states(const MergeParams& p, cudaStream_t stream);
+
+// ---- Candidate merge and recall selection on the device (select_kernels.cu) ----
+// The same function as merge_candidates + select_recall (common/semantics.h), for blocks of many
+// rows without a host round trip. How the step calls it (not wired yet; the worker's step is
+// being refactored): after the candidate allgather, with `gathered` the receive buffer, `rows`
+// the rows of one query (or of each query of a batch in turn, each with its own recall), then
+// download `recall_count` and `recall` (max_recall int64 values) instead of rows * top_k lists.
+struct MergeSelectParams {
+  const Candidate* gathered = nullptr;  // [world][rows][top_k], candidate_before order per list
+  int world = 1;
+  int64_t rows = 0;                     // (row, head) rows: qlen * H
+  int top_k = 0;
+  int64_t num_chunks = 0;               // chunk ids are in [0, num_chunks)
+  int64_t max_recall = 0;               // R
+  Candidate* merged = nullptr;          // [rows][top_k] merged lists (optional: null skips them)
+  int64_t* recall = nullptr;            // [max_recall] recalled chunk ids, ascending
+  int64_t* recall_count = nullptr;      // [1]
+};
+size_t merge_select_workspace_bytes(int64_t num_chunks);
+Status run_merge_select(const MergeSelectParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // ---- Block packing (pack_kernels.cu) ----
 // One launch for all blocks; 16-byte loads and stores where a block's source and

@@ -43,12 +43,6 @@ struct MmaOps;
 
 template <>
 struct MmaOps<__nv_bfloat16> {
-  // The storage-dtype bits nearest to x; `rest` gets what they miss.
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    rest = x - __bfloat162float(h);
-    return __bfloat16_as_ushort(h);
-  }
   // c[16x8] += a[16x16] * b[16x8], fp32 accumulation.
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
@@ -62,11 +56,6 @@ struct MmaOps<__nv_bfloat16> {
 
 template <>
 struct MmaOps<__half> {
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    const __half h = __float2half_rn(x);
-    rest = x - __half2float(h);
-    return __half_as_ushort(h);
-  }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -120,9 +109,9 @@ __device__ __forceinline__ void build_q_fragments(const ScoreKernelParams& kp, i
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         float r1, r2, r3;
-        hi[u] = MmaOps<T>::part(x[u], r1);
-        mid[u] = MmaOps<T>::part(r1, r2);
-        lo[u] = MmaOps<T>::part(r2, r3);
+        hi[u] = split_part<T>(x[u], r1);
+        mid[u] = split_part<T>(r1, r2);
+        lo[u] = split_part<T>(r2, r3);
       }
       const int s = 2 * j + h;
       if (which == 0) {
@@ -343,8 +332,11 @@ Status launch_score(const ScoreKernelParams& kp, const ScorePlan& plan, cudaStre
 
 }  // namespace
 
-ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
+namespace {
+
+ScorePlan plan_warp(const ScoreParams& p, const DeviceInfo& info) {
   ScorePlan plan;
+  plan.kernel = ScoreKernel::kWarp;
   const int group = p.q_heads / p.kv_heads;
   const int pairs = static_cast<int>(p.qlen) * group;
   const int64_t target = (static_cast<int64_t>(info.sm_count) * kWarpsPerSm + p.kv_heads - 1) / p.kv_heads;
@@ -362,6 +354,52 @@ ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
   return plan;
 }
 
+// One CTA per SM. Key splits: the fewest that fill the device's waves to >= 90% (CTAs of one
+// key range run side by side, so their shared key tiles come from L2), each split keeping at
+// least a few tiles of keys.
+ScorePlan plan_gemm(const ScoreParams& p, const DeviceInfo& info) {
+  ScorePlan plan;
+  plan.kernel = ScoreKernel::kGemm;
+  const int group = p.q_heads / p.kv_heads;
+  const int64_t pairs = p.qlen * group;
+  plan.pair_tiles = static_cast<int>((pairs + score_gemm_pairs_per_cta() - 1) / score_gemm_pairs_per_cta());
+  const int64_t base = static_cast<int64_t>(p.kv_heads) * plan.pair_tiles;
+  const int64_t slots_per_tile = std::max(1, score_gemm_chunks_per_tile(p.chunk_tokens));
+  const int64_t max_splits = std::max<int64_t>(1, p.block_count / (8 * slots_per_tile));
+  int64_t splits = 1;
+  for (int64_t s = 1; s <= std::min<int64_t>(max_splits, 256); ++s) {
+    const int64_t ctas = base * s;
+    const int64_t waves = (ctas + info.sm_count - 1) / info.sm_count;
+    splits = s;
+    if (static_cast<double>(ctas) / static_cast<double>(waves * info.sm_count) >= 0.9) break;
+  }
+  plan.slots_per_split = (p.block_count + splits - 1) / splits;
+  plan.key_splits = static_cast<int>(std::max<int64_t>(1, (p.block_count + plan.slots_per_split - 1) / plan.slots_per_split));
+  plan.warps_per_head = plan.key_splits;
+  plan.shared_bytes = score_gemm_shared_bytes(p.head_dim, p.top_k);
+  plan.workspace_bytes =
+      static_cast<size_t>(p.kv_heads) * plan.key_splits * pairs * p.top_k * sizeof(Candidate);
+  return plan;
+}
+
+bool gemm_supported(const ScoreParams& p, const DeviceInfo& info) {
+  return info.compute_major == 9 && info.compute_minor == 0 && (p.head_dim == 64 || p.head_dim == 128) &&
+         p.chunk_tokens >= kMinGemmChunkTokens && p.block_count > 0 &&
+         score_gemm_shared_bytes(p.head_dim, p.top_k) <= info.max_shared_per_block;
+}
+
+}  // namespace
+
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info) {
+  const int64_t pairs = p.qlen * (p.q_heads / p.kv_heads);
+  const bool gemm = pairs >= kMinGemmPairs && gemm_supported(p, info);
+  return gemm ? plan_gemm(p, info) : plan_warp(p, info);
+}
+
+ScorePlan plan_score(const ScoreParams& p, const DeviceInfo& info, ScoreKernel force) {
+  return force == ScoreKernel::kGemm && gemm_supported(p, info) ? plan_gemm(p, info) : plan_warp(p, info);
+}
+
 Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void* workspace, cudaStream_t stream) {
   if (p.top_k < 1 || p.top_k > kMaxTopK) {
     return invalid_argument("score_chunks: top_k " + std::to_string(p.top_k) + " is outside [1, " +
@@ -374,7 +412,9 @@ Status run_score(const ScoreParams& p, DType dtype, const ScorePlan& plan, void*
   kp.warps_per_head = plan.warps_per_head;
   kp.pairs_per_pass = plan.pairs_per_pass;
   kp.partial = static_cast<Candidate*>(workspace);
-  if (plan.warps_per_head > 0) {
+  if (plan.kernel == ScoreKernel::kGemm) {
+    REATTN_RETURN_IF_ERROR(run_score_gemm(p, dtype, plan, kp.partial, stream));
+  } else if (plan.warps_per_head > 0) {
     REATTN_RETURN_IF_ERROR(dispatch_dtype_head_dim(dtype, p.head_dim, "score_chunks", [&](auto element, auto dim) {
       return launch_score<typename decltype(element)::type, decltype(dim)::value>(kp, plan, stream);
     }));

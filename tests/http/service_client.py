@@ -66,6 +66,35 @@ def safetensors_bytes(tensors):
     return struct.pack("<Q", len(text)) + text + data
 
 
+def read_safetensors(blob):
+    """{name: (dtype, shape, values)} of a safetensors blob (F32, BF16, F16, I64)."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        raw = data[a:b]
+        fmt = {"F32": "f", "I64": "q", "F16": "e"}.get(t["dtype"])
+        if fmt:
+            size = struct.calcsize(fmt)
+            values = list(struct.unpack("<%d%s" % (len(raw) // size, fmt), raw))
+        else:  # BF16
+            values = [struct.unpack("<f", struct.pack("<I", x << 16))[0]
+                      for x in struct.unpack("<%dH" % (len(raw) // 2), raw)]
+        out[name] = (t["dtype"], t["shape"], values)
+    return out
+
+
+def unflatten(values, shape):
+    if len(shape) == 1:
+        return list(values)
+    step = len(values) // shape[0]
+    return [unflatten(values[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
 def flatten(nested):
     out = []
     stack = [nested]

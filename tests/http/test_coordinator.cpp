@@ -308,13 +308,21 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
 
   // Every kind survives, and names itself.
   const Operation kinds[] = {CreateContext{5, 1}, EraseContext{5}, AppendKv{5, 9, std::make_shared<std::string>("body")},
-                             StepPlan{}, Shutdown{}};
+                             StepPlan{}, Shutdown{}, LayerStep{5, 1, 40, 1, {1.0f, 2.0f}, {3.0f}, {4.0f}}};
   for (const Operation& k : kinds) {
     Expected<Operation> again = decode_operation(encode_operation(k));
     ASSERT_TRUE(again.is_ok()) << operation_name(k);
     EXPECT_EQ(again->index(), k.index());
     EXPECT_EQ(operation_context(*again), operation_context(k));
   }
+  Expected<Operation> step_op = decode_operation(encode_operation(kinds[5]));
+  ASSERT_TRUE(step_op.is_ok());
+  const auto* step = std::get_if<LayerStep>(&*step_op);
+  ASSERT_NE(step, nullptr);
+  EXPECT_EQ(step->layer, 1);
+  EXPECT_EQ(step->layer_tokens, 40);
+  EXPECT_EQ(step->q, (std::vector<float>{1.0f, 2.0f}));
+  EXPECT_EQ(step->v, (std::vector<float>{4.0f}));
   // The body does not travel in the operation's bytes.
   EXPECT_EQ(encode_operation(kinds[2]).find("body"), std::string::npos);
 }

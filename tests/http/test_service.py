@@ -230,6 +230,8 @@ class Suite:
             c.check(want["needles"]["all_found"], "reattn-run finds the needles")
             self.requests.append((path, body, None, {"recalled": ids, "out": got["out"]}))
 
+        self.layer_steps(cl, info)
+
         # Listing, one context, metrics, request ids.
         r = cl.request("GET", "/v1/contexts")
         listed = {x["id"]: x for x in r.json()["contexts"]}
@@ -237,7 +239,8 @@ class Suite:
                 listed.get(ctx_b["id"], {}).get("tokens") == n_b and listed.get(ctx_c["id"], {}).get("tokens") == n_c,
                 "GET /v1/contexts: %s" % r.body[:300])
         r = cl.request("GET", "/v1/contexts/%d" % ctx_b["id"])
-        c.check(r.status == 200 and r.json() == {"id": ctx_b["id"], "owner_rank": ctx_b["owner_rank"], "tokens": n_b},
+        c.check(r.status == 200 and r.json() == {"id": ctx_b["id"], "owner_rank": ctx_b["owner_rank"], "tokens": n_b,
+                                                 "layer_tokens": [n_b] * L},
                 "GET /v1/contexts/{id}: %s" % r.body[:200])
         r = cl.request("GET", "/health/ready", headers={"X-Request-Id": "e2e-echo-1"})
         c.check(r.header("X-Request-Id") == "e2e-echo-1", "X-Request-Id echoed")
@@ -293,6 +296,150 @@ class Suite:
 
     def snapshot(self, cl):
         return (cl.request("GET", "/v1/contexts").json(), self.metrics(cl)["kv"])
+
+    # ------------------------------------------------------------ per-layer steps
+
+    def layer_steps(self, cl, info):
+        """A forward pass through POST /v1/contexts/{id}/step, layer by layer, gives what appending
+        the same K/V to every layer and querying each layer's tail gives; layers differ in length
+        mid-pass; out-of-order and bad steps are refused and change nothing."""
+        c = self.c
+        m, rc = info["model"], info["reattention"]
+        L, H, G, D = m["layers"], m["q_heads"], m["kv_heads"], m["head_dim"]
+        W = rc["local_window"]
+        rng = sc.new_rng(21)
+        octet = "application/octet-stream"
+        stepped = cl.request("POST", "/v1/contexts").json()
+        reference = cl.request("POST", "/v1/contexts").json()
+        spath = "/v1/contexts/%d/step" % stepped["id"]
+        n0 = 150
+        k0, v0 = sc.random_kv(rng, L, G, n0, D)
+        for ctx in (stepped, reference):
+            r = cl.request("POST", "/v1/contexts/%d/kv" % ctx["id"], body=sc.kv_body(k0, v0), content_type=octet)
+            c.check(r.status == 200, "layer steps: prefix append: %d %s" % (r.status, r.body[:200]))
+
+        def kv3(qlen):  # [G][qlen][D], bf16-exact
+            return [[[sc.bf16_round(rng.uniform(-1.0, 1.0)) for _ in range(D)] for _ in range(qlen)] for _ in range(G)]
+
+        def st_body(q, k, v, dtype="F32"):
+            return sc.safetensors_bytes([("q", "F32", [len(q), H, D], sc.pack_values("F32", sc.flatten(q))),
+                                         ("k", dtype, [G, len(k[0]), D], sc.pack_values(dtype, sc.flatten(k))),
+                                         ("v", dtype, [G, len(v[0]), D], sc.pack_values(dtype, sc.flatten(v)))])
+
+        n = n0
+        for pass_no, (qlen, form) in enumerate([(5, "json"), (1, "binary"), (3, "json")]):
+            ks, vs, qs, outs = [], [], [], []
+            for layer in range(L):
+                q, k, v = sc.random_q(rng, qlen, H, D, scale=2.0), kv3(qlen), kv3(qlen)
+                ks.append(k)
+                vs.append(v)
+                qs.append(q)
+                if form == "json":
+                    r = cl.request("POST", spath, body={"layer": layer, "q": q, "k": k, "v": v})
+                    if not c.check(r.status == 200, "step pass %d layer %d: %d %s" % (pass_no, layer, r.status, r.body[:300])):
+                        return
+                    got = r.json()
+                    c.check(got["layer"] == layer and got["tokens"] == n + qlen and
+                            got["context_tokens"] == (n + qlen if layer == L - 1 else n),
+                            "step pass %d layer %d: tokens %s" % (pass_no, layer, {k_: got[k_] for k_ in ("tokens", "context_tokens")}))
+                    outs.append(([x["chunk"] for x in got["recalled_chunks"]], got["out"]))
+                else:
+                    r = cl.request("POST", spath + "?layer=%d" % layer, body=st_body(q, k, v, "BF16"),
+                                   content_type=octet, headers={"Accept": octet})
+                    if not c.check(r.status == 200 and r.header("Content-Type") == octet,
+                                   "binary step layer %d: %d %s" % (layer, r.status, r.body[:200])):
+                        return
+                    tensors = sc.read_safetensors(r.body)
+                    c.check(tensors["out"][0] == "F32" and tensors["out"][1] == [qlen, H, D] and
+                            tensors["recalled_chunks"][0] == "I64", "binary step: tensor dtypes and shapes")
+                    c.check(all(r.header(h) is not None for h in ("X-Reattn-Score-Ms", "X-Reattn-Merge-Ms",
+                                                                   "X-Reattn-Attention-Ms", "X-Reattn-Total-Ms",
+                                                                   "X-Reattn-Queue-Ms")), "binary step: timing headers")
+                    outs.append((tensors["recalled_chunks"][2], sc.unflatten(tensors["out"][2], [qlen, H, D])))
+                if layer == 0 and L > 1:
+                    ctx_now = cl.request("GET", "/v1/contexts/%d" % stepped["id"]).json()
+                    c.check(ctx_now["tokens"] == n and ctx_now["layer_tokens"] == [n + qlen] + [n] * (L - 1),
+                            "mid-pass lengths: %s" % ctx_now)
+                    before = self.snapshot(cl)
+                    for what, path, body, ct in [
+                            ("a second step at layer 0", spath, {"layer": 0, "q": q, "k": k, "v": v}, None),
+                            # qlen + 1 rows: layer 1 cannot take them while layer 0 is qlen ahead
+                            ("a step at layer 1 of another length", spath,
+                             {"layer": 1, "q": q + q[:1], "k": [h + h[:1] for h in k], "v": [h + h[:1] for h in v]},
+                             None),
+                            ("an append to all layers", "/v1/contexts/%d/kv" % stepped["id"],
+                             sc.kv_body(*sc.random_kv(rng, L, G, 2, D)), octet)]:
+                        r = cl.request("POST", path, body=body, content_type=ct)
+                        c.error(r, 409, "out_of_order", "mid-pass: " + what)
+                        c.check("%d" % n in r.body.decode() and "%d" % (n + qlen) in r.body.decode(),
+                                "mid-pass: %s names both lengths: %s" % (what, r.body[:300]))
+                        c.check(self.snapshot(cl) == before, "mid-pass: %s changed nothing" % what)
+            # The reference: the same K/V appended to every layer, then each layer's tail query.
+            r = cl.request("POST", "/v1/contexts/%d/kv" % reference["id"], body=sc.kv_body(ks, vs), content_type=octet)
+            c.check(r.status == 200, "reference append pass %d: %d %s" % (pass_no, r.status, r.body[:200]))
+            n += qlen
+            for layer in range(L):
+                r = cl.request("POST", "/v1/contexts/%d/query" % reference["id"],
+                               body={"layer": layer, "q": qs[layer], "mode": "tail"})
+                if not c.check(r.status == 200, "reference query: %d %s" % (r.status, r.body[:200])):
+                    continue
+                want = r.json()
+                ids = [x["chunk"] for x in want["recalled_chunks"]]
+                c.check(outs[layer][0] == ids, "pass %d layer %d: recalled %s, append+query %s" % (pass_no, layer, outs[layer][0], ids))
+                diff = max_abs_diff(outs[layer][1], want["out"])
+                c.check(diff <= 1e-5, "pass %d layer %d: out differs from append+query by %g" % (pass_no, layer, diff))
+        ctx_now = cl.request("GET", "/v1/contexts/%d" % stepped["id"]).json()
+        c.check(ctx_now["tokens"] == n and ctx_now["layer_tokens"] == [n] * L, "after the passes: %s" % ctx_now)
+        # The query route answers binary too.
+        q = sc.random_q(rng, 2, H, D)
+        r = cl.request("POST", "/v1/contexts/%d/query" % reference["id"], body={"layer": 0, "q": q},
+                       headers={"Accept": octet})
+        j = cl.request("POST", "/v1/contexts/%d/query" % reference["id"], body={"layer": 0, "q": q}).json()
+        if c.check(r.status == 200 and r.header("Content-Type") == octet, "binary query: %d" % r.status):
+            t = sc.read_safetensors(r.body)
+            c.check(t["recalled_chunks"][2] == [x["chunk"] for x in j["recalled_chunks"]] and
+                    max_abs_diff(sc.unflatten(t["out"][2], [2, H, D]), j["out"]) == 0, "binary query equals JSON")
+
+        # Bad steps: each names the field, and nothing changes.
+        q1, k1, v1 = sc.random_q(rng, 1, H, D), kv3(1), kv3(1)
+        good = {"layer": 0, "q": q1, "k": k1, "v": v1}
+
+        def body(**kw):
+            d = dict(good)
+            d.update(kw)
+            return d
+        bad_dtype = sc.safetensors_bytes([("q", "F32", [1, H, D], sc.pack_values("F32", sc.flatten(q1))),
+                                          ("k", "I8", [G, 1, D], b"\0" * (G * D)),
+                                          ("v", "I8", [G, 1, D], b"\0" * (G * D))])
+        nan_k = st_body(q1, [[[float("nan")] + row[1:] for row in h] for h in k1], v1)
+        before = self.snapshot(cl)
+        for what, path, b, ct, status, code, names in [
+                ("q with a head too few", spath, body(q=[q1[0][:-1]]), None, 400, "invalid_argument", "q[0]"),
+                ("k with a kv head too many", spath, body(k=k1 + k1[:1]), None, 400, "invalid_argument", "kv_heads"),
+                ("v with a short head_dim", spath, body(v=[[row[:-1] for row in h] for h in v1]), None, 400,
+                 "invalid_argument", "v[0][0]"),
+                ("k and v longer than q", spath, body(k=[h * 2 for h in k1], v=[h * 2 for h in v1]), None, 400,
+                 "invalid_argument", "qlen"),
+                ("qlen over the window", spath, body(q=q1 * (W + 1), k=[h * (W + 1) for h in k1],
+                                                     v=[h * (W + 1) for h in v1]), None, 400, "invalid_argument",
+                 "local_window"),
+                ("q that is Inf in fp32", spath, json.dumps(good).replace(repr(q1[0][0][0]), "1e39", 1), None, 400,
+                 "invalid_argument", "q[0][0][0]"),
+                ("NaN in a safetensors k", spath + "?layer=0", nan_k, octet, 400, "invalid_argument", "'k'"),
+                ("unknown dtype", spath + "?layer=0", bad_dtype, octet, 400, "invalid_argument", "I8"),
+                ("layer out of range", spath, body(layer=L), None, 400, "invalid_argument", "layer"),
+                ("missing v", spath, {"layer": 0, "q": q1, "k": k1}, None, 400, "invalid_argument", "v"),
+                ("step on an unknown context", "/v1/contexts/999999/step", good, None, 404, "not_found", "999999"),
+                ("step at layer 1 before layer 0", spath, body(layer=1), None, 409, "out_of_order", "%d" % n)]:
+            r = cl.request("POST", path, body=b, content_type=ct)
+            if c.error(r, status, code, "bad step: " + what):
+                c.check(names in r.json()["error"]["message"], "bad step: %s names %s: %s" % (what, names, r.body[:300]))
+            c.check(self.snapshot(cl) == before, "bad step: %s changed nothing" % what)
+        r = cl.request("POST", spath, body=good)
+        c.check(r.status == 200 and r.json()["tokens"] == n + 1, "a good step after the bad ones: %d %s" % (r.status, r.body[:200]))
+        for ctx in (stepped, reference):
+            c.check(cl.request("DELETE", "/v1/contexts/%d" % ctx["id"]).status == 200, "delete the step contexts")
+        print("layer steps: 3 passes over %d layers, bad steps checked" % L, flush=True)
 
     # ------------------------------------------------------------ bad inputs
 

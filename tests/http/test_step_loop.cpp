@@ -183,3 +183,45 @@ TEST_F(StepLoopTest, AFatalFaultFailsTheBatchAndEveryQueuedTask) {
 
 }  // namespace
 }  // namespace reattn
+
+namespace reattn {
+namespace {
+
+// The order rule of per-layer steps, as the registry applies it (and the length it charges).
+TEST(RegistryLayerSteps, OrderRuleCapacityAndLengths) {
+  const Config c = tiny_config();  // 2 layers
+  Registry r(c, 2);
+  r.insert({1, 0, 100});
+  ContextInfo info = *r.find(1);
+  EXPECT_EQ(info.layer_tokens, (std::vector<int64_t>{100, 100}));
+  EXPECT_TRUE(r.check_layer_step(1, 0, 5).is_ok());
+  const Status skip = r.check_layer_step(1, 1, 5);  // layer 1 before layer 0
+  EXPECT_EQ(skip.code(), ErrorCode::kOutOfOrder);
+  EXPECT_NE(skip.message().find("100"), std::string::npos) << skip.message();
+  EXPECT_NE(skip.message().find("105"), std::string::npos) << skip.message();
+  r.set_layer_tokens(1, 0, 105);
+  info = *r.find(1);
+  EXPECT_EQ(info.tokens, 100);           // what every layer has reached
+  EXPECT_EQ(info.charged_tokens(), 105); // what capacity charges
+  EXPECT_EQ(r.check_layer_step(1, 0, 5).code(), ErrorCode::kOutOfOrder);  // layer 0 again mid-pass
+  EXPECT_EQ(r.check_layer_step(1, 1, 4).code(), ErrorCode::kOutOfOrder);  // not the pass's qlen
+  EXPECT_TRUE(r.check_layer_step(1, 1, 5).is_ok());
+  EXPECT_EQ(r.check_append(1, 3).code(), ErrorCode::kOutOfOrder);        // all layers mid-pass
+  EXPECT_EQ(r.check_layer_step(1, 2, 5).code(), ErrorCode::kInvalidArgument);  // no layer 2
+  EXPECT_EQ(r.check_layer_step(1, 0, 33).code(), ErrorCode::kInvalidArgument); // over the window
+  EXPECT_EQ(r.check_layer_step(9, 0, 1).code(), ErrorCode::kNotFound);
+  r.set_layer_tokens(1, 1, 105);
+  EXPECT_EQ(r.find(1)->tokens, 105);
+  EXPECT_TRUE(r.check_append(1, 3).is_ok());
+  // Charged once per token: the registry's per-rank tokens follow the longest layer.
+  const std::vector<int64_t> per_rank = r.tokens_per_rank();
+  int64_t sum = 0;
+  for (int64_t t : per_rank) sum += t;
+  EXPECT_EQ(sum, 105);
+  // Capacity: 1000 per rank on 2 ranks; a layer-0 step past it is refused.
+  r.set_tokens(1, 1990);
+  EXPECT_EQ(r.check_layer_step(1, 0, 20).code(), ErrorCode::kCapacity);
+}
+
+}  // namespace
+}  // namespace reattn

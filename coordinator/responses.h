@@ -1,0 +1,22 @@
+// The answer to a query or a layer step: JSON {fields..., "recalled_chunks", "out", "timing"},
+// or, when the client asks for it (Accept: application/octet-stream), a safetensors body with
+// `out` F32 [qlen, H, D] and `recalled_chunks` I64 [n] (chunk ids ascending), and the timing
+// in X-Reattn-*-Ms headers. Pure; thread-safe.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include "common/config.h"
+#include "coordinator/http_types.h"
+#include "coordinator/task_queue.h"
+
+namespace reattn {
+
+// Whether the Accept header asks for safetensors rather than JSON.
+bool wants_binary(const std::string& accept);
+
+// `fields`: what the route reports besides the output (context_id, layer, tokens, ...).
+HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
+                                bool binary);
+
+}  // namespace reattn
