@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_utils.cuh"
 #include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/kernels.h"
 
@@ -37,22 +38,10 @@ struct TokenScoreParams {
   Candidate* partial = nullptr;  // [Hkv][warps_per_head][pairs][top_k]
 };
 
-// Tensor-core ops of the storage dtype T (__nv_bfloat16 or __half).
+// The tensor-core product of the storage dtype T (__nv_bfloat16 or __half).
 template <typename T>
 struct Mma {
   static constexpr bool kHalf = std::is_same<T, __half>::value;
-  // The storage-dtype bits nearest to x; `rest` gets what they miss.
-  static __device__ __forceinline__ uint32_t part(float x, float& rest) {
-    if constexpr (kHalf) {
-      const __half h = __float2half_rn(x);
-      rest = x - __half2float(h);
-      return __half_as_ushort(h);
-    } else {
-      const __nv_bfloat16 h = __float2bfloat16_rn(x);
-      rest = x - __bfloat162float(h);
-      return __bfloat16_as_ushort(h);
-    }
-  }
   // c[16x8] += a[16x16] * b[16x8], fp32 accumulation.
   static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
@@ -104,9 +93,9 @@ __device__ __forceinline__ void q_fragments(const TokenScoreParams& kp, int g, i
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       float r1, r2, r3;
-      hi[u] = Mma<T>::part(x[u], r1);
-      mid[u] = Mma<T>::part(r1, r2);
-      lo[u] = Mma<T>::part(r2, r3);
+      hi[u] = split_part<T>(x[u], r1);
+      mid[u] = split_part<T>(r1, r2);
+      lo[u] = split_part<T>(r2, r3);
     }
     out[s] = second ? make_uint4(mid[0] | (mid[1] << 16), mid[2] | (mid[3] << 16), 0u, 0u)
                     : make_uint4(hi[0] | (hi[1] << 16), hi[2] | (hi[3] << 16), lo[0] | (lo[1] << 16),
