@@ -15,6 +15,7 @@
 #include <iostream>
 
 #include "bench/event_timing.h"
+#include "bench/read_probe.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
@@ -25,6 +26,8 @@
 
 namespace reattn {
 namespace {
+
+using bench::read_bandwidth;
 
 
 Config llama_layer_config(const std::string& final_attention) {
@@ -53,17 +56,6 @@ size_t device_used_bytes() {
   return total - free_bytes;
 }
 
-
-Expected<nlohmann::json> read_bandwidth(CudaBackend& backend, size_t bytes) {
-  REATTN_ASSIGN_OR_RETURN(Buffer buf, backend.allocate(bytes));
-  REATTN_ASSIGN_OR_RETURN(Buffer sink, backend.allocate(sizeof(unsigned long long)));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 0x5a, bytes, backend.stream()));
-  REATTN_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned long long), backend.stream()));
-  REATTN_ASSIGN_OR_RETURN(double ms, bench::time_events(backend.stream(), 3, 20, [&]() {
-    return cuda::run_read_probe(buf.data(), bytes, sink.as<unsigned long long>(), backend.device_info(), backend.stream());
-  }));
-  return nlohmann::json{{"bytes", bytes}, {"ms", ms}, {"gb_per_s", bytes / ms / 1e6}};
-}
 
 Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, const Control& control, const Config& cfg,
                                     int64_t tokens, int repeat) {

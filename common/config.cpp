@@ -61,6 +61,34 @@ Expected<BackendKind> parse_backend_kind(const std::string& name) {
   return invalid_argument("unknown backend kind '" + name + "' (expected auto, cpu or cuda)");
 }
 
+const char* recall_mode_name(RecallMode r) {
+  switch (r) {
+    case RecallMode::kChunk: return "chunk";
+    case RecallMode::kSpan: return "span";
+  }
+  return "?";
+}
+
+Expected<RecallMode> parse_recall_mode(const std::string& name) {
+  if (name == "chunk") return RecallMode::kChunk;
+  if (name == "span") return RecallMode::kSpan;
+  return invalid_argument("unknown recall '" + name + "' (expected chunk or span)");
+}
+
+const char* rope_scaling_name(RopeScalingType t) {
+  switch (t) {
+    case RopeScalingType::kNone: return "none";
+    case RopeScalingType::kLlama3: return "llama3";
+  }
+  return "?";
+}
+
+Expected<RopeScalingType> parse_rope_scaling(const std::string& name) {
+  if (name == "none") return RopeScalingType::kNone;
+  if (name == "llama3") return RopeScalingType::kLlama3;
+  return invalid_argument("unknown rope scaling type '" + name + "' (expected none or llama3)");
+}
+
 namespace {
 
 constexpr bool kRequired = true;
@@ -151,6 +179,15 @@ std::string to_value(const YAML::Node& node, BackendKind* out) {
   return to_named(node, out, parse_backend_kind);
 }
 std::string to_value(const YAML::Node& node, DType* out) { return to_named(node, out, parse_dtype); }
+std::string to_value(const YAML::Node& node, RecallMode* out) { return to_named(node, out, parse_recall_mode); }
+std::string to_value(const YAML::Node& node, RopeScalingType* out) {
+  return to_named(node, out, parse_rope_scaling);
+}
+// A nested section, read by its own SectionReader.
+std::string to_value(const YAML::Node& node, YAML::Node* out) {
+  *out = node;
+  return {};
+}
 
 // Reads the keys of one section. Unknown and duplicate keys are reported before bad values,
 // so a misspelt key reads as such rather than as a missing one.
@@ -223,7 +260,16 @@ Expected<Config> parse_config(const YAML::Node& root) {
   model.read("head_dim", &c.model.head_dim, kRequired);
   model.read("rope_theta", &c.model.rope_theta);
   model.read("scope", &c.model.scope, kRequired);
+  YAML::Node rope_scaling;
+  model.read("rope_scaling", &rope_scaling);
   REATTN_RETURN_IF_ERROR(model.finish());
+  SectionReader scaling(rope_scaling, "model.rope_scaling");
+  scaling.read("type", &c.model.rope_scaling.type, rope_scaling.IsDefined() && !rope_scaling.IsNull());
+  scaling.read("factor", &c.model.rope_scaling.factor);
+  scaling.read("low_freq_factor", &c.model.rope_scaling.low_freq_factor);
+  scaling.read("high_freq_factor", &c.model.rope_scaling.high_freq_factor);
+  scaling.read("original_max_position_embeddings", &c.model.rope_scaling.original_max_positions);
+  REATTN_RETURN_IF_ERROR(scaling.finish());
 
   SectionReader reattention(root["reattention"], "reattention");
   reattention.read("sink_tokens", &c.reattention.sink_tokens);
@@ -232,6 +278,9 @@ Expected<Config> parse_config(const YAML::Node& root) {
   reattention.read("top_k", &c.reattention.top_k);
   reattention.read("max_recall_chunks", &c.reattention.max_recall_chunks);
   reattention.read("final_attention", &c.reattention.final_attention);
+  reattention.read("recall", &c.reattention.recall);
+  reattention.read("span_tokens", &c.reattention.span_tokens);
+  reattention.read("max_recall_tokens", &c.reattention.max_recall_tokens);
   REATTN_RETURN_IF_ERROR(reattention.finish());
 
   SectionReader backend(root["backend"], "backend");
@@ -267,6 +316,32 @@ Expected<Config> parse_config(const YAML::Node& root) {
 
 }  // namespace
 
+namespace {
+
+Status check_rope_scaling(const RopeScaling& rs) {
+  if (rs.type == RopeScalingType::kNone) return Status::ok();
+  const struct {
+    const char* key;
+    double value;
+  } positive[] = {{"factor", rs.factor},
+                  {"low_freq_factor", rs.low_freq_factor},
+                  {"high_freq_factor", rs.high_freq_factor},
+                  {"original_max_position_embeddings", static_cast<double>(rs.original_max_positions)}};
+  for (const auto& p : positive) {
+    if (!(p.value > 0) || !std::isfinite(p.value)) {
+      return invalid_argument(std::string("model.rope_scaling.") + p.key + ": must be finite and > 0, got " +
+                              format_number(p.value));
+    }
+  }
+  if (!(rs.high_freq_factor > rs.low_freq_factor)) {
+    return invalid_argument("model.rope_scaling.high_freq_factor: must be above low_freq_factor " +
+                            format_number(rs.low_freq_factor) + ", got " + format_number(rs.high_freq_factor));
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
 Status Config::validate() const {
   const ReattentionConfig& r = reattention;
   struct Minimum {
@@ -285,6 +360,8 @@ Status Config::validate() const {
       {"reattention.chunk_tokens", r.chunk_tokens, 1},
       {"reattention.top_k", r.top_k, 1},
       {"reattention.max_recall_chunks", r.max_recall_chunks, 1},
+      {"reattention.span_tokens", r.span_tokens, 1},
+      {"reattention.max_recall_tokens", r.max_recall_tokens, 1},
       {"backend.threads", backend.threads, 0},
       {"capacity.tokens_per_rank", capacity.tokens_per_rank, 1},
       {"capacity.max_contexts", capacity.max_contexts, 1},
@@ -329,20 +406,25 @@ Status Config::validate() const {
     return invalid_argument("model.rope_theta: must be finite and > 0, got " +
                             format_number(model.rope_theta));
   }
-  // Overflow-checked: a huge value must not wrap round and pass.
+  REATTN_RETURN_IF_ERROR(check_rope_scaling(model.rope_scaling));
+  // The scope rule; overflow-checked: a huge value must not wrap round and pass.
+  const bool spans = r.recall == RecallMode::kSpan;
+  const int64_t recall_count = spans ? r.max_recall_tokens : r.max_recall_chunks;
+  const int64_t recall_width = spans ? r.span_tokens : r.chunk_tokens;
   int64_t span = 0;
-  const bool overflow = __builtin_mul_overflow(r.max_recall_chunks, r.chunk_tokens, &span) ||
+  const bool overflow = __builtin_mul_overflow(recall_count, recall_width, &span) ||
                         __builtin_add_overflow(span, r.sink_tokens, &span) ||
                         __builtin_add_overflow(span, r.local_window, &span) ||
                         __builtin_add_overflow(span, r.chunk_tokens, &span);
   if (overflow || span > model.scope) {
-    return invalid_argument(
-        "reattention: sink_tokens + max_recall_chunks*chunk_tokens + local_window + chunk_tokens = " +
-        std::to_string(r.sink_tokens) + " + " + std::to_string(r.max_recall_chunks) + "*" +
-        std::to_string(r.chunk_tokens) + " + " + std::to_string(r.local_window) + " + " +
-        std::to_string(r.chunk_tokens) + " = " +
-        (overflow ? std::string("(overflows int64)") : std::to_string(span)) +
-        " exceeds model.scope " + std::to_string(model.scope));
+    const std::string terms = spans ? "max_recall_tokens*span_tokens" : "max_recall_chunks*chunk_tokens";
+    return invalid_argument("reattention (recall: " + std::string(recall_mode_name(r.recall)) +
+                            "): sink_tokens + " + terms + " + local_window + chunk_tokens = " +
+                            std::to_string(r.sink_tokens) + " + " + std::to_string(recall_count) + "*" +
+                            std::to_string(recall_width) + " + " + std::to_string(r.local_window) + " + " +
+                            std::to_string(r.chunk_tokens) + " = " +
+                            (overflow ? std::string("(overflows int64)") : std::to_string(span)) +
+                            " exceeds model.scope " + std::to_string(model.scope));
   }
   if (!parse_listen(server.listen)) {
     return invalid_argument("server.listen: expected host:port with port 0..65535 (0: any free port), got '" +
@@ -397,6 +479,15 @@ std::string Config::to_yaml() const {
   put("head_dim", model.head_dim);
   put("rope_theta", format_number(model.rope_theta));
   put("scope", model.scope);
+  if (model.rope_scaling.type != RopeScalingType::kNone) {
+    section("rope_scaling");
+    put("type", rope_scaling_name(model.rope_scaling.type));
+    put("factor", format_number(model.rope_scaling.factor));
+    put("low_freq_factor", format_number(model.rope_scaling.low_freq_factor));
+    put("high_freq_factor", format_number(model.rope_scaling.high_freq_factor));
+    put("original_max_position_embeddings", model.rope_scaling.original_max_positions);
+    out << YAML::EndMap;
+  }
   out << YAML::EndMap;
 
   section("reattention");
@@ -406,6 +497,9 @@ std::string Config::to_yaml() const {
   put("top_k", reattention.top_k);
   put("max_recall_chunks", reattention.max_recall_chunks);
   put("final_attention", final_attention_name(reattention.final_attention));
+  put("recall", recall_mode_name(reattention.recall));
+  put("span_tokens", reattention.span_tokens);
+  put("max_recall_tokens", reattention.max_recall_tokens);
   out << YAML::EndMap;
 
   section("backend");

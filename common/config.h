@@ -14,6 +14,8 @@ namespace reattn {
 enum class FinalAttention { kGather, kPartial };
 enum class QueryMode { kTail, kDetached };
 enum class BackendKind { kAuto, kCpu, kCuda };
+enum class RecallMode { kChunk, kSpan };
+enum class RopeScalingType { kNone, kLlama3 };
 
 const char* final_attention_name(FinalAttention f);
 Expected<FinalAttention> parse_final_attention(const std::string& name);  // "gather" | "partial"
@@ -21,6 +23,20 @@ const char* query_mode_name(QueryMode m);
 Expected<QueryMode> parse_query_mode(const std::string& name);  // "tail" | "detached"
 const char* backend_kind_name(BackendKind b);
 Expected<BackendKind> parse_backend_kind(const std::string& name);  // "auto" | "cpu" | "cuda"
+const char* recall_mode_name(RecallMode r);
+Expected<RecallMode> parse_recall_mode(const std::string& name);  // "chunk" | "span"
+const char* rope_scaling_name(RopeScalingType t);
+Expected<RopeScalingType> parse_rope_scaling(const std::string& name);  // "none" | "llama3"
+
+// RoPE frequency scaling as LLaMA-3.1/3.2 checkpoints use it (`rope_type: llama3`): only the
+// inverse frequencies change (rope_inv_freq); positions stay the layout positions.
+struct RopeScaling {
+  RopeScalingType type = RopeScalingType::kNone;
+  double factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_positions = 8192;  // original_max_position_embeddings
+};
 
 struct ModelConfig {
   int layers = 0;
@@ -29,6 +45,7 @@ struct ModelConfig {
   int head_dim = 0;     // D, even (RoPE rotates halves)
   double rope_theta = 10000.0;
   int64_t scope = 0;    // the model's trained length, in positions
+  RopeScaling rope_scaling;
 
   int group_size() const { return q_heads / kv_heads; }
 };
@@ -38,8 +55,11 @@ struct ReattentionConfig {
   int64_t local_window = 4096;     // W
   int64_t chunk_tokens = 64;       // C
   int top_k = 4;
-  int64_t max_recall_chunks = 32;  // R
+  int64_t max_recall_chunks = 32;  // R (chunk recall)
   FinalAttention final_attention = FinalAttention::kGather;
+  RecallMode recall = RecallMode::kChunk;
+  int64_t span_tokens = 32;         // s: span recall widens each kept token to s tokens
+  int64_t max_recall_tokens = 127;  // R (span recall): kept tokens before widening
 };
 
 struct BackendConfig {
@@ -86,7 +106,7 @@ struct Config {
   ServerConfig server;
 
   // Checks every value and the cross-key rules (kv_heads divides q_heads; the scope rule
-  // S + R*C + W + C <= scope). Returns the first problem, naming key and value.
+  // S + R*C + W + C <= scope, in span recall S + R*s + W + C <= scope). Returns the first problem, naming key and value.
   Status validate() const;
   // The largest magnitude a K, V or q value may have: f16 storage on the GPU holds at most
   // 65504 (above it a value would turn into inf); otherwise any finite fp32.

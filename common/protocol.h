@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -51,7 +52,8 @@ struct StepTiming {
 
 struct QueryResult {
   Status status;
-  std::vector<int64_t> recalled;  // chunk ids, ascending
+  std::vector<int64_t> recalled;  // chunk ids, ascending (chunk recall)
+  std::vector<std::pair<int64_t, int64_t>> recalled_spans;  // span recall: [first, end) tokens, ascending
   std::vector<float> out;         // [qlen, H, D] fp32
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 
 namespace reattn {
@@ -62,6 +63,37 @@ std::vector<int64_t> select_recall(const Candidate* topk, int64_t rows, int k, i
   return recall;
 }
 
+std::vector<TokenRange> widen_to_spans(const std::vector<int64_t>& kept, const Regions& regions,
+                                       int64_t span_tokens) {
+  std::vector<int64_t> sorted = kept;
+  std::sort(sorted.begin(), sorted.end());
+  const int64_t mid_first = regions.sink_tokens;
+  std::vector<TokenRange> spans;
+  for (int64_t t : sorted) {
+    const int64_t first = std::max(mid_first, t - span_tokens / 2);
+    const int64_t end = std::min(regions.mid_end, t - span_tokens / 2 + span_tokens);
+    if (first >= end) continue;
+    // Sorted by t, so first is non-decreasing: merge into the last range when they meet.
+    if (!spans.empty() && first <= spans.back().end) {
+      spans.back().end = std::max(spans.back().end, end);
+    } else {
+      spans.push_back({first, end});
+    }
+  }
+  return spans;
+}
+
+std::vector<TokenRange> select_spans(const Candidate* topk, int64_t rows, int k, const Regions& regions,
+                                     const ReattentionConfig& rc) {
+  return widen_to_spans(select_recall(topk, rows, k, rc.max_recall_tokens), regions, rc.span_tokens);
+}
+
+Layout make_span_layout(const Regions& regions, const std::vector<TokenRange>& spans) {
+  Layout layout = make_layout(regions, 0);
+  for (const TokenRange& r : spans) layout.recalled_tokens += r.tokens();
+  return layout;
+}
+
 Layout make_layout(const Regions& regions, int64_t recalled_chunks) {
   Layout layout;
   layout.sink_count = regions.sink_end;
@@ -92,6 +124,11 @@ Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
 
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc) {
   REATTN_RETURN_IF_ERROR(check_qlen(qlen, mode, rc));
+  // Span recall's candidates carry the token as an int32.
+  if (rc.recall == RecallMode::kSpan && n > INT32_MAX) {
+    return invalid_argument("context of " + std::to_string(n) + " tokens is above span recall's limit of " +
+                            std::to_string(INT32_MAX) + " tokens");
+  }
   if (mode == QueryMode::kDetached) {
     if (n < 1) return invalid_argument("context is empty: a query needs at least one token");
     return Status::ok();
@@ -103,9 +140,23 @@ Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const Reattention
   return Status::ok();
 }
 
-std::vector<double> rope_inv_freq(int head_dim, double theta) {
+std::vector<double> rope_inv_freq(int head_dim, double theta, const RopeScaling& scaling) {
   std::vector<double> inv(head_dim / 2);
   for (int d = 0; d < head_dim / 2; ++d) inv[d] = std::pow(theta, -2.0 * d / head_dim);
+  if (scaling.type != RopeScalingType::kLlama3) return inv;
+  const double original = static_cast<double>(scaling.original_max_positions);
+  const double low_freq_wavelen = original / scaling.low_freq_factor;
+  const double high_freq_wavelen = original / scaling.high_freq_factor;
+  for (double& f : inv) {
+    const double wavelen = 2.0 * M_PI / f;
+    if (wavelen > low_freq_wavelen) {
+      f /= scaling.factor;
+    } else if (wavelen >= high_freq_wavelen) {
+      const double smooth =
+          (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor);
+      f = (1.0 - smooth) * f / scaling.factor + smooth * f;
+    }
+  }
   return inv;
 }
 

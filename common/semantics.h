@@ -78,6 +78,24 @@ void merge_candidates(const Candidate* gathered, int world, int64_t rows, int k,
 // score among those choices.
 std::vector<int64_t> select_recall(const Candidate* topk, int64_t rows, int k, int64_t max_recall);
 
+// Span recall (reattention.recall: span). A half-open token range [first, end).
+struct TokenRange {
+  int64_t first = 0;
+  int64_t end = 0;
+  int64_t tokens() const { return end - first; }
+};
+
+// The recalled tokens of span recall from the kept tokens (any order): each t widened to
+// [t - s/2, t - s/2 + s), clipped to the mid [S, mid_end); overlapping or touching spans merged.
+// Returns the union as ascending, disjoint, non-adjacent ranges.
+std::vector<TokenRange> widen_to_spans(const std::vector<int64_t>& kept, const Regions& regions,
+                                       int64_t span_tokens);
+
+// The recalled ranges of span recall from the per-(row, head) token top-k lists [rows][k]
+// (Candidate::chunk holds the token): select_recall capped at max_recall_tokens, then widened.
+std::vector<TokenRange> select_spans(const Candidate* topk, int64_t rows, int k, const Regions& regions,
+                                     const ReattentionConfig& rc);
+
 // Where every key sits in the final attention, and where each query row stands.
 // The layout is sinks, then the chunks of U in order, then the local tokens; index u is the
 // new position.
@@ -93,6 +111,8 @@ struct Layout {
 };
 
 Layout make_layout(const Regions& regions, int64_t recalled_chunks);
+// Span recall: the recalled ranges, in order, take layout positions sink_count onward.
+Layout make_span_layout(const Regions& regions, const std::vector<TokenRange>& spans);
 
 // Query row i's rotary position and the last layout index it may see (inclusive).
 struct RowPosition {
@@ -111,11 +131,14 @@ RowPosition row_position(const Regions& regions, const Layout& layout, QueryMode
 Status check_qlen(int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 
 // Checks a query against a context of n tokens: check_qlen; tail needs qlen <= n; a detached
-// query needs n >= 1.
+// query needs n >= 1; span recall needs n <= INT32_MAX.
 Status validate_query(int64_t n, int64_t qlen, QueryMode mode, const ReattentionConfig& rc);
 
-// inv_freq[d] = theta^(-2d/D) for d in [0, D/2), in double.
-std::vector<double> rope_inv_freq(int head_dim, double theta);
+// inv_freq[d] = theta^(-2d/D) for d in [0, D/2), in double; with llama3 scaling, the
+// long wavelengths (above original_max_positions / low_freq_factor) are divided by `factor`,
+// the short ones (below original_max_positions / high_freq_factor) kept, and those between
+// interpolated smoothly.
+std::vector<double> rope_inv_freq(int head_dim, double theta, const RopeScaling& scaling = RopeScaling{});
 
 // The partial attention state of one (row, head) over some keys: max logit, sum of
 // exp(logit - max), and the normalised output. merge_state is the one associative merge

@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "common/output_json.h"
 #include "common/safetensors.h"
@@ -31,9 +32,20 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     TensorToWrite ids{"recalled_chunks", DType::kF32, {static_cast<int64_t>(r.query.recalled.size())},
                       std::string(r.query.recalled.size() * 8, '\0'), "I64"};
     if (!r.query.recalled.empty()) std::memcpy(ids.data.data(), r.query.recalled.data(), ids.data.size());
+    std::vector<TensorToWrite> tensors{out, ids};
+    if (rc.recall == RecallMode::kSpan) {  // [spans, 2] I64: first, end (exclusive)
+      const auto& spans = r.query.recalled_spans;
+      TensorToWrite t{"recalled_spans", DType::kF32, {static_cast<int64_t>(spans.size()), 2},
+                      std::string(spans.size() * 16, '\0'), "I64"};
+      for (size_t i = 0; i < spans.size(); ++i) {
+        const int64_t pair[2] = {spans[i].first, spans[i].second};
+        std::memcpy(t.data.data() + i * 16, pair, 16);
+      }
+      tensors.push_back(std::move(t));
+    }
     HttpResponse resp;
     resp.content_type = "application/octet-stream";
-    resp.body = serialize_safetensors({out, ids});
+    resp.body = serialize_safetensors(tensors);
     static const char* const kHeaders[] = {"X-Reattn-Score-Ms", "X-Reattn-Merge-Ms", "X-Reattn-Attention-Ms",
                                            "X-Reattn-Total-Ms", "X-Reattn-Queue-Ms", "X-Reattn-Append-Ms"};
     static_assert(sizeof(kHeaders) / sizeof(kHeaders[0]) == sizeof(timing) / sizeof(timing[0]), "a header per time");
@@ -50,7 +62,10 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
   nlohmann::json t = nlohmann::json::object();
   for (const auto& [name, ms] : timing) t[name] = ms;
   t["batch_size"] = r.batch_size;
+  nlohmann::json spans = nlohmann::json::array();  // span recall's token ranges, inclusive
+  for (const auto& [first, end] : r.query.recalled_spans) spans.push_back({{"first_token", first}, {"last_token", end - 1}});
   fields["recalled_chunks"] = std::move(chunks);
+  fields["recalled_spans"] = std::move(spans);
   fields["out"] = nested_output<nlohmann::json>(r.query.out, qlen, m.q_heads, m.head_dim);
   fields["timing"] = std::move(t);
   return json_response(200, fields);

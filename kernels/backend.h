@@ -58,6 +58,11 @@ class Backend {
   virtual Status merge_states(const MergeParams& p) = 0;
   // Ordered with the other operations (and the communicator's transfers) like a copy.
   virtual Status pack_blocks(const PackParams& p) = 0;
+  // Span recall: position-agnostic scores of single tokens and the per-(row, head) local
+  // token top-k (ScoreParams::first_token numbers the tokens).
+  virtual Status score_tokens(const ScoreParams& p) = 0;
+  // Ordered like pack_blocks.
+  virtual Status copy_ranges(const CopyRangesParams& p) = 0;
 };
 
 // Grows a buffer only when a larger size is asked for: the step's workspace does not

@@ -26,6 +26,9 @@ struct ScoreParams {
   int64_t chunk_tokens = 0;
   int top_k = 0;
   Candidate* out = nullptr;              // [qlen, H, top_k], candidate_before order
+  // score_tokens only: token t of chunk j is token first_token + j * chunk_tokens + t (S), and
+  // the candidates' `chunk` field holds that token.
+  int64_t first_token = 0;
 };
 
 // A run of keys of one block-like buffer [Hkv, head_stride/D, D], at consecutive layout
@@ -51,6 +54,7 @@ struct AttendParams {
   int kv_heads = 0;
   int head_dim = 0;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;              // inverse frequencies: rope_inv_freq(D, theta, scaling)
   int64_t max_position = 0;              // every position above is < max_position
   float* out = nullptr;                  // [qlen, H, D] normalised partial output
   float* row_max = nullptr;              // [qlen, H] max logit (scaled by 1/sqrt(D))
@@ -78,6 +82,26 @@ struct PackParams {
   int64_t count = 0;
   size_t block_bytes = 0;
   void* dst = nullptr;               // [count, block_bytes]; must not overlap any source block
+};
+
+}  // namespace reattn
+
+namespace reattn {
+
+// One piece of a CopyRangesParams list: `bytes` from `src` to dst + dst_offset.
+struct CopyRange {
+  const void* src = nullptr;
+  int64_t dst_offset = 0;
+  int64_t bytes = 0;
+};
+
+// Copies `count` byte ranges of any sizes from anywhere in backend memory into one buffer
+// (span recall: a rank's recalled token ranges, per KV head, into one message for the owner).
+struct CopyRangesParams {
+  const CopyRange* ranges = nullptr;  // [count], in backend memory
+  int64_t count = 0;
+  int64_t max_range_bytes = 0;        // the largest ranges[i].bytes (host-known; sizes a launch)
+  void* dst = nullptr;                // must not overlap any source range
 };
 
 }  // namespace reattn

@@ -30,6 +30,7 @@ struct RunOptions {
   int layer = 0;
   std::string mode = "tail";
   std::string final_attention;
+  std::string recall;
   std::string backend;
   int owner_rank = 0;
   int repeat = 1;
@@ -37,7 +38,8 @@ struct RunOptions {
 };
 
 nlohmann::ordered_json needle_report(const std::vector<int64_t>& needles, const Regions& regions,
-                             const std::vector<int64_t>& recalled) {
+                                     const QueryResult& result) {
+  const std::vector<int64_t>& recalled = result.recalled;
   nlohmann::ordered_json list = nlohmann::ordered_json::array();
   int found = 0;
   for (int64_t token : needles) {
@@ -51,7 +53,9 @@ nlohmann::ordered_json needle_report(const std::vector<int64_t>& needles, const 
       const int64_t chunk = (token - regions.sink_tokens) / regions.chunk_tokens;
       n["region"] = "mid";
       n["chunk"] = chunk;
-      hit = std::binary_search(recalled.begin(), recalled.end(), chunk);
+      hit = std::binary_search(recalled.begin(), recalled.end(), chunk) ||
+            std::any_of(result.recalled_spans.begin(), result.recalled_spans.end(),
+                        [token](const auto& span) { return span.first <= token && token < span.second; });
     }
     n["found"] = hit;
     found += hit;
@@ -65,6 +69,10 @@ Status run(const Control& control, const RunOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   REATTN_ASSIGN_OR_RETURN(Config config, [&]() -> Expected<Config> {
     REATTN_ASSIGN_OR_RETURN(Config c, load_config_file(opt.config_path));
+    if (!opt.recall.empty()) {
+      REATTN_ASSIGN_OR_RETURN(c.reattention.recall, parse_recall_mode(opt.recall));
+      REATTN_RETURN_IF_ERROR(c.validate());  // span recall has its own scope rule
+    }
     if (!opt.final_attention.empty()) {
       REATTN_ASSIGN_OR_RETURN(c.reattention.final_attention, parse_final_attention(opt.final_attention));
     }
@@ -151,7 +159,13 @@ Status run(const Control& control, const RunOptions& opt) {
         {"attention", median.attention_ms},
         {"total", median.total_ms},
         {"repeats", opt.repeat}}}};
-  if (inputs->synthetic) doc["needles"] = needle_report(inputs->synthetic->needles, regions, result.recalled);
+  if (config.reattention.recall == RecallMode::kSpan) {
+    // Span recall: [first, end) token ranges instead of chunk ids.
+    doc.erase("recalled_chunks");
+    doc["recalled_spans"] = result.recalled_spans;
+    doc["recall"] = "span";
+  }
+  if (inputs->synthetic) doc["needles"] = needle_report(inputs->synthetic->needles, regions, result);
   if (opt.summary) doc.erase("out");
   std::cout << doc.dump(opt.summary ? 2 : -1) << std::endl;
   return Status::ok();
@@ -182,6 +196,8 @@ int main(int argc, char** argv) {
   app.add_option("--mode", opt.mode, "tail (rows are the last qlen tokens) or detached")->check(CLI::IsMember({"tail", "detached"}));
   app.add_option("--final-attention", opt.final_attention, "gather or partial (default: the config's)")
       ->check(CLI::IsMember({"gather", "partial"}));
+  app.add_option("--recall", opt.recall, "chunk or span (default: the config's)")
+      ->check(CLI::IsMember({"chunk", "span"}));
   app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--owner-rank", opt.owner_rank, "rank that owns the context (default 0)");

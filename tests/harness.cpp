@@ -67,6 +67,7 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
   if (!result.status.is_ok() || comm.rank() != 0) return result;
   result.status = results[0].status;
   result.recalled = results[0].recalled;
+  result.recalled_spans = results[0].recalled_spans;
   result.out = results[0].out;
   return result;
 }

@@ -28,6 +28,7 @@ class ContextSource final : public Fp32KvSource {
 struct PipelineResult {
   Status status;
   std::vector<int64_t> recalled;
+  std::vector<std::pair<int64_t, int64_t>> recalled_spans;  // span recall
   std::vector<float> out;
 };
 

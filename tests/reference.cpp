@@ -4,6 +4,7 @@
 #include <cmath>
 #include <map>
 #include <tuple>
+#include <utility>
 
 #include "common/synthetic.h"
 
@@ -18,7 +19,7 @@ void attend(const Context& ctx, const float* q, int64_t q_position, int g, const
   auto rope = [&](const double* x, int64_t pos, std::vector<double>& y) {
     y.resize(D);
     for (int d = 0; d < half; ++d) {
-      const double angle = static_cast<double>(pos) * std::pow(ctx.model.rope_theta, -2.0 * d / D);
+      const double angle = static_cast<double>(pos) * inv_freq(ctx.model, d);
       y[d] = x[d] * std::cos(angle) - x[d + half] * std::sin(angle);
       y[d + half] = x[d + half] * std::cos(angle) + x[d] * std::sin(angle);
     }
@@ -44,7 +45,70 @@ void attend(const Context& ctx, const float* q, int64_t q_position, int g, const
   for (int d = 0; d < D; ++d) out[d] /= sum;
 }
 
+// Span recall's selection: the top_k mid tokens per (row, head), votes, the cap, and the
+// widened spans as a mask over the mid.
+void select_tokens(const Context& ctx, const std::vector<float>& q, int64_t qlen, int64_t mid_begin, int64_t mid_end,
+                   Result& res, std::vector<bool>& recalled_mask) {
+  const int H = ctx.model.q_heads, G = ctx.model.q_heads / ctx.model.kv_heads, D = ctx.model.head_dim;
+  const int64_t n = ctx.n, mid = mid_end - mid_begin;
+  res.token_scores.assign(static_cast<size_t>(qlen) * H * mid, 0.0);
+  std::map<int64_t, std::pair<int64_t, double>> votes;  // token -> (count, best score)
+  for (int64_t i = 0; i < qlen; ++i) {
+    for (int h = 0; h < H; ++h) {
+      std::vector<std::pair<double, int64_t>> ranked;
+      for (int64_t t = mid_begin; t < mid_end; ++t) {
+        double s = 0;
+        for (int d = 0; d < D; ++d) s += static_cast<double>(q[(i * H + h) * D + d]) * ctx.k[((h / G) * n + t) * D + d];
+        res.token_scores[(i * H + h) * mid + (t - mid_begin)] = s;
+        ranked.push_back({-s, t});  // ascending: best score first, then the smaller token
+      }
+      std::sort(ranked.begin(), ranked.end());
+      for (int64_t r = 0; r < std::min<int64_t>(ctx.rc.top_k, mid); ++r) {
+        auto it = votes.emplace(ranked[r].second, std::make_pair(0, -INFINITY)).first;
+        it->second.first += 1;
+        it->second.second = std::max(it->second.second, -ranked[r].first);
+      }
+    }
+  }
+  std::vector<std::tuple<int64_t, double, int64_t>> order;  // (-count, -best, token): ascending is the rank
+  for (auto& [t, cb] : votes) order.push_back({-cb.first, -cb.second, t});
+  std::sort(order.begin(), order.end());
+  if (static_cast<int64_t>(order.size()) > ctx.rc.max_recall_tokens) order.resize(ctx.rc.max_recall_tokens);
+  recalled_mask.assign(n, false);
+  const int64_t s = ctx.rc.span_tokens;
+  for (auto& o : order) {
+    const int64_t t = std::get<2>(o);
+    res.kept.push_back(t);
+    for (int64_t u = t - s / 2; u < t - s / 2 + s; ++u) {
+      if (u >= mid_begin && u < mid_end) recalled_mask[u] = true;
+    }
+  }
+  std::sort(res.kept.begin(), res.kept.end());
+  for (int64_t t = mid_begin; t < mid_end; ++t) {
+    if (!recalled_mask[t]) continue;
+    if (!res.spans.empty() && res.spans.back().second == t) {
+      res.spans.back().second = t + 1;
+    } else {
+      res.spans.push_back({t, t + 1});
+    }
+  }
+}
+
 }  // namespace
+
+double inv_freq(const ModelConfig& model, int d) {
+  const double base = 1.0 / std::pow(model.rope_theta, 2.0 * d / model.head_dim);
+  const RopeScaling& rs = model.rope_scaling;
+  if (rs.type != RopeScalingType::kLlama3) return base;
+  // Wavelength in positions; long ones are stretched by `factor`, short ones kept, and the
+  // band between blends the two linearly in original_max_positions / wavelength.
+  const double wavelength = 2.0 * M_PI / base;
+  const double ratio = static_cast<double>(rs.original_max_positions) / wavelength;
+  if (ratio < rs.low_freq_factor) return base / rs.factor;
+  if (ratio > rs.high_freq_factor) return base;
+  const double blend = (ratio - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+  return base * (blend + (1.0 - blend) / rs.factor);
+}
 
 Result query(const Context& ctx, const std::vector<float>& q, int64_t qlen, QueryMode mode) {
   const int64_t S = ctx.rc.sink_tokens, W = ctx.rc.local_window, C = ctx.rc.chunk_tokens;
@@ -55,14 +119,17 @@ Result query(const Context& ctx, const std::vector<float>& q, int64_t qlen, Quer
   Result res;
   res.num_chunks = chunks;
 
-  // Scores and per-(row, head) top-k.
-  res.scores.assign(static_cast<size_t>(qlen) * H * chunks, 0.0);
+  std::vector<bool> span_mask;
+  if (ctx.rc.recall == RecallMode::kSpan) select_tokens(ctx, q, qlen, mid_begin, mid_end, res, span_mask);
+  // Scores and per-(row, head) top-k (chunk recall).
+  const int64_t chunk_count = ctx.rc.recall == RecallMode::kSpan ? 0 : chunks;
+  res.scores.assign(static_cast<size_t>(qlen) * H * chunk_count, 0.0);
   std::map<int64_t, std::tuple<int64_t, double>> votes;  // chunk -> (count, best score)
   for (int64_t i = 0; i < qlen; ++i) {
     for (int h = 0; h < H; ++h) {
       const int g = h / G;
       std::vector<std::pair<double, int64_t>> ranked;
-      for (int64_t j = 0; j < chunks; ++j) {
+      for (int64_t j = 0; j < chunk_count; ++j) {
         double best = -INFINITY;
         for (int64_t t = mid_begin + j * C; t < mid_begin + (j + 1) * C; ++t) {
           double s = 0;
@@ -75,7 +142,7 @@ Result query(const Context& ctx, const std::vector<float>& q, int64_t qlen, Quer
       std::sort(ranked.begin(), ranked.end(), [](auto& a, auto& b) {
         return a.first != b.first ? a.first > b.first : a.second < b.second;
       });
-      for (int64_t r = 0; r < std::min<int64_t>(ctx.rc.top_k, chunks); ++r) {
+      for (int64_t r = 0; r < std::min<int64_t>(ctx.rc.top_k, chunk_count); ++r) {
         auto& [count, best] = votes.emplace(ranked[r].second, std::make_tuple(0, -INFINITY)).first->second;
         ++count;
         best = std::max(best, ranked[r].first);
@@ -98,6 +165,9 @@ Result query(const Context& ctx, const std::vector<float>& q, int64_t qlen, Quer
   for (int64_t t = 0; t < std::min(S, n); ++t) tokens.push_back(t);
   for (int64_t j : res.recalled) {
     for (int64_t t = mid_begin + j * C; t < mid_begin + (j + 1) * C; ++t) tokens.push_back(t);
+  }
+  for (int64_t t = mid_begin; t < mid_end && !span_mask.empty(); ++t) {
+    if (span_mask[t]) tokens.push_back(t);
   }
   const int64_t local_begin = chunks > 0 ? mid_end : std::min(S, n);
   for (int64_t t = local_begin; t < n; ++t) tokens.push_back(t);

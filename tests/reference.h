@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "common/config.h"
@@ -20,13 +21,20 @@ struct Context {
 };
 
 struct Result {
-  std::vector<int64_t> recalled;   // ascending
+  std::vector<int64_t> recalled;   // ascending (chunk recall)
+  std::vector<std::pair<int64_t, int64_t>> spans;  // span recall: [first, end) runs of recalled tokens
+  std::vector<int64_t> kept;       // span recall: the kept tokens (after the cap), ascending
+  std::vector<double> token_scores;  // span recall: [qlen][H][mid tokens] raw token scores
   std::vector<double> out;         // [qlen][H][D]
   std::vector<double> scores;      // [qlen][H][num_chunks] raw chunk scores
   int64_t num_chunks = 0;
 };
 
-// The full ReAttention query (selection and windowed attention), q [qlen][H][D].
+// RoPE inverse frequency of dim pair d (with the model's rope_scaling), written from the
+// llama3 rule as HF transformers states it.
+double inv_freq(const ModelConfig& model, int d);
+
+// The full ReAttention query (either recall mode, by ctx.rc.recall) (selection and windowed attention), q [qlen][H][D].
 Result query(const Context& ctx, const std::vector<float>& q, int64_t qlen, QueryMode mode);
 
 // Ordinary causal attention over all n tokens at their real positions (tail rows at

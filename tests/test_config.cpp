@@ -132,7 +132,7 @@ TEST(Config, OmittedSectionsAndRopeThetaTakeDefaults) {
       load_config_string("model: {layers: 1, q_heads: 8, kv_heads: 8, head_dim: 64, scope: 8192}\n");
   ASSERT_TRUE(c.is_ok()) << c.status().to_string();
   Config expected;
-  expected.model = {1, 8, 8, 64, 10000.0, 8192};
+  expected.model = {1, 8, 8, 64, 10000.0, 8192, {}};
   expect_same(*c, expected);
   expect_default_reattention(c->reattention);
   EXPECT_EQ(c->backend.kind, BackendKind::kAuto);

@@ -3,6 +3,7 @@
 // final-attention strategies, both owners, tail and detached queries, qlen 1 to 64, odd n.
 // Prints "N passed, M failed" on rank 0 and exits non-zero on any mismatch (on every rank).
 // Without a GPU per rank it prints a skip line and exits 77 (CTest's SKIP_RETURN_CODE).
+// `--recall span` runs the same cases in span recall (token top-k widened to spans).
 #include <mpi.h>
 
 #include <cstdio>
@@ -33,7 +34,7 @@ struct Case {
   DType dtype;
 };
 
-Config make_config(DType dtype) {
+Config make_config(DType dtype, RecallMode recall) {
   Config cfg;
   cfg.model.layers = 1;
   cfg.model.q_heads = 8;
@@ -46,6 +47,12 @@ Config make_config(DType dtype) {
   cfg.reattention.top_k = 3;
   cfg.reattention.max_recall_chunks = 5;
   cfg.model.scope = 16 + 5 * 64 + 300 + 64;
+  if (recall == RecallMode::kSpan) {
+    cfg.reattention.recall = recall;
+    cfg.reattention.span_tokens = 31;  // odd; spans cross blocks and so ranks
+    cfg.reattention.max_recall_tokens = 7;
+    cfg.model.scope = 16 + 7 * 31 + 300 + 64;
+  }
   cfg.backend.storage_dtype = dtype;
   cfg.backend.threads = 2;
   return cfg;
@@ -70,7 +77,13 @@ std::string join(const std::vector<int64_t>& v) {
   return s;
 }
 
-int run_all(const Control& control) {
+std::string join(const std::vector<std::pair<int64_t, int64_t>>& v) {
+  std::string s;
+  for (const auto& [a, b] : v) s += (s.empty() ? "" : ",") + std::to_string(a) + "-" + std::to_string(b);
+  return s;
+}
+
+int run_all(const Control& control, RecallMode recall) {
   int passed = 0, failed = 0;
   std::vector<Case> cases;
   for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
@@ -82,7 +95,7 @@ int run_all(const Control& control) {
   }
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const Case& c = cases[ci];
-    const Config cfg = make_config(c.dtype);
+    const Config cfg = make_config(c.dtype, recall);
     const Regions regions = compute_regions(c.n, cfg.reattention);
     const SyntheticSpec spec{100 + ci,
                              {regions.chunk_first_token(1) + 7, regions.chunk_first_token(regions.num_chunks / 2 + 1),
@@ -115,7 +128,11 @@ int run_all(const Control& control) {
       const double tol = c.dtype == DType::kBF16 ? 6e-3 : 1e-3;
       const double err = ref::relative_error(gpu.out, want.out);
       const double cpu_err = ref::relative_error(host.out, want.out);
-      if (gpu.recalled != want.recalled || gpu.recalled != host.recalled) {
+      if (gpu.recalled_spans != want.spans || gpu.recalled_spans != host.recalled_spans) {
+        ok = false;
+        why = "spans cuda [" + join(gpu.recalled_spans) + "] cpu [" + join(host.recalled_spans) + "] ref [" +
+              join(want.spans) + "]";
+      } else if (gpu.recalled != want.recalled || gpu.recalled != host.recalled) {
         ok = false;
         why = "recalled cuda [" + join(gpu.recalled) + "] cpu [" + join(host.recalled) + "] ref [" +
               join(want.recalled) + "]";
@@ -159,5 +176,6 @@ int main(int argc, char** argv) {
     if (control->rank() == 0) std::printf("SKIPPED: not every rank has a GPU of its own (rank 0 sees %d)\n", gpus);
     return 77;
   }
-  return run_all(*control);
+  const bool span = argc > 2 && std::string(argv[1]) == "--recall" && std::string(argv[2]) == "span";
+  return run_all(*control, span ? RecallMode::kSpan : RecallMode::kChunk);
 }

@@ -17,7 +17,7 @@ namespace {
 
 Config config_for(int q_heads, int kv_heads, int top_k, int64_t max_recall) {
   Config c;
-  c.model = ModelConfig{2, q_heads, kv_heads, 16, 10000.0, 4096};
+  c.model = ModelConfig{2, q_heads, kv_heads, 16, 10000.0, 4096, {}};
   c.reattention.sink_tokens = 4;
   c.reattention.local_window = 32;
   c.reattention.chunk_tokens = 8;

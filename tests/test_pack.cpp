@@ -150,7 +150,7 @@ class ThreadCommunicator final : public Communicator {
 
 TEST(GatherStep, OneMessagePerPeerForABatchOfOwners) {
   Config config;
-  config.model = ModelConfig{2, 4, 2, 16, 10000.0, 4096};
+  config.model = ModelConfig{2, 4, 2, 16, 10000.0, 4096, {}};
   config.reattention.sink_tokens = 4;
   config.reattention.local_window = 32;
   config.reattention.chunk_tokens = 8;

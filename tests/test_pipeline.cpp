@@ -14,7 +14,7 @@ namespace {
 
 Config tiny_config(int q_heads = 4, int kv_heads = 2, int head_dim = 16) {
   Config c;
-  c.model = ModelConfig{2, q_heads, kv_heads, head_dim, 10000.0, 1024};
+  c.model = ModelConfig{2, q_heads, kv_heads, head_dim, 10000.0, 1024, {}};
   c.reattention.sink_tokens = 4;
   c.reattention.local_window = 32;
   c.reattention.chunk_tokens = 8;

@@ -14,6 +14,16 @@ void plan_segments(const SelectedQuery& q, bool gather, int rank, int world, con
   if (is_owner && q.layout.sink_count > 0) {
     plan->segments.push_back({Kind::kSinks, 0, 0, q.layout.sink_count, 0});
   }
+  for (const SpanPiece& piece : span_pieces(q, rc)) {
+    const int home = home_rank(piece.block, world);
+    if (home == rank && (is_owner || !gather)) {
+      plan->segments.push_back({Kind::kHomeBlock, piece.block, piece.skip, piece.tokens, piece.position});
+    } else if (gather && is_owner) {
+      const size_t row = recv_slot[home];
+      recv_slot[home] += 2 * piece.tokens;
+      plan->segments.push_back({Kind::kStagedRange, static_cast<int64_t>(row), 0, piece.tokens, piece.position});
+    }
+  }
   for (size_t u = 0; u < q.recalled.size(); ++u) {
     const int64_t j = q.recalled[u];
     const int home = home_rank(j, world);
@@ -39,6 +49,23 @@ void plan_segments(const SelectedQuery& q, bool gather, int rank, int world, con
 }
 
 }  // namespace
+
+std::vector<SpanPiece> span_pieces(const SelectedQuery& q, const ReattentionConfig& rc) {
+  std::vector<SpanPiece> pieces;
+  const int64_t C = rc.chunk_tokens;
+  int64_t position = q.layout.sink_count;
+  for (const TokenRange& range : q.spans) {
+    for (int64_t t = range.first; t < range.end;) {
+      const int64_t block = (t - rc.sink_tokens) / C;
+      const int64_t block_first = rc.sink_tokens + block * C;
+      const int64_t end = std::min(range.end, block_first + C);
+      pieces.push_back({block, t - block_first, end - t, position});
+      position += end - t;
+      t = end;
+    }
+  }
+  return pieces;
+}
 
 std::vector<int64_t> candidate_offsets(const std::vector<int64_t>& rows, int top_k, int64_t* total) {
   std::vector<int64_t> offsets(rows.size());
@@ -73,6 +100,8 @@ RankPlan plan_rank(const std::vector<SelectedQuery>& queries, FinalAttention str
     const int64_t rows = q.qlen * q_heads;
     std::vector<bool> has_chunk(world, false);
     for (int64_t j : q.recalled) has_chunk[home_rank(j, world)] = true;
+    const std::vector<SpanPiece> pieces = span_pieces(q, rc);
+    for (const SpanPiece& piece : pieces) has_chunk[home_rank(piece.block, world)] = true;
     if (!gather) {
       if (rank == owner) {
         for (int r = 0; r < world; ++r) {
@@ -85,6 +114,12 @@ RankPlan plan_rank(const std::vector<SelectedQuery>& queries, FinalAttention str
     plan.state_offset[i] = plan.state_floats;
     plan.state_floats += (1 + plan.partial_peers[i].size()) * rows * state_per_row;
     if (!gather) continue;
+    for (size_t u = 0; u < pieces.size(); ++u) {
+      const int home = home_rank(pieces[u].block, world);
+      if (home == owner) continue;
+      if (rank == owner) plan.recv_blocks[home] += 2 * pieces[u].tokens;
+      if (rank == home) plan.send_chunks[owner].push_back({i, static_cast<int64_t>(u)});
+    }
     for (int64_t j : q.recalled) {
       const int home = home_rank(j, world);
       if (home == owner) continue;

@@ -21,9 +21,20 @@ struct SelectedQuery {
   int64_t qlen = 0;
   QueryMode mode = QueryMode::kTail;
   Regions regions;
-  std::vector<int64_t> recalled;   // U, ascending
+  std::vector<int64_t> recalled;   // U, ascending (chunk recall)
+  std::vector<TokenRange> spans;   // the recalled ranges, ascending (span recall)
   Layout layout;
 };
+
+// Span recall: a recalled range cut at chunk-grid block boundaries, so that it lives on one
+// home rank: tokens [skip, skip + tokens) of block `block`, at layout position `position`.
+struct SpanPiece {
+  int64_t block = 0;
+  int64_t skip = 0;
+  int64_t tokens = 0;
+  int64_t position = 0;
+};
+std::vector<SpanPiece> span_pieces(const SelectedQuery& q, const ReattentionConfig& rc);
 
 // Where the keys of one segment come from; StepRunner resolves it to K/V addresses.
 struct SegmentSource {
@@ -32,10 +43,12 @@ struct SegmentSource {
     kHomeBlock,  // chunk-grid block `block` in this rank's home pages
     kStaging,    // a block received from another rank: K at staging slot `block`, V at `block` + 1
     kRing,       // chunk-grid block `block` in the owner's local-window ring, from token `skip`
+    kStagedRange,  // span recall: a range received from another rank, at staging token row
+                   // `block`: K [Hkv, tokens, D], then V [Hkv, tokens, D]
   };
   Kind kind = Kind::kSinks;
   int64_t block = 0;
-  int64_t skip = 0;      // kRing: tokens of the block before the segment's first key
+  int64_t skip = 0;      // kRing, kHomeBlock: tokens of the block before the segment's first key
   int64_t tokens = 0;    // keys in the segment
   int64_t position = 0;  // layout position of its first key
 };
@@ -51,9 +64,11 @@ struct AttentionCall {
 struct RankPlan {
   // gather: per owner rank, the (query, chunk) blocks this rank sends it, in message order
   // (queries in step order, chunks in U order; each is a K block then a V block).
+  // Span recall: (query, index into span_pieces) instead, each piece K then V [Hkv, tokens, D].
   std::vector<std::vector<std::pair<size_t, int64_t>>> send_chunks;
   // gather: per sender rank, the K/V blocks (two per chunk) this rank receives from it and
-  // the staging slot where that sender's message starts.
+  // the staging slot where that sender's message starts. Span recall counts token rows
+  // (one token's K or V over all KV heads) instead of blocks.
   std::vector<size_t> recv_blocks;
   std::vector<size_t> recv_first;
   size_t staging_blocks = 0;

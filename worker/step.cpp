@@ -1,6 +1,8 @@
 #include "worker/step.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -117,7 +119,8 @@ Status StepRunner::score(const StepPlan& plan, std::vector<QueryState>& qs, size
     p.chunk_tokens = rc.chunk_tokens;
     p.top_k = rc.top_k;
     p.out = cands + s.cand_offset;
-    REATTN_RETURN_IF_ERROR(backend_.score_chunks(p));
+    p.first_token = rc.sink_tokens;
+    REATTN_RETURN_IF_ERROR(rc.recall == RecallMode::kSpan ? backend_.score_tokens(p) : backend_.score_chunks(p));
   }
   REATTN_RETURN_IF_ERROR(backend_.upload(ws_.send.data(), flags.data(), header_bytes));
   return backend_.synchronize();
@@ -153,8 +156,13 @@ void StepRunner::select(const std::string& gathered, size_t send_bytes, std::vec
     }
     topk.resize(static_cast<size_t>(s.rows) * k);
     merge_candidates(per_rank.data(), world, s.rows, k, topk.data());
-    s.selected.recalled = select_recall(topk.data(), s.rows, k, config_.reattention.max_recall_chunks);
-    s.selected.layout = make_layout(s.selected.regions, static_cast<int64_t>(s.selected.recalled.size()));
+    if (config_.reattention.recall == RecallMode::kSpan) {
+      s.selected.spans = select_spans(topk.data(), s.rows, k, s.selected.regions, config_.reattention);
+      s.selected.layout = make_span_layout(s.selected.regions, s.selected.spans);
+    } else {
+      s.selected.recalled = select_recall(topk.data(), s.rows, k, config_.reattention.max_recall_chunks);
+      s.selected.layout = make_layout(s.selected.regions, static_cast<int64_t>(s.selected.recalled.size()));
+    }
     s.selected.ok = true;
   }
 }
@@ -162,6 +170,7 @@ void StepRunner::select(const std::string& gathered, size_t send_bytes, std::vec
 // gather: chunk K/V to their owners before any attention runs: one pack of every block this
 // rank sends (owners in rank order), then one transfer per (sender, owner) pair.
 Status StepRunner::exchange_chunks(const RankPlan& rp, const std::vector<QueryState>& qs) {
+  if (config_.reattention.recall == RecallMode::kSpan) return exchange_spans(rp, qs);
   const int world = comm_.world();
   const size_t bb = store_.block_bytes();
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.staging, rp.staging_blocks * bb));
@@ -198,6 +207,62 @@ Status StepRunner::exchange_chunks(const RankPlan& rp, const std::vector<QuerySt
   return comm_.exchange(sends, recvs);
 }
 
+// gather, span recall: the recalled token ranges this rank holds to their owners, per owner
+// one message of pieces (K [Hkv, tokens, D] then V), packed by one copy_ranges.
+Status StepRunner::exchange_spans(const RankPlan& rp, const std::vector<QueryState>& qs) {
+  const int world = comm_.world();
+  const int64_t dim = config_.model.head_dim;
+  const int64_t C = config_.reattention.chunk_tokens;
+  const int64_t elt = static_cast<int64_t>(dtype_size(backend_.storage_dtype()));
+  const size_t row_bytes = static_cast<size_t>(config_.model.kv_heads) * dim * elt;
+  REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.staging, rp.staging_blocks * row_bytes));
+  std::vector<CopyRange> ranges;
+  std::vector<size_t> send_first(world + 1, 0);
+  int64_t offset = 0;
+  int64_t max_range_bytes = 0;
+  for (int o = 0; o < world; ++o) {
+    send_first[o] = static_cast<size_t>(offset);
+    std::vector<SpanPiece> pieces;
+    size_t pieces_query = SIZE_MAX;
+    for (const auto& [query, index] : rp.send_chunks[o]) {
+      if (query != pieces_query) pieces = span_pieces(qs[query].selected, config_.reattention);
+      pieces_query = query;
+      const SpanPiece& piece = pieces[index];
+      const LayerShard& shard = qs[query].ctx->layers[qs[query].plan->layer];
+      for (bool is_v : {false, true}) {
+        const auto* block = static_cast<const char*>(store_.home_block(shard, is_v, piece.block));
+        for (int64_t g = 0; g < config_.model.kv_heads; ++g) {
+          ranges.push_back({block + (g * C + piece.skip) * dim * elt, offset, piece.tokens * dim * elt});
+          offset += piece.tokens * dim * elt;
+          max_range_bytes = std::max(max_range_bytes, piece.tokens * dim * elt);
+        }
+      }
+    }
+  }
+  send_first[world] = static_cast<size_t>(offset);
+  if (!ranges.empty()) {
+    REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.pack_src, ranges.size() * sizeof(CopyRange)));
+    REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.pack, static_cast<size_t>(offset)));
+    REATTN_RETURN_IF_ERROR(backend_.upload(ws_.pack_src.data(), ranges.data(), ranges.size() * sizeof(CopyRange)));
+    CopyRangesParams cp;
+    cp.ranges = ws_.pack_src.as<const CopyRange>();
+    cp.count = static_cast<int64_t>(ranges.size());
+    cp.max_range_bytes = max_range_bytes;
+    cp.dst = ws_.pack.data();
+    REATTN_RETURN_IF_ERROR(backend_.copy_ranges(cp));
+  }
+  std::vector<Communicator::Transfer> sends, recvs;
+  for (int r = 0; r < world; ++r) {
+    if (send_first[r + 1] > send_first[r]) {
+      sends.push_back({r, ws_.pack.as<char>() + send_first[r], send_first[r + 1] - send_first[r]});
+    }
+    if (rp.recv_blocks[r] > 0) {
+      recvs.push_back({r, ws_.staging.as<char>() + rp.recv_first[r] * row_bytes, rp.recv_blocks[r] * row_bytes});
+    }
+  }
+  return comm_.exchange(sends, recvs);
+}
+
 KeySegment StepRunner::resolve(const SegmentSource& src, const LayerShard& shard) const {
   const int64_t dim = config_.model.head_dim;
   const int64_t C = config_.reattention.chunk_tokens;
@@ -206,9 +271,17 @@ KeySegment StepRunner::resolve(const SegmentSource& src, const LayerShard& shard
     case SegmentSource::Kind::kSinks:
       return {shard.sink_k.data(), shard.sink_v.data(), src.tokens, config_.reattention.sink_tokens * dim,
               src.position};
-    case SegmentSource::Kind::kHomeBlock:
-      return {store_.home_block(shard, false, src.block), store_.home_block(shard, true, src.block), src.tokens,
-              C * dim, src.position};
+    case SegmentSource::Kind::kHomeBlock: {
+      const size_t skip = src.skip * dim * dtype_size(backend_.storage_dtype());
+      return {static_cast<const char*>(store_.home_block(shard, false, src.block)) + skip,
+              static_cast<const char*>(store_.home_block(shard, true, src.block)) + skip, src.tokens, C * dim,
+              src.position};
+    }
+    case SegmentSource::Kind::kStagedRange: {
+      const size_t row_bytes = config_.model.kv_heads * dim * dtype_size(backend_.storage_dtype());
+      const char* k = ws_.staging.as<char>() + src.block * row_bytes;
+      return {k, k + src.tokens * row_bytes, src.tokens, src.tokens * dim, src.position};
+    }
     case SegmentSource::Kind::kStaging:
       return {ws_.staging.as<char>() + src.block * bb, ws_.staging.as<char>() + (src.block + 1) * bb, src.tokens,
               C * dim, src.position};
@@ -254,6 +327,7 @@ Status StepRunner::attend(const RankPlan& rp, const std::vector<QueryState>& qs)
     p.kv_heads = m.kv_heads;
     p.head_dim = dim;
     p.rope_theta = m.rope_theta;
+    p.rope_scaling = m.rope_scaling;
     p.max_position = s.selected.layout.length();
     p.out = state;
     p.row_max = state + s.rows * dim;
@@ -326,6 +400,7 @@ Status StepRunner::reply(const StepPlan& plan, const RankPlan& rp, const std::ve
     r.status = s.status;
     if (!s.status.is_ok()) continue;
     r.recalled = s.selected.recalled;
+    for (const TokenRange& t : s.selected.spans) r.recalled_spans.push_back({t.first, t.end});
     r.out.resize(s.rows * dim);
     const void* src = s.plan->owner_rank == rank ? static_cast<const void*>(ws_.states.as<float>() + rp.state_offset[i])
                                                  : static_cast<const void*>(ws_.reply.as<float>() + rp.reply_offset[i]);

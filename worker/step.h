@@ -44,6 +44,7 @@ class StepRunner {
   Status exchange_candidates(size_t send_bytes, std::string* gathered);
   void select(const std::string& gathered, size_t send_bytes, std::vector<QueryState>& qs) const;
   Status exchange_chunks(const RankPlan& rp, const std::vector<QueryState>& qs);
+  Status exchange_spans(const RankPlan& rp, const std::vector<QueryState>& qs);
   Status attend(const RankPlan& rp, const std::vector<QueryState>& qs);
   Status merge_partial_states(const RankPlan& rp, const std::vector<QueryState>& qs);
   Status reply(const StepPlan& plan, const RankPlan& rp, const std::vector<QueryState>& qs,

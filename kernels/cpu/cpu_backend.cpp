@@ -33,6 +33,17 @@ inline void rotate(const float* x, const float* cs, const float* sn, int dim, fl
   }
 }
 
+// Folds per-thread top-k lists partial [threads][rows][k] into out [rows][k]. The order is
+// total, so the result is the same for any split of the work.
+void fold_thread_lists(const std::vector<Candidate>& partial, int threads, int64_t rows, int k, Candidate* out) {
+  for (int tid = 0; tid < threads; ++tid) {
+    const Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int s = 0; s < k && top[row * k + s].chunk >= 0; ++s) topk_insert(out + row * k, k, top[row * k + s]);
+    }
+  }
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {}
@@ -62,54 +73,79 @@ Status CpuBackend::copy(void* dst, const void* src, size_t bytes) {
   return Status::ok();
 }
 
-Status CpuBackend::score_chunks(const ScoreParams& p) {
-  const int k = p.top_k;
-  const int group = p.q_heads / p.kv_heads;
-  const int64_t rows = p.qlen * p.q_heads;
-  const int dim = p.head_dim;
-  for (int64_t i = 0; i < rows * k; ++i) p.out[i] = Candidate{0.0f, -1};
-  if (p.block_count == 0) return Status::ok();
+namespace {
 
-  const int threads = static_cast<int>(std::min<int64_t>(threads_, p.block_count));
+// The scan shared by chunk and token scoring: per-thread top-k lists over a static split of
+// the block slots, folded into p.out. score_head(slot, g, keys [C, D], top [rows][k], scratch)
+// scores one KV head of one block.
+template <typename ScoreHead>
+void scan_blocks(const ScoreParams& p, int max_threads, ScoreHead score_head) {
+  const int64_t rows = p.qlen * p.q_heads;
+  const int k = p.top_k;
+  for (int64_t i = 0; i < rows * k; ++i) p.out[i] = Candidate{0.0f, -1};
+  if (p.block_count == 0) return;
+  const int threads = static_cast<int>(std::min<int64_t>(max_threads, p.block_count));
   std::vector<Candidate> partial(static_cast<size_t>(threads) * rows * k, Candidate{0.0f, -1});
 #pragma omp parallel num_threads(threads)
   {
-    const int tid = omp_get_thread_num();
-    Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
-    std::vector<float> chunk_max(static_cast<size_t>(p.qlen) * group);
+    Candidate* top = partial.data() + static_cast<size_t>(omp_get_thread_num()) * rows * k;
+    std::vector<float> scratch(static_cast<size_t>(p.qlen) * (p.q_heads / p.kv_heads));
 #pragma omp for schedule(static)
     for (int64_t slot = 0; slot < p.block_count; ++slot) {
       const auto* block = static_cast<const float*>(p.k_pages[slot / p.blocks_per_page]) +
-                          (slot % p.blocks_per_page) * p.kv_heads * p.chunk_tokens * dim;
-      const auto chunk = static_cast<int32_t>(slot * p.chunk_id_stride + p.chunk_id_offset);
+                          (slot % p.blocks_per_page) * p.kv_heads * p.chunk_tokens * p.head_dim;
       for (int g = 0; g < p.kv_heads; ++g) {
-        std::fill(chunk_max.begin(), chunk_max.end(), -INFINITY);
-        const float* keys = block + static_cast<int64_t>(g) * p.chunk_tokens * dim;
-        for (int64_t t = 0; t < p.chunk_tokens; ++t) {
-          for (int64_t i = 0; i < p.qlen; ++i) {
-            for (int r = 0; r < group; ++r) {
-              const float* q = p.q + (i * p.q_heads + g * group + r) * dim;
-              float& best = chunk_max[i * group + r];
-              best = std::max(best, dot(q, keys + t * dim, dim));
-            }
-          }
-        }
-        for (int64_t i = 0; i < p.qlen; ++i) {
-          for (int r = 0; r < group; ++r) {
-            const int64_t row = i * p.q_heads + g * group + r;
-            topk_insert(top + row * k, k, Candidate{chunk_max[i * group + r], chunk});
-          }
-        }
+        score_head(slot, g, block + static_cast<int64_t>(g) * p.chunk_tokens * p.head_dim, top, scratch);
       }
     }
   }
-  // The order is total, so folding the per-thread lists gives the same result for any split.
-  for (int tid = 0; tid < threads; ++tid) {
-    const Candidate* top = partial.data() + static_cast<size_t>(tid) * rows * k;
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int s = 0; s < k && top[row * k + s].chunk >= 0; ++s) topk_insert(p.out + row * k, k, top[row * k + s]);
+  fold_thread_lists(partial, threads, rows, k, p.out);
+}
+
+}  // namespace
+
+Status CpuBackend::score_chunks(const ScoreParams& p) {
+  const int k = p.top_k;
+  const int group = p.q_heads / p.kv_heads;
+  const int dim = p.head_dim;
+  scan_blocks(p, threads_, [&](int64_t slot, int g, const float* keys, Candidate* top, std::vector<float>& chunk_max) {
+    const auto chunk = static_cast<int32_t>(slot * p.chunk_id_stride + p.chunk_id_offset);
+    std::fill(chunk_max.begin(), chunk_max.end(), -INFINITY);
+    for (int64_t t = 0; t < p.chunk_tokens; ++t) {
+      for (int64_t i = 0; i < p.qlen; ++i) {
+        for (int r = 0; r < group; ++r) {
+          const float* q = p.q + (i * p.q_heads + g * group + r) * dim;
+          float& best = chunk_max[i * group + r];
+          best = std::max(best, dot(q, keys + t * dim, dim));
+        }
+      }
     }
-  }
+    for (int64_t i = 0; i < p.qlen; ++i) {
+      for (int r = 0; r < group; ++r) {
+        const int64_t row = i * p.q_heads + g * group + r;
+        topk_insert(top + row * k, k, Candidate{chunk_max[i * group + r], chunk});
+      }
+    }
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::score_tokens(const ScoreParams& p) {
+  const int k = p.top_k;
+  const int group = p.q_heads / p.kv_heads;
+  const int dim = p.head_dim;
+  scan_blocks(p, threads_, [&](int64_t slot, int g, const float* keys, Candidate* top, std::vector<float>&) {
+    const int64_t first = p.first_token + (slot * p.chunk_id_stride + p.chunk_id_offset) * p.chunk_tokens;
+    for (int64_t t = 0; t < p.chunk_tokens; ++t) {
+      const auto token = static_cast<int32_t>(first + t);
+      for (int64_t i = 0; i < p.qlen; ++i) {
+        for (int r = 0; r < group; ++r) {
+          const int64_t row = i * p.q_heads + g * group + r;
+          topk_insert(top + row * k, k, Candidate{dot(p.q + row * dim, keys + t * dim, dim), token});
+        }
+      }
+    }
+  });
   return Status::ok();
 }
 
@@ -122,7 +158,7 @@ Status CpuBackend::attend(const AttendParams& p) {
   // cos/sin of every position that occurs, computed in double.
   std::vector<float> cos_table(static_cast<size_t>(p.max_position + 1) * half);
   std::vector<float> sin_table(cos_table.size());
-  const std::vector<double> inv_freq = rope_inv_freq(dim, p.rope_theta);
+  const std::vector<double> inv_freq = rope_inv_freq(dim, p.rope_theta, p.rope_scaling);
   for (int64_t pos = 0; pos <= p.max_position; ++pos) {
     for (int d = 0; d < half; ++d) {
       const double angle = static_cast<double>(pos) * inv_freq[d];
@@ -206,6 +242,16 @@ Status CpuBackend::pack_blocks(const PackParams& p) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < p.count; ++b) {
     std::memcpy(static_cast<char*>(p.dst) + b * p.block_bytes, p.src[b], p.block_bytes);
+  }
+  return Status::ok();
+}
+
+Status CpuBackend::copy_ranges(const CopyRangesParams& p) {
+  if (p.count < 0) return invalid_argument("copy_ranges: count " + std::to_string(p.count) + " is negative");
+  if (p.count == 0) return Status::ok();
+  if (!p.ranges || !p.dst) return invalid_argument("copy_ranges: null range list or destination");
+  for (int64_t i = 0; i < p.count; ++i) {
+    std::memcpy(static_cast<char*>(p.dst) + p.ranges[i].dst_offset, p.ranges[i].src, p.ranges[i].bytes);
   }
   return Status::ok();
 }

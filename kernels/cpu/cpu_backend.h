@@ -25,6 +25,8 @@ class CpuBackend final : public Backend {
   Status attend(const AttendParams& p) override;
   Status merge_states(const MergeParams& p) override;
   Status pack_blocks(const PackParams& p) override;
+  Status score_tokens(const ScoreParams& p) override;
+  Status copy_ranges(const CopyRangesParams& p) override;
 
  private:
   int threads_;

@@ -154,8 +154,15 @@ Status CudaBackend::ensure_scratch(void** ptr, size_t* capacity, size_t bytes) {
   return Status::ok();
 }
 
-Status CudaBackend::ensure_rope_table(double theta, int head_dim, int64_t positions) {
-  if (rope_ws_ && theta == rope_theta_ && head_dim == rope_dim_ && positions <= rope_positions_) return Status::ok();
+Status CudaBackend::ensure_rope_table(double theta, const RopeScaling& scaling, int head_dim, int64_t positions) {
+  const RopeScaling& s = rope_scaling_;
+  const bool same_scaling = s.type == scaling.type && s.factor == scaling.factor &&
+                            s.low_freq_factor == scaling.low_freq_factor &&
+                            s.high_freq_factor == scaling.high_freq_factor &&
+                            s.original_max_positions == scaling.original_max_positions;
+  if (rope_ws_ && theta == rope_theta_ && same_scaling && head_dim == rope_dim_ && positions <= rope_positions_) {
+    return Status::ok();
+  }
   const int half = head_dim / 2;
   const int64_t rows = (std::max<int64_t>(positions, 1) + 4095) / 4096 * 4096;
   const size_t table_bytes = static_cast<size_t>(rows) * half * sizeof(float);
@@ -163,10 +170,11 @@ Status CudaBackend::ensure_rope_table(double theta, int head_dim, int64_t positi
   auto* cos_table = static_cast<float*>(rope_ws_);
   auto* sin_table = reinterpret_cast<float*>(static_cast<char*>(rope_ws_) + table_bytes);
   auto* inv_freq = reinterpret_cast<double*>(static_cast<char*>(rope_ws_) + 2 * table_bytes);
-  const std::vector<double> host_inv = rope_inv_freq(head_dim, theta);
+  const std::vector<double> host_inv = rope_inv_freq(head_dim, theta, scaling);
   REATTN_RETURN_IF_ERROR(upload(inv_freq, host_inv.data(), host_inv.size() * sizeof(double)));
   REATTN_RETURN_IF_ERROR(cuda::build_rope_table(inv_freq, head_dim, rows, cos_table, sin_table, stream_));
   rope_theta_ = theta;
+  rope_scaling_ = scaling;
   rope_dim_ = head_dim;
   rope_positions_ = rows;
   return Status::ok();
@@ -179,7 +187,7 @@ Status CudaBackend::score_chunks(const ScoreParams& p) {
 }
 
 Status CudaBackend::attend(const AttendParams& p) {
-  REATTN_RETURN_IF_ERROR(ensure_rope_table(p.rope_theta, p.head_dim, p.max_position + 1));
+  REATTN_RETURN_IF_ERROR(ensure_rope_table(p.rope_theta, p.rope_scaling, p.head_dim, p.max_position + 1));
   const cuda::AttendPlan plan = cuda::plan_attend(p, info_);
   REATTN_RETURN_IF_ERROR(ensure_scratch(&attend_ws_, &attend_ws_bytes_, plan.workspace_bytes));
   const int half = p.head_dim / 2;
@@ -188,6 +196,14 @@ Status CudaBackend::attend(const AttendParams& p) {
   const auto* sin_table = reinterpret_cast<const float*>(static_cast<const char*>(rope_ws_) + table_bytes);
   return cuda::run_attend(p, dtype_, plan, cos_table, sin_table, attend_ws_, stream_);
 }
+
+Status CudaBackend::score_tokens(const ScoreParams& p) {
+  const cuda::ScorePlan plan = cuda::plan_score_tokens(p, info_);
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&score_ws_, &score_ws_bytes_, plan.workspace_bytes));
+  return cuda::run_score_tokens(p, dtype_, plan, score_ws_, stream_);
+}
+
+Status CudaBackend::copy_ranges(const CopyRangesParams& p) { return cuda::run_copy_ranges(p, stream_); }
 
 Status CudaBackend::merge_states(const MergeParams& p) { return cuda::run_merge_states(p, stream_); }
 

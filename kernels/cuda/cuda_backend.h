@@ -43,6 +43,8 @@ class CudaBackend final : public Backend {
   Status attend(const AttendParams& p) override;
   Status merge_states(const MergeParams& p) override;
   Status pack_blocks(const PackParams& p) override;
+  Status score_tokens(const ScoreParams& p) override;
+  Status copy_ranges(const CopyRangesParams& p) override;
 
   // The one stream every operation of this backend runs on (the communicator uses it too).
   cudaStream_t stream() const { return stream_; }
@@ -59,8 +61,8 @@ class CudaBackend final : public Backend {
   CudaBackend() = default;
   // Grows a scratch allocation (not counted as KV) only when a larger size is asked for.
   Status ensure_scratch(void** ptr, size_t* capacity, size_t bytes);
-  // The RoPE cos/sin table covering positions [0, positions) for (theta, head_dim).
-  Status ensure_rope_table(double theta, int head_dim, int64_t positions);
+  // The RoPE cos/sin table covering positions [0, positions) for (theta, scaling, head_dim).
+  Status ensure_rope_table(double theta, const RopeScaling& scaling, int head_dim, int64_t positions);
 
   DType dtype_ = DType::kBF16;
   cuda::DeviceInfo info_;
@@ -83,6 +85,7 @@ class CudaBackend final : public Backend {
   void* rope_ws_ = nullptr;  // [positions][D/2] cos, then sin, then inv_freq [D/2] double
   size_t rope_ws_bytes_ = 0;
   double rope_theta_ = 0.0;
+  RopeScaling rope_scaling_;
   int rope_dim_ = 0;
   int64_t rope_positions_ = 0;
 };

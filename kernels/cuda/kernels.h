@@ -57,6 +57,15 @@ int score_gemm_tiles_per_chunk(int64_t chunk_tokens);
 Status run_score_gemm(const ScoreParams& p, DType dtype, const ScorePlan& plan, Candidate* partial,
                       cudaStream_t stream);
 
+// ---- Span recall (span_score_kernels.cu) ----
+// Token scoring with the per-(row, head) token top-k; the plan's fields mean what they mean
+// for chunk scoring.
+ScorePlan plan_score_tokens(const ScoreParams& p, const DeviceInfo& info);
+Status run_score_tokens(const ScoreParams& p, DType dtype, const ScorePlan& plan, void* workspace,
+                        cudaStream_t stream);
+// One launch for all ranges; 16-byte vectors where a range's ends are aligned.
+Status run_copy_ranges(const CopyRangesParams& p, cudaStream_t stream);
+
 // ---- Windowed attention and state merge (attend_kernels.cu) ----
 struct AttendPlan {
   bool mma = false;            // tensor-core kernel (query blocks) instead of the scalar one

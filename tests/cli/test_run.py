@@ -4,6 +4,8 @@
   test_run.py --run BIN --mpirun MPIRUN --config tiny.yaml parity
       the same chunk ids and outputs (1e-5 relative) at 1 to 4 ranks, both strategies, both
       owners, for safetensors inputs in F32/F16/BF16 with planted needles and for synthetic ones.
+  test_run.py ... parity-span
+      the same with --recall span: the same recalled spans and outputs at 1 to 4 ranks.
   test_run.py ... bad CASE
       one bad input: reattn-run must exit non-zero within the timeout with one error line that
       names the problem.
@@ -50,7 +52,12 @@ def rel_diff(a, b):
     return max(abs(x - y) for x, y in zip(fa, fb)) / scale
 
 
-def check_all_agree(args, base_args, label, expect_chunks=None):
+def recalled(got):
+    """Chunk ids, or span recall's [first, end) token ranges."""
+    return got["recalled_spans"] if "recalled_spans" in got else got["recalled_chunks"]
+
+
+def check_all_agree(args, base_args, label, expect_chunks=None, expect_tokens=()):
     reference = None
     for np in (1, 2, 3, 4):
         for strategy in ("gather", "partial"):
@@ -61,13 +68,16 @@ def check_all_agree(args, base_args, label, expect_chunks=None):
                     if expect_chunks is not None:
                         missing = [c for c in expect_chunks if c not in got["recalled_chunks"]]
                         assert not missing, f"{label}: needle chunks {missing} not recalled: {got['recalled_chunks']}"
+                    for t in expect_tokens:  # span recall: the needle and its neighbours on both sides
+                        for u in (t - 1, t, t + 1):
+                            assert any(a <= u < b for a, b in got["recalled_spans"]), f"{label}: token {u} not recalled"
                     continue
                 where = f"{label} np={np} {strategy} owner={owner}"
-                assert got["recalled_chunks"] == reference["recalled_chunks"], \
-                    f"{where}: chunks {got['recalled_chunks']} != {reference['recalled_chunks']}"
+                assert recalled(got) == recalled(reference), \
+                    f"{where}: recalled {recalled(got)} != {recalled(reference)}"
                 diff = rel_diff(got["out"], reference["out"])
                 assert diff <= 1e-5, f"{where}: out differs by {diff:.3g} relative"
-    print(f"ok  {label}: {reference['recalled_chunks']}")
+    print(f"ok  {label}: {recalled(reference)}")
 
 
 def parity(args):
@@ -85,6 +95,22 @@ def parity(args):
     check_all_agree(args, ["--config", args.config, "--synthetic-tokens", "3001", "--seed", "9", "--needles",
                            "100,2500", "--qlen", "4", "--layer", "0"], "synthetic n=3001",
                     [(100 - 4) // 8, (2500 - 4) // 8])
+
+
+def parity_span(args):
+    tmp = tempfile.mkdtemp(prefix="reattn-parity-span-")
+    dirs = st.unit_directions(TINY["kv_heads"], TINY["head_dim"], 5)
+    tokens = 1001
+    needles = [4 + 8 * 20 + 7, 700]  # the first at a block's last token: its span crosses blocks and ranks
+    kv, q = os.path.join(tmp, "kv.safetensors"), os.path.join(tmp, "q.safetensors")
+    st.make_kv(kv, TINY["layers"], TINY["kv_heads"], tokens, TINY["head_dim"], "F32", seed=tokens, needles=needles,
+               needle_dir=dirs)
+    st.make_q(q, 3, TINY["q_heads"], TINY["head_dim"], "F32", seed=3, direction=dirs, group=2)
+    check_all_agree(args, ["--config", args.config, "--recall", "span", "--kv", kv, "--q", q, "--layer", "1"],
+                    f"span F32 n={tokens} qlen=3", expect_tokens=needles)
+    check_all_agree(args, ["--config", args.config, "--recall", "span", "--synthetic-tokens", "3001", "--seed", "9",
+                           "--needles", "100,2500", "--qlen", "4", "--layer", "0", "--mode", "detached"],
+                    "span synthetic n=3001 detached", expect_tokens=[100, 2500])
 
 
 BAD_CASES = {}
@@ -253,12 +279,15 @@ def main():
     p.add_argument("--config", required=True)
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("parity")
+    sub.add_parser("parity-span")
     b = sub.add_parser("bad")
     b.add_argument("case", choices=sorted(BAD_CASES))
     sub.add_parser("list-bad")
     args = p.parse_args()
     if args.what == "parity":
         parity(args)
+    elif args.what == "parity-span":
+        parity_span(args)
     elif args.what == "bad":
         bad(args, args.case)
     else:

@@ -411,7 +411,10 @@ TEST_F(HandlersTest, ReadinessFollowsTheServiceState) {
   EXPECT_EQ(call("GET", "/v1/info").status, 503);
   state_.set_ready();
   EXPECT_EQ(call("GET", "/health/ready").status, 200);
-  EXPECT_EQ(call("GET", "/v1/info").status, 200);
+  const HttpResponse info = call("GET", "/v1/info");
+  EXPECT_EQ(info.status, 200);
+  EXPECT_EQ(json::parse(info.body)["reattention"]["recall"], "chunk");
+  EXPECT_EQ(json::parse(info.body)["model"]["rope_scaling"]["type"], "none");
   state_.set_draining();
   EXPECT_EQ(call("GET", "/health/ready").status, 503);
   state_.set_ready();  // draining is final
@@ -464,6 +467,7 @@ TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
   TaskResult result;
   result.context = {1, 0, 40};
   result.query.recalled = {0, 2};
+  result.query.recalled_spans = {{7, 12}};  // span recall's ranges, [first, end)
   result.query.out.assign(4 * 16, 0.5f);
   batch[0].done(result);
   ASSERT_TRUE(answers[0].has_value());
@@ -472,6 +476,7 @@ TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
   EXPECT_EQ(doc["recalled_chunks"][1]["chunk"], 2);
   EXPECT_EQ(doc["recalled_chunks"][1]["first_token"], 4 + 2 * 8);
   EXPECT_EQ(doc["recalled_chunks"][1]["last_token"], 4 + 3 * 8 - 1);
+  EXPECT_EQ(doc["recalled_spans"], json::parse(R"([{"first_token":7,"last_token":11}])")) << answers[0]->body;
   EXPECT_EQ(doc["out"].size(), 1u);
   EXPECT_EQ(doc["out"][0].size(), 4u);
   EXPECT_EQ(doc["out"][0][0].size(), 16u);
