@@ -58,6 +58,9 @@ class Backend {
   virtual Status merge_states(const MergeParams& p) = 0;
   // Ordered with the other operations (and the communicator's transfers) like a copy.
   virtual Status pack_blocks(const PackParams& p) = 0;
+  // Merges the ranks' candidate lists of one query and selects its recall set, in backend
+  // memory (no host round trip per row on a device).
+  virtual Status merge_select(const MergeSelectParams& p) = 0;
 };
 
 // Grows a buffer only when a larger size is asked for: the step's workspace does not

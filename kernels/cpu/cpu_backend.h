@@ -25,6 +25,7 @@ class CpuBackend final : public Backend {
   Status attend(const AttendParams& p) override;
   Status merge_states(const MergeParams& p) override;
   Status pack_blocks(const PackParams& p) override;
+  Status merge_select(const MergeSelectParams& p) override;
 
  private:
   int threads_;

@@ -63,7 +63,7 @@ Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int l
 
 CudaBackend::~CudaBackend() {
   if (stream_) (void)cudaStreamSynchronize(stream_);
-  for (void* scratch : {score_ws_, attend_ws_, rope_ws_}) {
+  for (void* scratch : {score_ws_, attend_ws_, select_ws_, rope_ws_}) {
     if (scratch) (void)cudaFree(scratch);
   }
   if (ring_done_) (void)cudaEventDestroy(ring_done_);
@@ -192,5 +192,10 @@ Status CudaBackend::attend(const AttendParams& p) {
 Status CudaBackend::merge_states(const MergeParams& p) { return cuda::run_merge_states(p, stream_); }
 
 Status CudaBackend::pack_blocks(const PackParams& p) { return cuda::run_pack_blocks(p, stream_); }
+
+Status CudaBackend::merge_select(const MergeSelectParams& p) {
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&select_ws_, &select_ws_bytes_, cuda::merge_select_workspace_bytes(p.num_chunks)));
+  return cuda::run_merge_select(p, select_ws_, select_ws_bytes_, stream_);
+}
 
 }  // namespace reattn
