@@ -76,6 +76,8 @@ struct GridOptions {
   std::string json_path;
   std::string label;            // free text stored in the JSON
   bool comm_probe = false;      // time the communicator's allgather and send/recv by size
+  int64_t device_select_rows = 0;  // 0: the step's default (StepOptions)
+  bool bf16_q = false;          // grid: q rounded to bf16 values (a model's q; one-pass scoring)
   std::string mode = "grid";    // grid | prefill
   std::string prefill_tokens_text = "1M";
   int64_t prefill_step = 4096;
@@ -354,7 +356,10 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
 
     for (FinalAttention strategy : strategies) {
       for (int64_t qlen : opt.qlens) {
-        const std::vector<float> q = synthetic_query(SyntheticSpec{opt.seed, {}}, m, 0, qlen);
+        std::vector<float> q = synthetic_query(SyntheticSpec{opt.seed, {}}, m, 0, qlen);
+        if (opt.bf16_q) {
+          for (float& x : q) x = bf16_to_float(float_to_bf16(x));
+        }
         for (int batch : opt.batches) {
           // One step = `batch` queries of this context, each with its own copy of the rows
           // (as separate requests would bring them).
@@ -638,7 +643,9 @@ int run(const Control& control, const GridOptions& opt) {
     comm_probe = *probed;
   }
 
-  ServiceLoop loop(control, **backend, **comm, cfg);
+  StepOptions step_options;
+  if (opt.device_select_rows > 0) step_options.device_select_rows = opt.device_select_rows;
+  ServiceLoop loop(control, **backend, **comm, cfg, step_options);
   if (rank != 0) {
     s = loop.serve();
     if (!s.is_ok()) {
@@ -665,6 +672,8 @@ int run(const Control& control, const GridOptions& opt) {
            {"communicator", (*comm)->name()},
            {"comm_probe", comm_probe},
            {"warmup", opt.warmup},
+           {"bf16_q", opt.bf16_q},
+           {"device_select_rows", step_options.device_select_rows},
            {"iters", opt.iters},
            {"columns", json::array()},
            {"contexts", json::array()},
@@ -740,6 +749,9 @@ int main(int argc, char** argv) {
   app.add_option("--csv", opt.csv_path, "CSV output (rank 0)");
   app.add_option("--json", opt.json_path, "JSON output (rank 0)");
   app.add_option("--label", opt.label, "free text stored in the JSON");
+  app.add_option("--device-select-rows", opt.device_select_rows,
+                 "queries of at least this many (row, head) rows select on the device (default: the step's)");
+  app.add_flag("--bf16-q", opt.bf16_q, "grid: round q to bf16 values, as a model's q is");
   app.add_option("--mode", opt.mode, "grid (query batches over a grid) or prefill (layer steps over one context)");
   app.add_option("--prefill-tokens", opt.prefill_tokens_text, "prefill: context length, e.g. 1M");
   app.add_option("--prefill-step", opt.prefill_step, "prefill: tokens per layer step (<= local_window)");

@@ -3,7 +3,7 @@
 # builds reattn-bench-grid and test_cuda_backend (-G Ninja, -j16), runs the batch and selection
 # GPU tests, then on one GPU (and on two under mpirun when two are visible):
 #   (a) 32 decode queries of one 4M-token context as one step vs one query per step
-#       (queries/s ratio; goal >= 10x);
+#       (queries/s ratio; goal >= 10x), q rounded to bf16 values as a model's q is;
 #   (b) a 1M-token prefill of one LLaMA-3-8B-shaped layer (configs/llama3-8b.yaml) in 4096-token
 #       layer steps (append + tail query), total time and the phase split; the merge phase
 #       (candidate allgather + selection) at qlen 4096 is read from its last 32 steps (goal <= 1 ms).
@@ -52,7 +52,7 @@ CFG=configs/llama3-8b.yaml
 run_set() {  # $1: label (1gpu / 2gpu); the rest: launcher prefix
   local tag=$1
   shift
-  "$@" "$GRID" --config "$CFG" --backend cuda --tokens "$BATCH_TOKENS" --qlen 1 --batch 1,32 --strategy gather \
+  "$@" "$GRID" --config "$CFG" --backend cuda --tokens "$BATCH_TOKENS" --qlen 1 --batch 1,32 --strategy gather --bf16-q \
     --warmup 3 --iters 20 --json "$OUT/batch-$tag.json" --csv "$OUT/batch-$tag.csv" --label "batch $tag" \
     >"$OUT/batch-$tag.log" 2>&1
   local rc=$?
@@ -67,6 +67,15 @@ run_set() {  # $1: label (1gpu / 2gpu); the rest: launcher prefix
   grep -E "^# prefill" "$OUT/prefill-$tag.log" | tee -a "$LOG"
   tail -3 "$OUT/prefill-$tag.log" | grep -v "^# prefill" | tee -a "$LOG"
   say "prefill $tag rc=$rc ($((SECONDS - t0)) s)"
+  # Same-run baseline of the merge phase: host selection (every query below the threshold) at
+  # 4 sampled steps, the last at the full length.
+  "$@" "$GRID" --config "$CFG" --backend cuda --mode prefill --prefill-tokens "$PREFILL_TOKENS" --prefill-step 4096 \
+    --prefill-sample 4 --device-select-rows 1000000000000 --json "$OUT/prefill-host-$tag.json" \
+    --csv "$OUT/prefill-host-$tag.csv" --label "prefill host selection $tag" >"$OUT/prefill-host-$tag.log" 2>&1
+  rc=$?
+  [ "$rc" = 0 ] || fail=1
+  tail -2 "$OUT/prefill-host-$tag.log" | tee -a "$LOG"
+  say "prefill host-selection baseline $tag rc=$rc ($((SECONDS - t0)) s)"
 }
 run_set 1gpu
 if [ "$TWO_GPU" = 1 ]; then
@@ -75,11 +84,11 @@ else
   say "2-GPU runs skipped: $GPUS GPU(s) visible"
 fi
 
-python3 - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
+python3 - "$OUT" "$TWO_GPU" <<'PY' 2>&1 | tee -a "$LOG"
 import csv, json, os, statistics, sys
 out = sys.argv[1]
 table = []
-for tag in ("1gpu", "2gpu"):
+for tag in ("1gpu", "2gpu") if sys.argv[2] == "1" else ("1gpu",):
     try:
         rows = json.load(open(os.path.join(out, f"batch-{tag}.json")))["rows"]
         by_batch = {r["batch"]: r for r in rows}
@@ -98,8 +107,16 @@ for tag in ("1gpu", "2gpu"):
                       % ("estimated " if s["estimated"] else "", s["total_s"], s["tokens_per_s"], s["score_s"],
                          s["merge_s"], s["attn_s"], s["append_s"], s["measured_steps"], s["steps"])))
         last = [r["merge_ms"] for r in p["steps"]][-32:]
-        table.append((tag, "merge phase at qlen 4096 (last %d steps, up to %d tokens)" % (len(last), s["tokens"]),
+        table.append((tag, "merge phase at qlen %d (last %d steps, up to %d tokens)" % (s["step_tokens"], len(last),
+                                                                                         s["tokens"]),
                       "median %.3f ms, max %.3f ms (goal <= 1 ms)" % (statistics.median(last), max(last))))
+        host = json.load(open(os.path.join(out, f"prefill-host-{tag}.json")))["prefill"]["steps"]
+        device = {r["step"]: r for r in p["steps"]}
+        pairs = [(device[h["step"]], h) for h in host if h["step"] in device and h["step"] > 0]
+        table.append((tag, "merge phase, device vs host selection (same run)",
+                      "; ".join("%d tokens: %.3f vs %.3f ms = %.1fx" % (h["tokens"], d["merge_ms"], h["merge_ms"],
+                                                                        h["merge_ms"] / max(d["merge_ms"], 1e-9))
+                                for d, h in pairs)))
     except (OSError, KeyError, ValueError) as e:
         table.append((tag, "prefill", "missing (%s)" % e))
 w = max(len(t[1]) for t in table)
