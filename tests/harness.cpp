@@ -90,9 +90,11 @@ BatchRun run_batch_and_alone(Backend& backend, Communicator& comm, const Config&
   for (size_t i = 0; i < queries.size(); ++i) {
     const BatchQuery& bq = queries[i];
     const bool known = bq.context >= 0;
-    SyntheticSpec spec = known ? contexts[bq.context].spec : SyntheticSpec{};
-    spec.seed += i;
-    run.q.push_back(synthetic_query(spec, config.model, bq.layer, bq.qlen));
+    // Rows [i, i + qlen) of a longer block: every query's rows differ, all point at the needles.
+    const SyntheticSpec spec = known ? contexts[bq.context].spec : SyntheticSpec{};
+    const std::vector<float> rows = synthetic_query(spec, config.model, bq.layer, bq.qlen + static_cast<int64_t>(i));
+    const size_t row_floats = static_cast<size_t>(config.model.q_heads) * config.model.head_dim;
+    run.q.emplace_back(rows.begin() + i * row_floats, rows.end());
     QueryPlan qp;
     qp.context_id = known ? 100 + bq.context : 999;
     qp.tokens = known ? contexts[bq.context].n : 1;

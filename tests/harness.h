@@ -68,7 +68,8 @@ struct BatchRun {
   std::vector<QueryResult> alone;   // rank 0: each query as a step of its own
   std::vector<std::vector<float>> q;  // each query's rows [qlen, H, D]
 };
-// Every rank calls it. Query i's rows are synthetic_query(spec of its context with seed + i).
+// Every rank calls it. Query i's rows are rows [i, i + qlen) of synthetic_query(its context's
+// spec, layer, qlen + i).
 BatchRun run_batch_and_alone(Backend& backend, Communicator& comm, const Config& config,
                              const std::vector<BatchContext>& contexts, const std::vector<BatchQuery>& queries,
                              FinalAttention strategy, StepOptions options);
