@@ -8,8 +8,10 @@
 #       layer steps (append + tail query), total time and the phase split; the merge phase
 #       (candidate allgather + selection) at qlen 4096 is read from its last 32 steps (goal <= 1 ms).
 # Prints a short table; JSON, CSV and logs go to $OUT (default bench/out).
-# Knobs: PREFILL_TOKENS (1M), PREFILL_SAMPLE (0: time all steps; N: N evenly spaced steps, the
-# rest filled synthetically and the total estimated), BATCH_TOKENS (4M), TESTS (1), TWO_GPU (auto).
+# Knobs: PREFILL_TOKENS (1M), PREFILL_SAMPLE (1 GPU; 0: time all steps; N: N evenly spaced steps,
+# the rest filled synthetically and the total estimated as mean step x steps, marked "estimated"),
+# PREFILL_SAMPLE_2GPU (32, to stay within ~4 minutes), BATCH_TOKENS (4M), TESTS (1: the batch and
+# selection GPU tests first), TWO_GPU (1 when two GPUs are visible).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,6 +19,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERE
 OUT=${OUT:-bench/out}
 PREFILL_TOKENS=${PREFILL_TOKENS:-1M}
 PREFILL_SAMPLE=${PREFILL_SAMPLE:-0}
+PREFILL_SAMPLE_2GPU=${PREFILL_SAMPLE_2GPU:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-4M}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
@@ -30,6 +33,7 @@ GEN=()
 [ -f build-gpu/CMakeCache.txt ] || GEN=(-G Ninja)
 TARGETS=(reattn-bench-grid)
 [ "${TESTS:-1}" = 1 ] && TARGETS+=(test_cuda_backend)
+[ "${TESTS:-1}" = 1 ] && [ "$TWO_GPU" = 1 ] && TARGETS+=(test_cuda_distributed)
 if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
        cmake --build build-gpu -j 16 --target "${TARGETS[@]}"; } >"$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -20
@@ -44,14 +48,20 @@ if [ "${TESTS:-1}" = 1 ]; then
   tests_rc=$?
   [ "$tests_rc" = 0 ] || fail=1
   grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) +\]|Failure|Expected|Which is" "$OUT/tests.log" | head -40 | tee -a "$LOG"
+  if [ "$TWO_GPU" = 1 ]; then
+    mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE build-gpu/tests/test_cuda_distributed >"$OUT/tests-2gpu.log" 2>&1
+    rc=$?
+    [ "$rc" = 0 ] || { tests_rc=$rc; fail=1; }
+    grep -E "^(FAIL|PASS) batch|passed, .* failed" "$OUT/tests-2gpu.log" | tee -a "$LOG"
+  fi
   say "tests rc=$tests_rc ($((SECONDS - t0)) s)"
 fi
 
 GRID=build-gpu/bench/reattn-bench-grid
 CFG=configs/llama3-8b.yaml
-run_set() {  # $1: label (1gpu / 2gpu); the rest: launcher prefix
-  local tag=$1
-  shift
+run_set() {  # $1: label (1gpu / 2gpu); $2: prefill steps timed (0: all); the rest: launcher prefix
+  local tag=$1 sample=$2
+  shift 2
   "$@" "$GRID" --config "$CFG" --backend cuda --tokens "$BATCH_TOKENS" --qlen 1 --batch 1,32 --strategy gather --bf16-q \
     --warmup 3 --iters 20 --json "$OUT/batch-$tag.json" --csv "$OUT/batch-$tag.csv" --label "batch $tag" \
     >"$OUT/batch-$tag.log" 2>&1
@@ -60,7 +70,7 @@ run_set() {  # $1: label (1gpu / 2gpu); the rest: launcher prefix
   grep -vE "^#\s*$" "$OUT/batch-$tag.log" | tail -4 | tee -a "$LOG"
   say "batch $tag rc=$rc ($((SECONDS - t0)) s)"
   "$@" "$GRID" --config "$CFG" --backend cuda --mode prefill --prefill-tokens "$PREFILL_TOKENS" --prefill-step 4096 \
-    --prefill-sample "$PREFILL_SAMPLE" --json "$OUT/prefill-$tag.json" --csv "$OUT/prefill-$tag.csv" \
+    --prefill-sample "$sample" --json "$OUT/prefill-$tag.json" --csv "$OUT/prefill-$tag.csv" \
     --label "prefill $tag" >"$OUT/prefill-$tag.log" 2>&1
   rc=$?
   [ "$rc" = 0 ] || fail=1
@@ -77,9 +87,9 @@ run_set() {  # $1: label (1gpu / 2gpu); the rest: launcher prefix
   tail -2 "$OUT/prefill-host-$tag.log" | tee -a "$LOG"
   say "prefill host-selection baseline $tag rc=$rc ($((SECONDS - t0)) s)"
 }
-run_set 1gpu
+run_set 1gpu "$PREFILL_SAMPLE"
 if [ "$TWO_GPU" = 1 ]; then
-  run_set 2gpu mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE
+  run_set 2gpu "$PREFILL_SAMPLE_2GPU" mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE
 else
   say "2-GPU runs skipped: $GPUS GPU(s) visible"
 fi
@@ -107,7 +117,7 @@ for tag in ("1gpu", "2gpu") if sys.argv[2] == "1" else ("1gpu",):
                       % ("estimated " if s["estimated"] else "", s["total_s"], s["tokens_per_s"], s["score_s"],
                          s["merge_s"], s["attn_s"], s["append_s"], s["measured_steps"], s["steps"])))
         last = [r["merge_ms"] for r in p["steps"]][-32:]
-        table.append((tag, "merge phase at qlen %d (last %d steps, up to %d tokens)" % (s["step_tokens"], len(last),
+        table.append((tag, "merge phase at qlen %d (last %d timed steps, up to %d tokens)" % (s["step_tokens"], len(last),
                                                                                          s["tokens"]),
                       "median %.3f ms, max %.3f ms (goal <= 1 ms)" % (statistics.median(last), max(last))))
         host = json.load(open(os.path.join(out, f"prefill-host-{tag}.json")))["prefill"]["steps"]
