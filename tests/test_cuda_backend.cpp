@@ -145,6 +145,11 @@ TEST(CudaBackend, RejectsUnsupportedConfigs) {
   b = make_cuda_backend(cfg, 0);
   ASSERT_FALSE(b.is_ok());
   EXPECT_NE(b.status().message().find("head_dim"), std::string::npos);
+  cfg = make_config(c);
+  cfg.reattention.max_recall_chunks = cuda::kMaxRecallOnDevice + 1;
+  const Status recall = cuda_backend_supports(cfg);
+  ASSERT_FALSE(recall.is_ok());
+  EXPECT_NE(recall.message().find("max_recall_chunks"), std::string::npos);
 }
 
 // auto picks cuda exactly when a device is visible; asking for cuda without one, or for a GPU

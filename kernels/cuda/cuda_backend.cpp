@@ -29,6 +29,11 @@ Status cuda_backend_supports(const Config& config) {
     return invalid_argument("model.head_dim: the cuda backend supports 64 or 128, got " +
                             std::to_string(config.model.head_dim));
   }
+  if (config.reattention.max_recall_chunks > cuda::kMaxRecallOnDevice) {
+    return invalid_argument("reattention.max_recall_chunks: the cuda backend selects at most " +
+                            std::to_string(cuda::kMaxRecallOnDevice) + ", got " +
+                            std::to_string(config.reattention.max_recall_chunks));
+  }
   if (config.reattention.top_k > cuda::kMaxTopK) {
     return invalid_argument("reattention.top_k: the cuda backend keeps at most " + std::to_string(cuda::kMaxTopK) +
                             ", got " + std::to_string(config.reattention.top_k));

@@ -86,6 +86,8 @@ Status run_merge_states(const MergeParams& p, cudaStream_t stream);
 // for blocks of many rows without a host round trip (the step calls it through
 // Backend::merge_select for big queries).
 using reattn::MergeSelectParams;
+// Largest max_recall the device selection takes (its final sort is in shared memory).
+constexpr int64_t kMaxRecallOnDevice = 4096;
 size_t merge_select_workspace_bytes(int64_t num_chunks);
 Status run_merge_select(const MergeSelectParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -21,7 +21,7 @@ namespace reattn::cuda {
 namespace {
 
 constexpr int kFinalThreads = 1024;
-constexpr int kFinalMax = 4096;  // largest max_recall the final sort takes (shared memory)
+constexpr int kFinalMax = static_cast<int>(kMaxRecallOnDevice);
 
 // Order-preserving map of floats onto unsigned ints (larger float -> larger key).
 __device__ __forceinline__ uint32_t ordered_key(float x) {
