@@ -837,10 +837,13 @@ TEST(CudaBackend, MergeSelectMatchesCpuWithRankStride) {
   std::vector<Candidate> gathered(static_cast<size_t>(world) * stride + lead, Candidate{0.0f, -1});
   for (int r = 0; r < world; ++r) {
     for (int64_t row = 0; row < rows; ++row) {
+      // k distinct chunks of rank r (as a rank's scoring produces), scores with many ties.
       Candidate* list = gathered.data() + lead + r * stride + row * k;
-      for (int s = 0; s < k; ++s) {
+      for (int s = 0; s < k;) {
         const auto chunk = static_cast<int32_t>((rng() % (num_chunks / world)) * world + r);
+        if (std::any_of(list, list + k, [&](const Candidate& c) { return c.chunk == chunk; })) continue;
         topk_insert(list, k, Candidate{static_cast<float>(rng() % 64) / 8.0f, chunk});
+        ++s;
       }
     }
   }
