@@ -101,6 +101,10 @@ Status StepRunner::score(const StepPlan& plan, const ScoreLayout& sl, std::vecto
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.recv, send_bytes * world));
   // The queries' rows in block order; runs contiguous in both places go up as one copy.
   int64_t run_src = 0, run_dst = 0, run_floats = 0;
+  const auto upload_run = [&]() {
+    if (run_floats == 0) return Status::ok();
+    return backend_.upload(ws_.q.as<float>() + run_dst, plan.q.data() + run_src, run_floats * sizeof(float));
+  };
   for (const QueryState& s : qs) {
     if (!s.status.is_ok()) continue;
     const int64_t src = s.plan->q_offset, dst = s.q_offset, floats = s.rows * m.head_dim;
@@ -108,12 +112,12 @@ Status StepRunner::score(const StepPlan& plan, const ScoreLayout& sl, std::vecto
       run_floats += floats;
       continue;
     }
-    REATTN_RETURN_IF_ERROR(backend_.upload(ws_.q.as<float>() + run_dst, plan.q.data() + run_src, run_floats * sizeof(float)));
+    REATTN_RETURN_IF_ERROR(upload_run());
     run_src = src;
     run_dst = dst;
     run_floats = floats;
   }
-  REATTN_RETURN_IF_ERROR(backend_.upload(ws_.q.as<float>() + run_dst, plan.q.data() + run_src, run_floats * sizeof(float)));
+  REATTN_RETURN_IF_ERROR(upload_run());
   auto* cands = reinterpret_cast<Candidate*>(ws_.send.as<char>() + header_bytes);
   std::vector<int64_t> flags(qs.size());
   for (size_t i = 0; i < qs.size(); ++i) {
