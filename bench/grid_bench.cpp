@@ -454,6 +454,15 @@ void fill_uniform(std::vector<float>& data, uint64_t seed) {
   }
 }
 
+// `scratch` refilled from `seed`, as bf16 bytes.
+std::string bf16_bytes(std::vector<float>& scratch, uint64_t seed) {
+  fill_uniform(scratch, seed);
+  std::string bytes(scratch.size() * sizeof(uint16_t), '\0');
+  auto* out = reinterpret_cast<uint16_t*>(bytes.data());
+  for (size_t i = 0; i < scratch.size(); ++i) out[i] = float_to_bf16(scratch[i]);
+  return bytes;
+}
+
 Status run_prefill(ServiceLoop& loop, const Config& cfg, const GridOptions& opt, int64_t total_tokens, json* doc) {
   const ModelConfig& m = cfg.model;
   const int64_t step = opt.prefill_step;
@@ -471,6 +480,7 @@ Status run_prefill(ServiceLoop& loop, const Config& cfg, const GridOptions& opt,
   OperationResult result;
   REATTN_RETURN_IF_ERROR(submit_checked(loop, CreateContext{id, 0}, &result, "create context"));
   // A model's q is bf16: round once, so the scoring takes its one-pass path.
+  std::vector<float> kv(static_cast<size_t>(m.kv_heads) * step * m.head_dim);
   std::vector<float> q(static_cast<size_t>(step) * m.q_heads * m.head_dim);
   fill_uniform(q, opt.seed);
   for (float& x : q) x = bf16_to_float(float_to_bf16(x));
@@ -500,10 +510,10 @@ Status run_prefill(ServiceLoop& loop, const Config& cfg, const GridOptions& opt,
     ls.layer_tokens = n;
     ls.qlen = step;
     ls.q = q;
-    ls.k.resize(static_cast<size_t>(m.kv_heads) * step * m.head_dim);
-    ls.v.resize(ls.k.size());
-    fill_uniform(ls.k, opt.seed + 2 * s + 1);
-    fill_uniform(ls.v, opt.seed + 2 * s + 2);
+    // k and v as a model sends them: bf16 [Hkv, step, D].
+    ls.kv_dtype = DType::kBF16;
+    ls.k = bf16_bytes(kv, opt.seed + 2 * s + 1);
+    ls.v = bf16_bytes(kv, opt.seed + 2 * s + 2);
     const Operation op = std::move(ls);
     const auto t0 = Clock::now();
     REATTN_RETURN_IF_ERROR(submit_checked(loop, op, &result, "layer step " + std::to_string(s)));

@@ -10,10 +10,12 @@
 namespace reattn {
 
 Expected<std::unique_ptr<Communicator>> make_communicator(Backend& backend, const Control& control) {
-  if (backend.host_memory()) return std::unique_ptr<Communicator>(new MpiCommunicator());
+  const double step_s = control.deadlines().step_s;
+  if (backend.host_memory()) return std::unique_ptr<Communicator>(new MpiCommunicator(step_s));
 #if defined(REATTN_HAVE_CUDA)
   if (auto* cuda = dynamic_cast<CudaBackend*>(&backend)) {
-    Expected<std::unique_ptr<NcclCommunicator>> nccl = NcclCommunicator::make(*cuda, control.rank(), control.world());
+    Expected<std::unique_ptr<NcclCommunicator>> nccl =
+        NcclCommunicator::make(*cuda, control.rank(), control.world(), control.deadlines());
     if (!nccl) return nccl.status();
     return std::unique_ptr<Communicator>(std::move(nccl).value());
   }

@@ -253,6 +253,12 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("max_batch", &c.server.max_batch);
   server.read("http_threads", &c.server.http_threads);
   server.read("request_timeout_s", &c.server.request_timeout_s);
+  server.read("step_deadline_s", &c.server.step_deadline_s);
+  server.read("operation_deadline_s", &c.server.operation_deadline_s);
+  server.read("heartbeat_s", &c.server.heartbeat_s);
+  server.read("queue_deadline_s", &c.server.queue_deadline_s);
+  server.read("drain_deadline_s", &c.server.drain_deadline_s);
+  server.read("max_connections", &c.server.max_connections);
   REATTN_RETURN_IF_ERROR(server.finish());
 
   REATTN_RETURN_IF_ERROR(c.validate());
@@ -287,6 +293,7 @@ Status Config::validate() const {
       {"server.max_batch", server.max_batch, 1},
       {"server.http_threads", server.http_threads, 1},
       {"server.request_timeout_s", server.request_timeout_s, 1},
+      {"server.max_connections", server.max_connections, 1},
   };
   // Capacity sums over ranks; keep it far from int64 overflow.
   if (capacity.tokens_per_rank > (int64_t{1} << 40)) {
@@ -304,6 +311,19 @@ Status Config::validate() const {
   if (model.q_heads % model.kv_heads != 0) {
     return invalid_argument("model.kv_heads: " + std::to_string(model.kv_heads) +
                             " does not divide model.q_heads " + std::to_string(model.q_heads));
+  }
+  const std::pair<const char*, double> deadlines[] = {
+      {"server.step_deadline_s", server.step_deadline_s},
+      {"server.operation_deadline_s", server.operation_deadline_s},
+      {"server.heartbeat_s", server.heartbeat_s},
+      {"server.queue_deadline_s", server.queue_deadline_s},
+      {"server.drain_deadline_s", server.drain_deadline_s},
+  };
+  for (const auto& [key, seconds] : deadlines) {
+    if (!(seconds > 0) || !std::isfinite(seconds) || seconds > 86400) {
+      return invalid_argument(std::string(key) + ": must be a number of seconds in (0, 86400], got " +
+                              format_number(seconds));
+    }
   }
   if (!(model.rope_theta > 0) || !std::isfinite(model.rope_theta)) {
     return invalid_argument("model.rope_theta: must be finite and > 0, got " +
@@ -407,6 +427,12 @@ std::string Config::to_yaml() const {
   put("max_batch", server.max_batch);
   put("http_threads", server.http_threads);
   put("request_timeout_s", server.request_timeout_s);
+  put("step_deadline_s", format_number(server.step_deadline_s));
+  put("operation_deadline_s", format_number(server.operation_deadline_s));
+  put("heartbeat_s", format_number(server.heartbeat_s));
+  put("queue_deadline_s", format_number(server.queue_deadline_s));
+  put("drain_deadline_s", format_number(server.drain_deadline_s));
+  put("max_connections", server.max_connections);
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -61,6 +61,13 @@ struct ServerConfig {
   int max_batch = 32;                  // queries merged into one step
   int http_threads = 4;
   int request_timeout_s = 30;          // slow clients are cut off after this
+  // Reliability (README "Reliability"): every wait on another rank has a deadline.
+  double step_deadline_s = 30;         // one collective of a query step; the heartbeat round trip
+  double operation_deadline_s = 300;   // one control-plane operation (create, append, synthetic)
+  double heartbeat_s = 1;              // rank 0 idle: checks every rank this often
+  double queue_deadline_s = 60;        // a request not started this long after arrival gets 503
+  double drain_deadline_s = 60;        // SIGTERM: the job ends by then, drained or not
+  int max_connections = 1024;          // open HTTP connections; more are refused
 };
 
 // A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and

@@ -20,6 +20,10 @@ class Writer {
     put(static_cast<uint64_t>(values.size()));
     out_.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
   }
+  void put_bytes(const std::string& bytes) {
+    put(static_cast<uint64_t>(bytes.size()));
+    out_.append(bytes);
+  }
   std::string take() { return std::move(out_); }
 
  private:
@@ -44,6 +48,13 @@ class Reader {
     values->resize(count);
     std::memcpy(values->data(), bytes_.data() + pos_, count * sizeof(T));
     pos_ += count * sizeof(T);
+    return true;
+  }
+  bool get_bytes(std::string* bytes) {
+    uint64_t count = 0;
+    if (!get(&count) || count > bytes_.size() - pos_) return ok_ = false;
+    bytes->assign(bytes_.data() + pos_, count);
+    pos_ += count;
     return true;
   }
   // An enum stored as int32, accepted only in [lo, hi].
@@ -158,8 +169,9 @@ std::string encode_operation(const Operation& op) {
                           w.put(o.layer_tokens);
                           w.put(o.qlen);
                           w.put_vector(o.q);
-                          w.put_vector(o.k);
-                          w.put_vector(o.v);
+                          w.put(static_cast<int32_t>(o.kv_dtype));
+                          w.put_bytes(o.k);
+                          w.put_bytes(o.v);
                         }},
              op);
   return w.take();
@@ -210,7 +222,7 @@ Expected<Operation> decode_operation(const std::string& bytes) {
     case 6: {
       LayerStep o;
       r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) && r.get_vector(&o.q) &&
-          r.get_vector(&o.k) && r.get_vector(&o.v);
+          r.get_enum(&o.kv_dtype, DType::kF32, DType::kBF16) && r.get_bytes(&o.k) && r.get_bytes(&o.v);
       op = std::move(o);
       break;
     }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/config.h"
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace reattn {
@@ -44,7 +45,8 @@ struct StepTiming {
   double score_ms = 0;      // local chunk scoring and top-k
   double candidates_ms = 0; // candidate allgather and recall selection (reported as "merge_ms")
   double attention_ms = 0;  // chunk or state exchange, windowed attention, state merge, reply
-  double total_ms = 0;
+  double total_ms = 0;      // the query step: score + candidates + attention
+  double append_ms = 0;     // a layer step: appending its k/v on every rank, before the query step
 };
 
 struct QueryResult {
@@ -86,8 +88,9 @@ struct LayerStep {
   int64_t layer_tokens = 0;  // the layer's length before the step
   int64_t qlen = 0;
   std::vector<float> q;      // [qlen, H, D], pre-RoPE
-  std::vector<float> k;      // [Hkv, qlen, D], pre-RoPE
-  std::vector<float> v;      // [Hkv, qlen, D]
+  DType kv_dtype = DType::kF32;
+  std::string k;             // [Hkv, qlen, D] in kv_dtype, pre-RoPE: as the client sent it, so
+  std::string v;             // each value is converted once, into the storage dtype
 };
 
 using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep>;
@@ -120,6 +123,8 @@ class OperationRunner {
   // Broadcasts `op` and applies it on every rank. A non-ok return is a fatal fault (the
   // ranks can no longer agree); a failed operation is reported in result->status.
   virtual Status submit(const Operation& op, OperationResult* result) = 0;
+  // Between operations: a fault unless every rank answers within the step deadline.
+  virtual Status heartbeat() { return Status::ok(); }
 };
 
 }  // namespace reattn

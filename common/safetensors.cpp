@@ -156,7 +156,7 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
   std::vector<Range> ranges;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
-    const std::string where = "tensor '" + name + "': ";
+    const std::string where = "tensor '" + capped(name) + "': ";
     if (!entry.is_object()) return fail(where + "entry is not a JSON object");
     for (const char* key : {"dtype", "shape", "data_offsets"}) {
       if (!entry.contains(key)) return fail(where + "missing '" + key + "'");
@@ -217,8 +217,22 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
   std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < ranges.size(); ++i) {
     if (ranges[i].begin < ranges[i - 1].end) {
-      return fail("tensors '" + *ranges[i - 1].name + "' and '" + *ranges[i].name + "' overlap in the data section");
+      return fail("tensors '" + capped(*ranges[i - 1].name) + "' and '" + capped(*ranges[i].name) +
+                  "' overlap in the data section");
     }
+  }
+  // Strict, as the reference implementation: the tensors tile the data section exactly.
+  uint64_t covered = 0;
+  for (const Range& r : ranges) {
+    if (r.begin != covered) {
+      return fail("bytes [" + std::to_string(covered) + ", " + std::to_string(r.begin) +
+                  ") of the data section belong to no tensor");
+    }
+    covered = r.end;
+  }
+  if (covered != data_size) {
+    return fail(std::to_string(data_size - covered) + " trailing bytes after the last tensor (the data section is " +
+                std::to_string(data_size) + " bytes, the tensors end at " + std::to_string(covered) + ")");
   }
   file.storage_ = std::move(storage);
   return file;

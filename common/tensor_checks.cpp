@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/excerpt.h"
+
 namespace reattn {
 namespace {
 
@@ -34,6 +36,20 @@ int64_t first_unstorable(const unsigned char* data, int64_t count, float max_abs
     }
   }
   return -1;
+}
+
+// Strict protocol: a K/V body holds exactly 'k' and 'v', in one dtype.
+Status check_kv_tensor_set(const SafetensorsFile& file, const TensorView& k, const TensorView& v) {
+  for (const std::string& name : file.names()) {
+    if (name != "k" && name != "v") {
+      return invalid_argument("unexpected tensor '" + capped(name) + "': a K/V body holds exactly 'k' and 'v'");
+    }
+  }
+  if (k.dtype != v.dtype) {
+    return invalid_argument(std::string("tensors 'k' (") + dtype_name(k.dtype) + ") and 'v' (" + dtype_name(v.dtype) +
+                            ") differ in dtype; send both in one dtype");
+  }
+  return Status::ok();
 }
 
 }  // namespace
@@ -82,6 +98,7 @@ Expected<KvTensors> kv_tensors(const SafetensorsFile& file, const ModelConfig& m
   KvTensors kv;
   REATTN_ASSIGN_OR_RETURN(kv.k, file.get("k"));
   REATTN_ASSIGN_OR_RETURN(kv.v, file.get("v"));
+  REATTN_RETURN_IF_ERROR(check_kv_tensor_set(file, kv.k, kv.v));
   for (const TensorView* t : {&kv.k, &kv.v}) {
     REATTN_RETURN_IF_ERROR(
         check_shape(*t, {{"layers", model.layers}, {"kv_heads", model.kv_heads}, {"tokens"}, {"head_dim", model.head_dim}}));

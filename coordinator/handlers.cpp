@@ -7,6 +7,7 @@
 
 #include "common/excerpt.h"
 #include "common/semantics.h"
+#include "coordinator/json_budget.h"
 #include "coordinator/logging.h"
 #include "coordinator/responses.h"
 
@@ -127,6 +128,9 @@ void Handlers::handle(HttpRequest request, Responder done) {
       return reply(std::move(r));
     }
     if (!state_.ready()) return reply(error_response(503, "unavailable", state_.reason()));
+    const std::string media = content_type_problem(m.route, request.content_type, request.body.size());
+    if (!media.empty()) return reply(error_response(415, "unsupported_media_type", media));
+    if (Status s = check_json_body(m.route, request, config_); !s.is_ok()) return reply(body_error(s));
   }
   switch (m.route) {
     case Route::kHealthLive: return reply(json_response(200, {{"status", "live"}}));
@@ -231,6 +235,7 @@ void Handlers::create_context(const HttpRequest& req, Responder done) {
   Task task;
   task.op = CreateContext{};  // the step loop picks the id and owner
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task), [](const TaskResult& r) { return json_response(201, context_json(r.context)); },
           std::move(done));
 }
@@ -240,6 +245,7 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
   Task task;
   task.op = EraseContext{m.id};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [id = m.id](const TaskResult&) { return json_response(200, {{"id", id}, {"deleted", true}}); },
           std::move(done));
@@ -255,6 +261,7 @@ void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) 
   Task task;
   task.op = AppendKv{m.id, *tokens, std::move(body)};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [appended = *tokens](const TaskResult& r) {
             json body = context_json(r.context);
@@ -273,6 +280,7 @@ void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder 
   Task task;
   task.op = AppendSynthetic{m.id, spec->tokens, spec->seed, std::move(spec->needles)};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [appended](const TaskResult& r) {
             json body = context_json(r.context);
@@ -301,6 +309,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   Task task;
   task.op = std::move(plan);
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [this, id = m.id, layer, mode, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
             return attention_response({{"context_id", id},
@@ -322,8 +331,9 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
   const int layer = step->layer;
   const int64_t qlen = step->qlen;
   Task task;
-  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), std::move(step->k), std::move(step->v)};
+  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), step->kv_dtype, std::move(step->k), std::move(step->v)};
   task.request_id = req.request_id;
+  task.client_gone = req.client_gone;
   enqueue(std::move(task),
           [this, id = m.id, layer, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
             return attention_response({{"context_id", id},

@@ -2,7 +2,9 @@
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -11,6 +13,17 @@
 #include <chrono>
 #include <optional>
 #include <utility>
+
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <thread>
+#include <vector>
+
+#include "common/excerpt.h"
+#include "coordinator/logging.h"
 
 namespace reattn {
 
@@ -25,21 +38,74 @@ constexpr uint32_t kHeaderLimit = 64 * 1024;
 // Room the read buffer keeps for a request body: 1 MiB per socket read.
 constexpr size_t kBodyReadBytes = 1 << 20;
 
+// Nice value of the parse pool's threads (the I/O threads keep the process's).
+constexpr int kParseNice = 10;
+
+// Back-off of the accept loop when the process is out of file descriptors or memory.
+constexpr std::chrono::milliseconds kFirstBackoff{10};
+constexpr std::chrono::milliseconds kMaxBackoff{1000};
+
+// Answered on a connection over max_connections, written once without waiting.
+const char kRefusal[] =
+    "HTTP/1.1 503 Service Unavailable\r\nServer: reattn\r\nContent-Type: application/json\r\n"
+    "Retry-After: 1\r\nConnection: close\r\nContent-Length: 95\r\n\r\n"
+    "{\"error\":{\"code\":\"unavailable\",\"message\":\"too many open connections (server.max_connections)\"}}";
+
+// Paths answered on the I/O threads; everything else is handled on the parse pool.
+bool is_light_path(const std::string& path) {
+  return path == "/health/live" || path == "/health/ready" || path == "/metrics";
+}
+
+// Accept errors that mean "out of descriptors or memory": wait before trying again.
+bool is_resource_exhaustion(const boost::system::error_code& ec) {
+  return ec == boost::asio::error::no_descriptors || ec == boost::asio::error::no_memory ||
+         ec == boost::asio::error::no_buffer_space || ec.value() == ENFILE;
+}
+
 }  // namespace
 
 // State shared by the listener and every session.
 struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   Impl(net::io_context& io, HttpServerOptions opt, Handler h, Rejecter r)
-      : ioc(io), acceptor(net::make_strand(io)), options(opt), handler(std::move(h)), rejecter(std::move(r)) {}
+      : ioc(io),
+        acceptor(net::make_strand(io)),
+        backoff_timer(acceptor.get_executor()),
+        options(opt),
+        handler(std::move(h)),
+        rejecter(std::move(r)),
+        parse_work(net::make_work_guard(parse_ioc)) {
+    for (int i = 0; i < std::max(1, opt.parse_threads); ++i) {
+      parse_threads.emplace_back([this] {
+        // Below the I/O threads: under CPU contention a health check wins over a heavy body.
+        setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), kParseNice);
+        parse_ioc.run();
+      });
+    }
+  }
+  ~Impl() {
+    parse_work.reset();
+    parse_ioc.stop();
+    for (std::thread& t : parse_threads) t.join();
+  }
 
   void accept();
+  void on_accept(beast::error_code ec, tcp::socket socket);
+  void refuse(tcp::socket socket);
 
   net::io_context& ioc;
   tcp::acceptor acceptor;
+  net::steady_timer backoff_timer;   // on the acceptor's strand
+  std::chrono::milliseconds backoff{0};
   HttpServerOptions options;
   Handler handler;
   Rejecter rejecter;
+  // The parse pool: runs the handler for every request but health and metrics.
+  net::io_context parse_ioc;
+  net::executor_work_guard<net::io_context::executor_type> parse_work;
+  std::vector<std::thread> parse_threads;
   std::atomic<int> active{0};
+  std::atomic<int> connections{0};
+  std::atomic<uint64_t> refused{0};
   std::atomic<bool> closing{false};
 };
 
@@ -48,7 +114,10 @@ namespace {
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket&& socket, std::shared_ptr<HttpServer::Impl> server)
-      : stream_(std::move(socket)), server_(std::move(server)) {}
+      : stream_(std::move(socket)), server_(std::move(server)) {
+    ++server_->connections;
+  }
+  ~Session() { --server_->connections; }
 
   void start() {
     // Run on the session's strand from the first operation on.
@@ -79,6 +148,20 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     if (ec) return reject(400, "bad_request", "malformed HTTP request: " + ec.message());
     const auto& req = parser_->get();
+    if (req.count(http::field::transfer_encoding) > 0) {
+      // Only "chunked" is decoded; anything else (gzip, "gzip, chunked") would be misread.
+      const std::string te(req[http::field::transfer_encoding]);
+      if (req.count(http::field::transfer_encoding) > 1 || !beast::iequals(te, "chunked")) {
+        return reject(501, "not_implemented",
+                      "Transfer-Encoding '" + capped(te) + "' is not supported; only 'chunked' is");
+      }
+    }
+    if (req.count(http::field::content_encoding) > 0 &&
+        !beast::iequals(req[http::field::content_encoding], "identity")) {
+      return reject(415, "unsupported_media_type",
+                    "Content-Encoding '" + capped(std::string(req[http::field::content_encoding])) +
+                        "' is not supported; send the body uncompressed");
+    }
     const auto length = parser_->content_length();
     if (length && *length > static_cast<uint64_t>(server_->options.max_body_bytes)) {
       return reject_too_large();
@@ -98,8 +181,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void read_body() {
     // Beast reads at most the buffer's spare capacity (at least 512 bytes) per call: without
-    // room, a 64 MiB body would take 131072 reads.
-    buffer_.reserve(kBodyReadBytes);
+    // room, a 64 MiB body would take 131072 reads. The room is given back after the body.
+    const auto length = parser_->content_length();
+    buffer_.reserve(static_cast<size_t>(std::min<uint64_t>(length ? *length : kBodyReadBytes, kBodyReadBytes)));
     http::async_read(stream_, buffer_, *parser_, beast::bind_front_handler(&Session::on_body, shared_from_this()));
   }
 
@@ -114,6 +198,7 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.expires_never();
     HttpRequest request = head();
     request.body = std::move(parser_->get().body());
+    buffer_.shrink_to_fit();
     keep_alive_ = parser_->get().keep_alive();
     version_ = parser_->get().version();
     ++server_->active;
@@ -123,12 +208,36 @@ class Session : public std::enable_shared_from_this<Session> {
         self->write(std::move(r), self->keep_alive_, true);
       });
     };
+    request.client_gone = std::make_shared<std::atomic<bool>>(false);
+    watch_client(request.client_gone);
+    if (is_light_path(request.path)) return dispatch(server_, std::move(request), std::move(done));
+    // Parsing a body (up to max_body_bytes of JSON) runs on the parse pool.
+    net::post(server_->parse_ioc, [server = server_, r = std::move(request), d = std::move(done)]() mutable {
+      dispatch(server, std::move(r), std::move(d));
+    });
+  }
+
+  static void dispatch(const std::shared_ptr<HttpServer::Impl>& server, HttpRequest request, Responder done) {
     try {
-      server_->handler(std::move(request), std::move(done));
+      server->handler(std::move(request), done);
     } catch (...) {
       // Handlers never throw; if one did, the responder was not called.
-      write(error_response(500, "internal", "unexpected error in the request handler"), false, true);
+      done(error_response(500, "internal", "unexpected error in the request handler"));
     }
+  }
+
+  // Marks `gone` when the client closes its side while its request is being handled, so a
+  // queued request whose client has left is dropped rather than run.
+  void watch_client(std::shared_ptr<std::atomic<bool>> gone) {
+    stream_.socket().async_wait(tcp::socket::wait_read,
+                                [self = shared_from_this(), gone = std::move(gone)](beast::error_code ec) {
+                                  if (ec) return;
+                                  char byte;
+                                  const ssize_t n = ::recv(self->stream_.socket().native_handle(), &byte, 1,
+                                                           MSG_PEEK | MSG_DONTWAIT);
+                                  // 0: orderly close; < 0 other than "no data": reset.
+                                  if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) gone->store(true);
+                                });
   }
 
   HttpRequest head() const {
@@ -225,10 +334,45 @@ class Session : public std::enable_shared_from_this<Session> {
 
 void HttpServer::Impl::accept() {
   acceptor.async_accept(net::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
-    if (ec == net::error::operation_aborted || !self->acceptor.is_open()) return;
-    if (!ec) std::make_shared<Session>(std::move(socket), self)->start();
-    self->accept();
+    self->on_accept(ec, std::move(socket));
   });
+}
+
+void HttpServer::Impl::on_accept(beast::error_code ec, tcp::socket socket) {
+  if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
+  if (is_resource_exhaustion(ec)) {
+    // Out of descriptors: accepting again at once would spin. The pending connection waits
+    // in the backlog until a descriptor is free.
+    backoff = std::min(kMaxBackoff, backoff.count() == 0 ? kFirstBackoff : backoff * 2);
+    if (backoff == kFirstBackoff) {
+      log_event(LogLevel::kWarn, "accept failed; backing off",
+                {{"error", ec.message()}, {"open_connections", connections.load()}});
+    }
+    backoff_timer.expires_after(backoff);
+    backoff_timer.async_wait([self = shared_from_this()](beast::error_code wait_ec) {
+      if (!wait_ec) self->accept();
+    });
+    return;
+  }
+  if (!ec) {
+    backoff = std::chrono::milliseconds(0);
+    if (connections.load() >= options.max_connections) {
+      refuse(std::move(socket));
+    } else {
+      std::make_shared<Session>(std::move(socket), shared_from_this())->start();
+    }
+  }
+  accept();
+}
+
+void HttpServer::Impl::refuse(tcp::socket socket) {
+  ++refused;
+  beast::error_code ec;
+  // One write that fits the socket buffer; never waits on the client.
+  socket.non_blocking(true, ec);
+  socket.write_some(net::buffer(kRefusal, sizeof(kRefusal) - 1), ec);
+  socket.shutdown(tcp::socket::shutdown_both, ec);
+  socket.close(ec);
 }
 
 HttpServer::HttpServer(net::io_context& ioc, HttpServerOptions options, Handler handler, Rejecter rejecter)
@@ -266,5 +410,9 @@ void HttpServer::stop_accepting() {
 }
 
 int HttpServer::active_requests() const { return impl_->active.load(); }
+
+int HttpServer::open_connections() const { return impl_->connections.load(); }
+
+uint64_t HttpServer::refused_connections() const { return impl_->refused.load(); }
 
 }  // namespace reattn

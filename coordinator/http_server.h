@@ -1,8 +1,14 @@
 // The HTTP/1.1 listener and sessions (Boost.Beast on Asio). Owns all socket I/O: reading
 // headers and bodies with a size limit (413 before the body is read when Content-Length says
 // so), per-read and per-write timeouts for slow clients, Expect: 100-continue, keep-alive.
-// Complete requests go to the handler with a Responder; the handler may answer from any
-// thread, later (the response is written on the session's strand).
+// Limits (Envoy/nginx style): at most max_connections open connections (one more is answered
+// 503 and closed); when accept fails for want of file descriptors (EMFILE, ENFILE) or memory,
+// the listener backs off (10 ms doubling to 1 s) instead of spinning. Transfer codings other
+// than "chunked" and any Content-Encoding get 501/415 before the body is read.
+// Complete requests go to the handler with a Responder: requests for the health and metrics
+// paths on the I/O threads, every other request on a separate pool of `parse_threads`, so a
+// heavy body never delays a health check. The handler may answer from any thread, later (the
+// response is written on the session's strand).
 // Thread-safety: construct, listen and stop from one thread; the io_context may run on many.
 #pragma once
 
@@ -26,6 +32,8 @@ namespace reattn {
 struct HttpServerOptions {
   int64_t max_body_bytes = 64ll << 20;
   int request_timeout_s = 30;    // limit on reading one request and on writing one response
+  int max_connections = 1024;    // open connections; one more is answered 503 and closed
+  int parse_threads = 2;         // threads that run the handler for non-health requests
 };
 
 class HttpServer {
@@ -49,6 +57,9 @@ class HttpServer {
   void stop_accepting();
   // Requests handed to the handler and not yet answered (written or failed).
   int active_requests() const;
+  // Connections open now, and refused since start (over max_connections).
+  int open_connections() const;
+  uint64_t refused_connections() const;
 
   struct Impl;  // the listener's and sessions' shared state (http_server.cpp)
 

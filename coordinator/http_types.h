@@ -2,8 +2,10 @@
 // the pure handlers (handlers, router). Nothing here touches a socket.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,6 +27,8 @@ struct HttpRequest {
   std::string body;
   std::string peer;            // "address:port"
   std::chrono::steady_clock::time_point received;
+  // Set (from an I/O thread) when the client closes its connection before the answer.
+  std::shared_ptr<std::atomic<bool>> client_gone;
 };
 
 struct HttpResponse {

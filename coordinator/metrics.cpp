@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "coordinator/logging.h"
+
 namespace reattn {
 namespace {
 
@@ -36,6 +38,14 @@ std::string escape_label(const std::string& s) {
 
 }  // namespace
 
+std::string method_label(const std::string& method) {
+  static const char* const kMethods[] = {"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"};
+  for (const char* m : kMethods) {
+    if (method == m) return m;
+  }
+  return "other";
+}
+
 void Metrics::Histogram::observe(double value) {
   const size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), value) - bounds.begin();
   ++counts[bucket];
@@ -58,7 +68,7 @@ Metrics::Metrics() : batch_queries_(make_histogram(kBatchBounds)) {
 
 void Metrics::count_request(const std::string& method, const std::string& route, int status, double seconds) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++requests_[{method, route, status}];
+  ++requests_[{method_label(method), route, status}];
   auto it = request_seconds_.find(route);
   if (it == request_seconds_.end()) it = request_seconds_.emplace(route, make_histogram(kSecondsBounds)).first;
   it->second.observe(seconds);
@@ -128,6 +138,9 @@ std::string Metrics::render(const MetricsSnapshot& g) const {
   out += "# HELP reattn_ready 1 when every rank is up and the service takes requests.\n";
   out += "# TYPE reattn_ready gauge\n";
   out += "reattn_ready " + std::string(g.ready ? "1" : "0") + "\n";
+  out += "# HELP reattn_log_lines_dropped_total Log lines dropped because stderr did not keep up.\n";
+  out += "# TYPE reattn_log_lines_dropped_total counter\n";
+  out += "reattn_log_lines_dropped_total " + std::to_string(dropped_log_lines()) + "\n";
   out += "# HELP reattn_ranks Ranks in the job.\n";
   out += "# TYPE reattn_ranks gauge\n";
   out += "reattn_ranks " + std::to_string(g.tokens_per_rank.size()) + "\n";

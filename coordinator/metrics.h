@@ -1,5 +1,9 @@
 // Service metrics in the Prometheus text exposition format (version 0.0.4):
 //   reattn_http_requests_total{method,route,status}           counter
+//   reattn_log_lines_dropped_total                            counter
+// Every label value comes from a fixed set, whatever a client sends: methods outside the
+// standard ones count as "other", routes are route templates or "unmatched", statuses are
+// the server's own.
 //   reattn_http_request_duration_seconds{route}              histogram
 //   reattn_step_phase_seconds{phase=score|merge|attention|total|queue}  histogram
 //   reattn_step_batch_queries                                histogram (queries per step)
@@ -24,10 +28,14 @@ struct MetricsSnapshot {
   bool ready = false;
 };
 
+// The method label: a standard method's name, else "other".
+std::string method_label(const std::string& method);
+
 class Metrics {
  public:
   Metrics();
 
+  // `method` as the client sent it (mapped by method_label); `route` a route template.
   void count_request(const std::string& method, const std::string& route, int status, double seconds);
   // phase: "score", "merge", "attention", "total" (per step) or "queue" (per query).
   void observe_phase(const std::string& phase, double seconds);

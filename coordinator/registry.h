@@ -21,7 +21,7 @@ struct ContextInfo {
   ContextId id = 0;
   int owner_rank = 0;
   int64_t tokens = 0;                 // what every layer has reached (the shortest layer)
-  std::vector<int64_t> layer_tokens;  // [layers]; they differ only while a forward pass is under way
+  std::vector<int64_t> layer_tokens = {};  // [layers]; they differ only while a forward pass is under way
 
   int64_t layer_length(int layer) const { return layer_tokens.empty() ? tokens : layer_tokens[layer]; }
   // What capacity charges: the longest layer.

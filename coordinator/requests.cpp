@@ -236,10 +236,14 @@ Expected<StepRequest> parse_json_step(const std::string& body, const Config& con
   REATTN_RETURN_IF_ERROR(
       read_nested(doc["q"], "q", {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}, max_abs, &req.q, &req.qlen));
   int64_t k_len = -1, v_len = -1;
+  std::vector<float> k, v;
   REATTN_RETURN_IF_ERROR(
-      read_nested(doc["k"], "k", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &req.k, &k_len));
+      read_nested(doc["k"], "k", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &k, &k_len));
   REATTN_RETURN_IF_ERROR(
-      read_nested(doc["v"], "v", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &req.v, &v_len));
+      read_nested(doc["v"], "v", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &v, &v_len));
+  req.kv_dtype = DType::kF32;
+  req.k.assign(reinterpret_cast<const char*>(k.data()), k.size() * sizeof(float));
+  req.v.assign(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
   if (k_len != v_len) {
     return invalid_argument("k, v: k has " + std::to_string(k_len) + " tokens, v " + std::to_string(v_len));
   }
@@ -264,16 +268,17 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   for (const TensorView* t : {&k, &v}) {
     REATTN_RETURN_IF_ERROR(check_shape(*t, {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}));
   }
-  if (k.shape != v.shape) {
-    return invalid_argument("tensors 'k' " + shape_string(k.shape) + " and 'v' " + shape_string(v.shape) +
-                            " differ in shape");
+  if (k.shape != v.shape || k.dtype != v.dtype) {
+    return invalid_argument("tensors 'k' " + shape_string(k.shape) + " " + dtype_name(k.dtype) + " and 'v' " +
+                            shape_string(v.shape) + " " + dtype_name(v.dtype) + " differ; send both alike");
   }
   req.qlen = q.shape[0];
   REATTN_RETURN_IF_ERROR(check_step_qlen(req, k.shape[1], config.reattention));
   for (const TensorView* t : {&q, &k, &v}) REATTN_RETURN_IF_ERROR(check_storable(*t, config.max_stored_value()));
   req.q = q.to_f32();
-  req.k = k.to_f32();
-  req.v = v.to_f32();
+  req.kv_dtype = k.dtype;
+  req.k.assign(reinterpret_cast<const char*>(k.data), k.bytes);
+  req.v.assign(reinterpret_cast<const char*>(v.data), v.bytes);
   return req;
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/config.h"
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace reattn {
@@ -34,8 +35,9 @@ struct StepRequest {
   int layer = 0;
   int64_t qlen = 0;
   std::vector<float> q;  // [qlen, H, D] fp32, pre-RoPE
-  std::vector<float> k;  // [Hkv, qlen, D] fp32, pre-RoPE
-  std::vector<float> v;  // [Hkv, qlen, D] fp32
+  DType kv_dtype = DType::kF32;
+  std::string k;         // [Hkv, qlen, D] in kv_dtype (as sent), pre-RoPE
+  std::string v;         // [Hkv, qlen, D] in kv_dtype
 };
 
 // The body is JSON {"layer", "q": [qlen][H][D], "k": [Hkv][qlen][D], "v": [Hkv][qlen][D]}, or

@@ -23,7 +23,8 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
                                                     {"merge_ms", r.timing.candidates_ms},
                                                     {"attention_ms", r.timing.attention_ms},
                                                     {"total_ms", r.timing.total_ms},
-                                                    {"queue_ms", r.queue_ms}};
+                                                    {"queue_ms", r.queue_ms},
+                                                    {"append_ms", r.timing.append_ms}};
   if (binary) {
     TensorToWrite out{"out", DType::kF32, {qlen, m.q_heads, m.head_dim}, std::string(r.query.out.size() * 4, '\0')};
     if (!r.query.out.empty()) std::memcpy(out.data.data(), r.query.out.data(), out.data.size());
@@ -34,8 +35,11 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     resp.content_type = "application/octet-stream";
     resp.body = serialize_safetensors({out, ids});
     static const char* const kHeaders[] = {"X-Reattn-Score-Ms", "X-Reattn-Merge-Ms", "X-Reattn-Attention-Ms",
-                                           "X-Reattn-Total-Ms", "X-Reattn-Queue-Ms"};
-    for (size_t i = 0; i < 5; ++i) resp.headers.emplace_back(kHeaders[i], std::to_string(timing[i].second));
+                                           "X-Reattn-Total-Ms", "X-Reattn-Queue-Ms", "X-Reattn-Append-Ms"};
+    static_assert(sizeof(kHeaders) / sizeof(kHeaders[0]) == sizeof(timing) / sizeof(timing[0]), "a header per time");
+    for (size_t i = 0; i < sizeof(kHeaders) / sizeof(kHeaders[0]); ++i) {
+      resp.headers.emplace_back(kHeaders[i], std::to_string(timing[i].second));
+    }
     return resp;
   }
   nlohmann::json chunks = nlohmann::json::array();

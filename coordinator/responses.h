@@ -1,7 +1,8 @@
 // The answer to a query or a layer step: JSON {fields..., "recalled_chunks", "out", "timing"},
 // or, when the client asks for it (Accept: application/octet-stream), a safetensors body with
 // `out` F32 [qlen, H, D] and `recalled_chunks` I64 [n] (chunk ids ascending), and the timing
-// in X-Reattn-*-Ms headers. Pure; thread-safe.
+// in X-Reattn-*-Ms headers (score, merge, attention, total: the query step; queue: waiting in
+// the queue; append: a layer step's k/v append before its query). Pure; thread-safe.
 #pragma once
 
 #include <nlohmann/json.hpp>

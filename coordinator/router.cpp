@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/excerpt.h"
+
 namespace reattn {
 namespace {
 
@@ -84,13 +86,52 @@ RouteMatch match_route(const std::string& method, const std::string& path) {
   }
   if (m.pattern == "unmatched") m.error_status = 404;
   if (m.error_status == 0 && !m.id_text.empty()) {
+    // Canonical ids only: "01" or "+1" is not context 1.
     uint64_t value = 0;
     const char* end = m.id_text.data() + m.id_text.size();
     const auto [last, ec] = std::from_chars(m.id_text.data(), end, value);
-    m.id_valid = ec == std::errc() && last == end && value > 0;
+    m.id_valid = ec == std::errc() && last == end && value > 0 && m.id_text[0] != '0';
     m.id = value;
   }
+  m.id_text = capped(m.id_text);
   return m;
+}
+
+namespace {
+
+// "application/json; charset=utf-8" -> "application/json"
+std::string media_type(const std::string& content_type) {
+  std::string out;
+  for (char c : content_type.substr(0, content_type.find(';'))) {
+    if (c == ' ' || c == '\t') continue;
+    out += static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string content_type_problem(Route route, const std::string& content_type, size_t body_bytes) {
+  const char* want = nullptr;
+  switch (route) {
+    case Route::kCreateContext:
+      if (body_bytes == 0) return "";
+      want = "application/json";
+      break;
+    case Route::kSynthetic: want = "application/json"; break;
+    case Route::kAppendKv: want = "application/octet-stream"; break;
+    case Route::kQuery:
+    case Route::kLayerStep: want = "application/json or application/octet-stream"; break;
+    default: return "";
+  }
+  const std::string type = media_type(content_type);
+  const bool json = type == "application/json";
+  const bool binary = type == "application/octet-stream";
+  const bool either = route == Route::kQuery || route == Route::kLayerStep;
+  const bool fits = either ? json || binary : route == Route::kAppendKv ? binary : json;
+  if (fits) return "";
+  return "Content-Type " + (content_type.empty() ? std::string("missing") : "'" + capped(content_type, 64) + "'") +
+         ": this route takes " + want;
 }
 
 bool is_api_route(Route route) {

@@ -30,8 +30,8 @@ struct RouteMatch {
   std::string pattern;        // the route template, for metrics and logs ("unmatched" when none)
   int error_status = 0;       // 0 matched; 404 no such path; 405 path known, method not
   std::string allow;          // 405: the allowed methods, "GET, DELETE"
-  std::string id_text;        // the {id} segment as given
-  bool id_valid = false;      // {id} parses as a context id
+  std::string id_text;        // the {id} segment as given, capped for echoing
+  bool id_valid = false;      // {id} is a context id in canonical form (decimal, no sign or leading 0)
   ContextId id = 0;
 };
 
@@ -39,5 +39,12 @@ RouteMatch match_route(const std::string& method, const std::string& path);
 
 // Routes under /v1 (API key, readiness) versus operational ones (health, metrics).
 bool is_api_route(Route route);
+
+// Why a body's Content-Type does not fit its route ("" when it does): JSON routes take
+// application/json (create may have no body at all), the K/V append takes
+// application/octet-stream (safetensors), a query and a layer step either. Parameters (";charset=utf-8") are
+// ignored. Any other type, or none with a body, is refused (415): browsers send text/plain,
+// form and multipart bodies cross-origin without a CORS preflight.
+std::string content_type_problem(Route route, const std::string& content_type, size_t body_bytes);
 
 }  // namespace reattn

@@ -3,13 +3,17 @@
 // its main thread, which is the only thread that makes MPI calls; every other rank runs the
 // worker loop (ServiceLoop::serve) until rank 0 broadcasts shutdown.
 // SIGTERM/SIGINT on rank 0: readiness turns 503, new requests are refused, queued and running
-// requests finish, then every rank is told to shut down and exits 0. Other ranks ignore
-// SIGTERM/SIGINT (mpirun forwards them) and wait for rank 0.
+// requests finish, then every rank is told to shut down and exits 0; if that takes longer than
+// server.drain_deadline_s, rank 0 ends the job (exit 4). Other ranks ignore SIGTERM/SIGINT
+// (mpirun forwards them) and wait for rank 0.
+// A fault (a rank dead or hung past a deadline, see README "Reliability"): every request in
+// flight or queued gets 503 naming it, readiness turns 503, and the job ends non-zero (exit 3).
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include <unistd.h>
 
@@ -75,6 +79,19 @@ Expected<std::string> read_api_key(const std::string& path) {
   return key;
 }
 
+// The control and data planes' deadlines from the config.
+WaitDeadlines wait_deadlines(const ServerConfig& server) {
+  WaitDeadlines d;
+  d.operation_s = server.operation_deadline_s;
+  d.step_s = server.step_deadline_s;
+  d.heartbeat_s = server.heartbeat_s;
+  return d;
+}
+
+// After a fault: how long rank 0 keeps answering (503 to /v1 and readiness) and then how long
+// answered requests get to be written, before the job ends.
+constexpr double kFaultAnswerSeconds = 2.0;
+
 // The coordinator's HTTP side on rank 0: its threads, the signal handling and the drain.
 class Coordinator {
  public:
@@ -83,12 +100,15 @@ class Coordinator {
         registry_(config, world),
         queue_(static_cast<size_t>(config.server.queue_depth)),
         handlers_(config, ServiceInfo{world, "", ""}, api_key, registry_, queue_, metrics_, state_),
-        server_(ioc_, HttpServerOptions{config.server.max_body_bytes, config.server.request_timeout_s},
+        server_(ioc_,
+                HttpServerOptions{config.server.max_body_bytes, config.server.request_timeout_s,
+                                  config.server.max_connections},
                 [this](HttpRequest r, Responder d) { handlers_.handle(std::move(r), std::move(d)); },
                 [this](const HttpRequest& h, int s, const std::string& c, const std::string& m) {
                   return handlers_.reject(h, s, c, m);
                 }),
         signals_(ioc_, SIGTERM, SIGINT),
+        drain_timer_(ioc_),
         work_(boost::asio::make_work_guard(ioc_)) {}
 
   ~Coordinator() { stop(); }
@@ -123,12 +143,15 @@ class Coordinator {
     queue_.close();
   }
 
-  // Waits for answered requests to be written (up to the request timeout), then stops.
-  void stop() {
+  // Waits for answered requests to be written (up to `wait_s`, default the request timeout),
+  // then stops.
+  void stop(double wait_s = 0) {
     if (stopped_) return;
     stopped_ = true;
     server_.stop_accepting();
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(config_.server.request_timeout_s);
+    if (wait_s <= 0) wait_s = config_.server.request_timeout_s;
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(wait_s));
     while (server_.active_requests() > 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -142,9 +165,24 @@ class Coordinator {
   // Readiness turns 503 and new work is refused with 503, but the listener stays open until
   // stop() so probes and clients get an answer rather than a refused connection.
   void drain(int signo) {
-    log_event(LogLevel::kInfo, "draining", {{"signal", signo}, {"queued", queue_.depth()}});
+    log_event(LogLevel::kInfo, "draining", {{"signal", signo}, {"queued", queue_.depth()},
+                                           {"drain_deadline_s", config_.server.drain_deadline_s}});
     state_.set_draining();
     queue_.close();
+    arm_drain_deadline();
+  }
+
+  // The drain's own deadline: if the job has not ended by then (a rank hung in a way no
+  // other deadline caught), rank 0 exits non-zero and the launcher ends the other ranks.
+  void arm_drain_deadline() {
+    drain_timer_.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::duration<double>(config_.server.drain_deadline_s)));
+    drain_timer_.async_wait([](const boost::system::error_code& ec) {
+      if (ec) return;
+      log_event(LogLevel::kError, "drain deadline passed; ending the job", {{"exit_code", 4}});
+      flush_logs(0.5);
+      std::_Exit(4);
+    });
   }
 
   const Config config_;
@@ -156,6 +194,7 @@ class Coordinator {
   Handlers handlers_;
   HttpServer server_;
   boost::asio::signal_set signals_;
+  boost::asio::steady_timer drain_timer_;
   // Keeps the HTTP threads running while no socket operation is pending: completions from
   // the step loop are posted to them.
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
@@ -165,7 +204,7 @@ class Coordinator {
 
 // Every rank: config, backend, communicator; rank 0 also the coordinator. Failures before the
 // loop are agreed, so all ranks exit together with the same message.
-int serve(const Control& control, const ServerOptions& opt) {
+int serve(Control& control, const ServerOptions& opt) {
   const int rank = control.rank();
   Expected<Config> config = effective_config(opt);
   Status s = control.agree(config.status());
@@ -173,6 +212,7 @@ int serve(const Control& control, const ServerOptions& opt) {
     if (rank == 0) log_event(LogLevel::kError, "bad configuration", {{"error", s.message()}});
     return 2;
   }
+  control.set_deadlines(wait_deadlines(config->server));
   if (rank == 0) {
     log_event(LogLevel::kInfo, "starting",
               {{"ranks", control.world()}, {"config", opt.config_path}, {"listen", config->server.listen},
@@ -222,6 +262,11 @@ int serve(const Control& control, const ServerOptions& opt) {
     const Status served = loop.serve();
     if (!served.is_ok()) {
       log_event(LogLevel::kError, "fault in the worker loop; ending the job", {{"error", served.to_string()}});
+      flush_logs(0.5);
+      control.abort(3);
+    }
+    if (s = control.barrier(); !s.is_ok()) {
+      log_event(LogLevel::kError, "shutdown not confirmed; ending the job", {{"error", s.to_string()}});
       control.abort(3);
     }
     log_event(LogLevel::kInfo, "shut down");
@@ -233,13 +278,24 @@ int serve(const Control& control, const ServerOptions& opt) {
   if (!ran.is_ok()) {
     // The ranks may be stuck in a collective: answer what can be answered, then end the job.
     coordinator->fault(ran);
-    coordinator->stop();
-    log_event(LogLevel::kError, "fault in the step loop; ending the job", {{"error", ran.to_string()}});
+    // Probes and clients see why for a moment (readiness 503 naming the fault, liveness 200).
+    std::this_thread::sleep_for(std::chrono::duration<double>(kFaultAnswerSeconds));
+    coordinator->stop(kFaultAnswerSeconds);
+    log_event(LogLevel::kError, "fault in the step loop; ending the job", {{"error", ran.to_string()}, {"exit_code", 3}});
+    flush_logs(0.5);
     control.abort(3);
   }
   OperationResult ignored;
   if (s = loop.submit(Shutdown{}, &ignored); !s.is_ok()) {
     log_event(LogLevel::kError, "cannot broadcast shutdown; ending the job", {{"error", s.to_string()}});
+    control.abort(3);
+  }
+  // Every rank confirms, so a rank that died during the drain makes the job end non-zero.
+  if (s = control.barrier(); !s.is_ok()) {
+    coordinator->fault(s);
+    coordinator->stop(kFaultAnswerSeconds);
+    log_event(LogLevel::kError, "shutdown not confirmed; ending the job", {{"error", s.to_string()}, {"exit_code", 3}});
+    flush_logs(0.5);
     control.abort(3);
   }
   coordinator->stop();
@@ -250,7 +306,10 @@ int serve(const Control& control, const ServerOptions& opt) {
 }  // namespace
 }  // namespace reattn
 
-int main(int argc, char** argv) {
+namespace {
+
+// Everything that runs with MPI initialised; MPI_Finalize (unless after a fault) on return.
+int run_server(int argc, char** argv) {
   using namespace reattn;
   Expected<Control> control = Control::init(&argc, &argv);
   if (!control) {
@@ -280,4 +339,15 @@ int main(int argc, char** argv) {
   }
   init_logging(control->rank(), opt.log_level);
   return serve(*control, opt);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int code = run_server(argc, argv);
+  // The log writer may be blocked on a stderr nobody reads: give it a moment, then end
+  // without waiting for it (static destructors would join it).
+  reattn::flush_logs(1.0);
+  std::fflush(stdout);
+  std::_Exit(code);
 }

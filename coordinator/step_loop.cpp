@@ -51,25 +51,54 @@ void StepLoop::fail_queued(const Status& why) {
   }
 }
 
+void StepLoop::fail_all(std::vector<Task>& held, const Status& fault) {
+  state_.set_faulted(fault.message());
+  log_event(LogLevel::kError, "fault in the step loop", {{"error", fault.to_string()}});
+  const Status unavailable(ErrorCode::kUnavailable, "the service hit a fault: " + fault.message());
+  for (Task& t : held) {
+    TaskResult r;
+    r.status = unavailable;
+    complete(t, std::move(r));
+  }
+  fail_queued(unavailable);
+}
+
+bool StepLoop::drop_if_expired(Task& task, std::chrono::steady_clock::time_point now) {
+  const double waited_s = ms_between(task.enqueued, now) / 1e3;
+  const bool gone = task.client_gone && task.client_gone->load();
+  if (!gone && waited_s <= config_.server.queue_deadline_s) return false;
+  TaskResult r;
+  r.status = Status(ErrorCode::kUnavailable,
+                    gone ? std::string("the client closed its connection before the request ran; it was not run")
+                         : "the request waited " + std::to_string(static_cast<int64_t>(waited_s)) +
+                               " s in the queue, over server.queue_deadline_s; it was not run");
+  log_event(LogLevel::kInfo, "request dropped", {{"request_id", task.request_id}, {"client_gone", gone},
+                                                 {"queued_s", waited_s}});
+  r.queue_ms = waited_s * 1e3;
+  complete(task, std::move(r));
+  return true;
+}
+
 Status StepLoop::run() {
   const size_t max_batch = static_cast<size_t>(config_.server.max_batch);
+  const auto heartbeat_every = std::chrono::duration<double>(config_.server.heartbeat_s);
+  auto last_contact = std::chrono::steady_clock::now();
   for (;;) {
     std::vector<Task> tasks = queue_.pop_batch(max_batch, std::chrono::milliseconds(100));
     if (tasks.empty()) {
       if (queue_.closed() && queue_.depth() == 0) return Status::ok();
+      if (std::chrono::steady_clock::now() - last_contact < heartbeat_every) continue;
+      if (const Status fault = ranks_.heartbeat(); !fault.is_ok()) {
+        fail_all(tasks, fault);
+        return fault;
+      }
+      last_contact = std::chrono::steady_clock::now();
       continue;
     }
     const Status fault = is_query(tasks.front()) ? run_queries(tasks) : run_operation(tasks.front());
+    last_contact = std::chrono::steady_clock::now();
     if (!fault.is_ok()) {
-      state_.set_faulted(fault.message());
-      log_event(LogLevel::kError, "fault in the step loop", {{"error", fault.to_string()}});
-      const Status unavailable(ErrorCode::kUnavailable, "the service hit a fault: " + fault.message());
-      for (Task& t : tasks) {
-        TaskResult r;
-        r.status = unavailable;
-        complete(t, std::move(r));
-      }
-      fail_queued(unavailable);
+      fail_all(tasks, fault);
       return fault;
     }
   }
@@ -83,6 +112,7 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
   std::vector<Task*> planned;
   std::vector<ContextInfo> contexts;
   for (Task& t : tasks) {
+    if (drop_if_expired(t, start)) continue;
     const StepPlan& asked = std::get<StepPlan>(t.op);
     // The context as it is now: deleted or grown since the request was checked.
     const std::optional<ContextInfo> ctx =
@@ -135,6 +165,7 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
 
 Status StepLoop::run_operation(Task& task) {
   const auto start = std::chrono::steady_clock::now();
+  if (drop_if_expired(task, start)) return Status::ok();
   TaskResult r;
   r.queue_ms = ms_between(task.enqueued, start);
   std::optional<ContextInfo> ctx;
@@ -170,7 +201,10 @@ Status StepLoop::run_operation(Task& task) {
   r.status = result.status;
   r.context = *ctx;
   if (std::holds_alternative<CreateContext>(task.op)) {
-    if (result.status.is_ok()) registry_.insert(*ctx);
+    if (result.status.is_ok()) {
+      registry_.insert(*ctx);
+      r.context = *registry_.find(ctx->id);
+    }
   } else if (std::holds_alternative<EraseContext>(task.op)) {
     if (result.status.is_ok() || result.status.code() == ErrorCode::kNotFound) registry_.erase(ctx->id);
   } else if (const auto* step = std::get_if<LayerStep>(&task.op)) {

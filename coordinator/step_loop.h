@@ -28,7 +28,8 @@ class StepLoop {
            const Config& config, Post post);
 
   // Serves until the queue is closed and empty (returns ok) or a fault (returns it, after
-  // failing every task it holds and every queued one with 503).
+  // failing every task it holds and every queued one with 503). While idle it sends a
+  // heartbeat every server.heartbeat_s, so a dead or hung rank is found without traffic.
   Status run();
 
  private:
@@ -37,6 +38,11 @@ class StepLoop {
   void complete(Task& task, TaskResult result);
   void observe_step(const StepTiming& timing);
   void fail_queued(const Status& why);
+  // Reliability: fails `held` and the queue with 503 naming the fault.
+  void fail_all(std::vector<Task>& held, const Status& fault);
+  // A task whose client has gone, or that waited longer than server.queue_deadline_s, is
+  // answered 503 and never run.
+  bool drop_if_expired(Task& task, std::chrono::steady_clock::time_point now);
 
   OperationRunner& ranks_;
   TaskQueue& queue_;

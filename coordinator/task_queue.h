@@ -5,11 +5,13 @@
 // Thread-safety: push, close, depth and closed from any thread; pop_batch only from the step loop.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -35,6 +37,8 @@ struct Task {
   // context's length and owner and batches it with the queries queued behind it.
   Operation op;
   std::chrono::steady_clock::time_point enqueued;
+  // Set by the HTTP side when the client closes its connection first: the task is dropped.
+  std::shared_ptr<const std::atomic<bool>> client_gone;
   // Called once with the result, on an HTTP thread (the step loop posts it there).
   std::function<void(TaskResult)> done;
 };

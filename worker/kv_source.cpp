@@ -1,6 +1,5 @@
 #include "worker/kv_source.h"
 
-#include <algorithm>
 #include <vector>
 
 namespace reattn {
@@ -26,11 +25,12 @@ void SafetensorsKvSource::read(int layer, int kv_head, int64_t offset, int64_t c
   convert(kv_.v.dtype, kv_.v.data + first * dtype_size(kv_.v.dtype), count * head_dim_, dtype, v);
 }
 
-void LayerStepKvSource::read_f32(int, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {
-  const size_t first = (static_cast<size_t>(kv_head) * step_.qlen + offset) * head_dim_;
+void LayerStepKvSource::read(int, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {
+  const size_t esize = dtype_size(step_.kv_dtype);
+  const size_t first = (static_cast<size_t>(kv_head) * step_.qlen + offset) * head_dim_ * esize;
   const size_t n = static_cast<size_t>(count) * head_dim_;
-  std::copy(step_.k.begin() + first, step_.k.begin() + first + n, k);
-  std::copy(step_.v.begin() + first, step_.v.begin() + first + n, v);
+  convert(step_.kv_dtype, step_.k.data() + first, n, dtype, k);
+  convert(step_.kv_dtype, step_.v.data() + first, n, dtype, v);
 }
 
 void SyntheticKvSource::read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {

@@ -54,12 +54,13 @@ class SafetensorsKvSource final : public KvSource {
   int head_dim_ = 0;
 };
 
-// The k and v of a layer step ([Hkv, qlen, D] fp32 each), for whichever layer is written.
-class LayerStepKvSource final : public Fp32KvSource {
+// The k and v of a layer step ([Hkv, qlen, D] each in the step's dtype), for whichever layer
+// is written.
+class LayerStepKvSource final : public KvSource {
  public:
-  LayerStepKvSource(const LayerStep& step, int head_dim) : Fp32KvSource(head_dim), step_(step), head_dim_(head_dim) {}
+  LayerStepKvSource(const LayerStep& step, int head_dim) : step_(step), head_dim_(head_dim) {}
   int64_t tokens() const override { return step_.qlen; }
-  void read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const override;
+  void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override;
 
  private:
   const LayerStep& step_;

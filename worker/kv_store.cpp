@@ -165,8 +165,6 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   const size_t esize = dtype_size(dtype);
   const int64_t count = end - begin;
   const size_t head_elems = static_cast<size_t>(count) * m.head_dim;
-  // [Hkv][count][D] in storage dtype.
-  std::vector<char> k_store(m.kv_heads * head_elems * esize), v_store(k_store.size());
 
   struct Target {
     char* k;
@@ -193,6 +191,26 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
     }
   }
   if (targets.empty()) return Status::ok();
+  // Head g's rows [begin, end) of a target: contiguous, count x D.
+  const auto head_at = [&](const Target& t, bool values, int64_t g) {
+    return (values ? t.v : t.k) + ((g * t.head_stride_tokens) + (begin - t.first_token)) * m.head_dim * esize;
+  };
+  if (backend_.host_memory()) {
+    // Read straight into the first place, then copy to the others (home page and ring).
+    const Target& first = targets[0];
+    parallel_for(m.kv_heads, [&](int64_t g) {
+      source.read(layer, static_cast<int>(g), begin - n0, count, dtype, head_at(first, false, g), head_at(first, true, g));
+    });
+    for (size_t i = 1; i < targets.size(); ++i) {
+      for (int64_t g = 0; g < m.kv_heads; ++g) {
+        REATTN_RETURN_IF_ERROR(backend_.copy(head_at(targets[i], false, g), head_at(first, false, g), head_elems * esize));
+        REATTN_RETURN_IF_ERROR(backend_.copy(head_at(targets[i], true, g), head_at(first, true, g), head_elems * esize));
+      }
+    }
+    return Status::ok();
+  }
+  // [Hkv][count][D] in storage dtype, staged on the host, uploaded to each place.
+  std::vector<char> k_store(m.kv_heads * head_elems * esize), v_store(k_store.size());
   parallel_for(m.kv_heads, [&](int64_t g) {
     source.read(layer, static_cast<int>(g), begin - n0, count, dtype, k_store.data() + g * head_elems * esize,
                 v_store.data() + g * head_elems * esize);
@@ -204,10 +222,9 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
       REATTN_RETURN_IF_ERROR(backend_.upload(t.v, v_store.data(), v_store.size()));
       continue;
     }
-    for (int g = 0; g < m.kv_heads; ++g) {
-      const size_t offset = ((g * t.head_stride_tokens) + (begin - t.first_token)) * m.head_dim * esize;
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.k + offset, k_store.data() + g * head_elems * esize, head_elems * esize));
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.v + offset, v_store.data() + g * head_elems * esize, head_elems * esize));
+    for (int64_t g = 0; g < m.kv_heads; ++g) {
+      REATTN_RETURN_IF_ERROR(backend_.upload(head_at(t, false, g), k_store.data() + g * head_elems * esize, head_elems * esize));
+      REATTN_RETURN_IF_ERROR(backend_.upload(head_at(t, true, g), v_store.data() + g * head_elems * esize, head_elems * esize));
     }
   }
   return Status::ok();

@@ -1,5 +1,6 @@
 #include "worker/service_loop.h"
 
+#include <chrono>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -36,7 +37,7 @@ Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
 Status ServiceLoop::serve() {
   for (;;) {
     std::string bytes;
-    REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
+    REATTN_RETURN_IF_ERROR(control_.next_operation(bytes));
     Expected<Operation> op = decode_operation(bytes);
     // Rank 0 sent the same bytes to everyone; a message that does not decode is a bug.
     if (!op) return Status(ErrorCode::kFatal, op.status().message());
@@ -165,11 +166,15 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
     check = internal_error("layer " + std::to_string(op.layer) + " of context " + std::to_string(op.context_id) +
                            " differs between ranks");
   } else if (op.qlen < 1 || op.q.size() != static_cast<size_t>(op.qlen * m.q_heads * m.head_dim) ||
-             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) || op.v.size() != op.k.size()) {
+             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) * dtype_size(op.kv_dtype) ||
+             op.v.size() != op.k.size()) {
     check = internal_error("layer step: q, k, v do not match qlen " + std::to_string(op.qlen));
   }
   const LayerStepKvSource source(op, m.head_dim);
+  const auto t_append = std::chrono::steady_clock::now();
   REATTN_RETURN_IF_ERROR(apply_append(op.context_id, check.is_ok() ? &source : nullptr, check, result, op.layer));
+  const double append_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_append).count();
   if (!result->status.is_ok()) return Status::ok();
   // The tail query over the layer as it now is: its rows are the tokens just appended.
   StepPlan plan;
@@ -186,6 +191,7 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
   const int64_t tokens = result->tokens;
   REATTN_RETURN_IF_ERROR(apply_step(plan, result));
   result->tokens = tokens;
+  result->timing.append_ms = append_ms;
   if (control_.rank() == plan.reply_rank && !result->queries.empty()) result->status = result->queries[0].status;
   return Status::ok();
 }

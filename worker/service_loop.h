@@ -26,8 +26,12 @@ class ServiceLoop final : public OperationRunner {
   // in result->status.
   Status submit(const Operation& op, OperationResult* result) override;
 
-  // Ranks other than 0: receive and apply operations until Shutdown (returns ok) or a fault.
+  // Ranks other than 0: receive and apply operations until Shutdown (returns ok) or a fault
+  // (including rank 0 silent for longer than the control plane's idle limit).
   Status serve();
+
+  // Rank 0, between operations: checks that every rank still answers (Control::heartbeat).
+  Status heartbeat() override { return control_.heartbeat(); }
 
   const KvStore& store() const { return store_; }
 

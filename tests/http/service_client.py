@@ -177,6 +177,7 @@ class Client:
             hdrs.setdefault("Content-Type", "application/json")
         elif isinstance(body, str):
             body = body.encode()
+            hdrs.setdefault("Content-Type", "application/json")
         if content_type:
             hdrs["Content-Type"] = content_type
         for attempt in range(2):

@@ -308,7 +308,7 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
 
   // Every kind survives, and names itself.
   const Operation kinds[] = {CreateContext{5, 1}, EraseContext{5}, AppendKv{5, 9, std::make_shared<std::string>("body")},
-                             StepPlan{}, Shutdown{}, LayerStep{5, 1, 40, 1, {1.0f, 2.0f}, {3.0f}, {4.0f}}};
+                             StepPlan{}, Shutdown{}, LayerStep{5, 1, 40, 1, {1.0f, 2.0f}, DType::kBF16, "kk", "vv"}};
   for (const Operation& k : kinds) {
     Expected<Operation> again = decode_operation(encode_operation(k));
     ASSERT_TRUE(again.is_ok()) << operation_name(k);
@@ -322,7 +322,8 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
   EXPECT_EQ(step->layer, 1);
   EXPECT_EQ(step->layer_tokens, 40);
   EXPECT_EQ(step->q, (std::vector<float>{1.0f, 2.0f}));
-  EXPECT_EQ(step->v, (std::vector<float>{4.0f}));
+  EXPECT_EQ(step->kv_dtype, DType::kBF16);
+  EXPECT_EQ(step->v, "vv");
   // The body does not travel in the operation's bytes.
   EXPECT_EQ(encode_operation(kinds[2]).find("body"), std::string::npos);
 }
@@ -382,6 +383,7 @@ class HandlersTest : public ::testing::Test {
     r.method = method;
     r.path = path;
     r.body = body;
+    r.content_type = body.empty() ? "" : "application/json";
     r.authorization = auth;
     r.request_id = "t-1";
     r.received = std::chrono::steady_clock::now();
@@ -447,6 +449,7 @@ TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
     r.method = "POST";
     r.path = "/v1/contexts/1/query";
     r.body = body;
+    r.content_type = "application/json";
     r.authorization = "Bearer k3y";
     handlers_.handle(r, [&answers, i](HttpResponse resp) { answers[i] = std::move(resp); });
   }

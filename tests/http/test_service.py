@@ -615,7 +615,7 @@ class Suite:
         # Expect: 100-continue (curl sends it for larger bodies): the interim response comes first.
         s = socket.create_connection(("127.0.0.1", svc.port), timeout=15)
         s.sendall(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() +
-                  b"\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+                  b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
         interim = s.recv(4096)
         s.sendall(b"{}")
         rest = b""

@@ -159,6 +159,7 @@ TEST_F(StepLoopTest, CreatePlansIdAndOwnerAndInsertsOnlyOnSuccess) {
   const auto& first = std::get<CreateContext>(ranks_.seen[0]);
   EXPECT_EQ(first.context_id, results_[0]->context.id);
   EXPECT_EQ(first.owner_rank, results_[0]->context.owner_rank);
+  EXPECT_EQ(results_[0]->context.layer_tokens, (std::vector<int64_t>{0, 0}));  // every layer, empty
   EXPECT_TRUE(registry_.find(first.context_id).has_value());
   EXPECT_EQ(results_[1]->status.code(), ErrorCode::kCapacity);
   EXPECT_EQ(registry_.size(), 1u);
