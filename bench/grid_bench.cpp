@@ -14,6 +14,14 @@
 // divided by the score phase; %read_bw: that over ranks x the measured per-rank read bandwidth;
 // queries_per_s: batch / p50; needles_ok: every planted needle recalled by every query of
 // every timed step.
+//
+// --mode prefill: a model ingesting a context: layer steps (POST .../step without HTTP) of
+// --prefill-step tokens (append k/v to layer 0, then the tail query whose rows are those
+// tokens) until --prefill-tokens, with bf16-exact q (a model's q). Per step: wall time of the
+// operation on rank 0 and its phases (score, merge = candidate allgather + selection, attn;
+// append = wall - step total: plan broadcast, k/v append, q copy). --prefill-sample N times
+// N evenly spaced steps and fills the tokens between them with synthetic appends; the total is
+// then estimated as the mean sampled step x steps (printed as such).
 #include <mpi.h>
 
 #include <CLI/CLI.hpp>
@@ -32,6 +40,7 @@
 
 #include "comm/control.h"
 #include "comm/make_communicator.h"
+#include "common/dtype.h"
 #include "common/semantics.h"
 #include "common/synthetic.h"
 #include "kernels/make_backend.h"
@@ -67,6 +76,12 @@ struct GridOptions {
   std::string json_path;
   std::string label;            // free text stored in the JSON
   bool comm_probe = false;      // time the communicator's allgather and send/recv by size
+  int64_t device_select_rows = 0;  // 0: the step's default (StepOptions)
+  bool bf16_q = false;          // grid: q rounded to bf16 values (a model's q; one-pass scoring)
+  std::string mode = "grid";    // grid | prefill
+  std::string prefill_tokens_text = "1M";
+  int64_t prefill_step = 4096;
+  int prefill_sample = 0;       // 0: time every step
 };
 
 // "64K" = 65536, "4M" = 4194304, "1G" = 2^30; plain integers as they are.
@@ -341,7 +356,10 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
 
     for (FinalAttention strategy : strategies) {
       for (int64_t qlen : opt.qlens) {
-        const std::vector<float> q = synthetic_query(SyntheticSpec{opt.seed, {}}, m, 0, qlen);
+        std::vector<float> q = synthetic_query(SyntheticSpec{opt.seed, {}}, m, 0, qlen);
+        if (opt.bf16_q) {
+          for (float& x : q) x = bf16_to_float(float_to_bf16(x));
+        }
         for (int batch : opt.batches) {
           // One step = `batch` queries of this context, each with its own copy of the rows
           // (as separate requests would bring them).
@@ -425,6 +443,127 @@ Status run_grid(const Control& control, ServiceLoop& loop, const Config& cfg, co
   return Status::ok();
 }
 
+// ---------------------------------------------------------------- prefill (rank 0)
+
+// Fills `data` with values in [-1, 1) from a 64-bit LCG (cheap: a step's k/v is 8M floats).
+void fill_uniform(std::vector<float>& data, uint64_t seed) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (float& f : data) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    f = static_cast<float>(static_cast<int64_t>(x >> 40) - (int64_t{1} << 23)) / static_cast<float>(int64_t{1} << 23);
+  }
+}
+
+// `scratch` refilled from `seed`, as bf16 bytes.
+std::string bf16_bytes(std::vector<float>& scratch, uint64_t seed) {
+  fill_uniform(scratch, seed);
+  std::string bytes(scratch.size() * sizeof(uint16_t), '\0');
+  auto* out = reinterpret_cast<uint16_t*>(bytes.data());
+  for (size_t i = 0; i < scratch.size(); ++i) out[i] = float_to_bf16(scratch[i]);
+  return bytes;
+}
+
+Status run_prefill(ServiceLoop& loop, const Config& cfg, const GridOptions& opt, int64_t total_tokens, json* doc) {
+  const ModelConfig& m = cfg.model;
+  const int64_t step = opt.prefill_step;
+  const int64_t steps = total_tokens / step;
+  if (step < 1 || step > cfg.reattention.local_window || steps < 1) {
+    return invalid_argument("--prefill-step: need 1 <= step <= local_window and at least one step");
+  }
+  // Which steps are timed: all, or `sample` evenly spaced ones (the last always).
+  std::vector<bool> timed(steps, opt.prefill_sample <= 0);
+  if (opt.prefill_sample > 0) {
+    const int64_t n = std::min<int64_t>(opt.prefill_sample, steps);
+    for (int64_t i = 0; i < n; ++i) timed[(steps - 1) - i * (steps - 1) / std::max<int64_t>(n - 1, 1)] = true;
+  }
+  const ContextId id = 1000;
+  OperationResult result;
+  REATTN_RETURN_IF_ERROR(submit_checked(loop, CreateContext{id, 0}, &result, "create context"));
+  // A model's q is bf16: round once, so the scoring takes its one-pass path.
+  std::vector<float> kv(static_cast<size_t>(m.kv_heads) * step * m.head_dim);
+  std::vector<float> q(static_cast<size_t>(step) * m.q_heads * m.head_dim);
+  fill_uniform(q, opt.seed);
+  for (float& x : q) x = bf16_to_float(float_to_bf16(x));
+  std::printf("# prefill: %lld tokens in %lld steps of %lld (layer 0; %s)\n", static_cast<long long>(steps * step),
+              static_cast<long long>(steps), static_cast<long long>(step),
+              opt.prefill_sample > 0 ? "sampled steps, the rest filled synthetically" : "every step timed");
+  std::printf("# %6s %10s %9s %9s %9s %9s %9s %7s\n", "step", "tokens", "wall_ms", "append_ms", "score_ms", "merge_ms",
+              "attn_ms", "|U|");
+  json rows = json::array();
+  double wall_sum = 0, score_sum = 0, merge_sum = 0, attn_sum = 0, append_sum = 0, untimed_fill_s = 0;
+  int64_t measured = 0, pending_fill = 0, n = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    if (!timed[s]) {
+      pending_fill += step;
+      n += step;
+      continue;
+    }
+    if (pending_fill > 0) {
+      const auto t_fill = Clock::now();
+      REATTN_RETURN_IF_ERROR(submit_checked(loop, AppendSynthetic{id, pending_fill, opt.seed, {}}, &result, "fill"));
+      untimed_fill_s += std::chrono::duration<double>(Clock::now() - t_fill).count();
+      pending_fill = 0;
+    }
+    LayerStep ls;
+    ls.context_id = id;
+    ls.layer = 0;
+    ls.layer_tokens = n;
+    ls.qlen = step;
+    ls.q = q;
+    // k and v as a model sends them: bf16 [Hkv, step, D].
+    ls.kv_dtype = DType::kBF16;
+    ls.k = bf16_bytes(kv, opt.seed + 2 * s + 1);
+    ls.v = bf16_bytes(kv, opt.seed + 2 * s + 2);
+    const Operation op = std::move(ls);
+    const auto t0 = Clock::now();
+    REATTN_RETURN_IF_ERROR(submit_checked(loop, op, &result, "layer step " + std::to_string(s)));
+    const double wall = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    if (result.queries.size() != 1) return internal_error("layer step: no query result on rank 0");
+    n += step;
+    const StepTiming& t = result.timing;
+    const double append_ms = wall - t.total_ms;
+    wall_sum += wall;
+    score_sum += t.score_ms;
+    merge_sum += t.candidates_ms;
+    attn_sum += t.attention_ms;
+    append_sum += append_ms;
+    ++measured;
+    const size_t recalled = result.queries[0].recalled.size();
+    std::printf("  %6lld %10lld %9.2f %9.2f %9.2f %9.3f %9.2f %7zu\n", static_cast<long long>(s),
+                static_cast<long long>(n), wall, append_ms, t.score_ms, t.candidates_ms, t.attention_ms, recalled);
+    std::fflush(stdout);
+    rows.push_back({{"step", s}, {"tokens", n}, {"wall_ms", wall}, {"append_ms", append_ms}, {"score_ms", t.score_ms},
+                    {"merge_ms", t.candidates_ms}, {"attn_ms", t.attention_ms}, {"step_total_ms", t.total_ms},
+                    {"recalled", recalled}});
+  }
+  REATTN_RETURN_IF_ERROR(submit_checked(loop, EraseContext{id}, &result, "erase context"));
+  // Every step timed: the sums are the total; sampled: the mean step times the step count.
+  const double scale = static_cast<double>(steps) / static_cast<double>(measured);
+  json summary{{"tokens", steps * step}, {"step_tokens", step}, {"steps", steps}, {"measured_steps", measured},
+               {"estimated", measured != steps}, {"total_s", wall_sum * scale / 1e3},
+               {"score_s", score_sum * scale / 1e3}, {"merge_s", merge_sum * scale / 1e3},
+               {"attn_s", attn_sum * scale / 1e3}, {"append_s", append_sum * scale / 1e3},
+               {"untimed_fill_s", untimed_fill_s}, {"mean_step_ms", wall_sum / measured},
+               {"mean_merge_ms", merge_sum / measured}, {"tokens_per_s", steps * step / (wall_sum * scale / 1e3)}};
+  std::printf("# prefill %s: %.2f s for %lld tokens (%.0f tokens/s): score %.2f s, merge %.2f s, attn %.2f s, "
+              "append %.2f s; mean step %.1f ms, mean merge %.3f ms\n",
+              measured != steps ? "(estimated from the sampled steps)" : "total", summary["total_s"].get<double>(),
+              static_cast<long long>(steps * step), summary["tokens_per_s"].get<double>(), summary["score_s"].get<double>(),
+              summary["merge_s"].get<double>(), summary["attn_s"].get<double>(), summary["append_s"].get<double>(),
+              summary["mean_step_ms"].get<double>(), summary["mean_merge_ms"].get<double>());
+  (*doc)["prefill"] = {{"summary", summary}, {"steps", rows}};
+  if (!opt.csv_path.empty()) {
+    std::ofstream csv(opt.csv_path);
+    csv << "step,tokens,wall_ms,append_ms,score_ms,merge_ms,attn_ms,step_total_ms,recalled\n";
+    for (const json& r : rows) {
+      csv << r["step"] << "," << r["tokens"] << "," << r["wall_ms"] << "," << r["append_ms"] << "," << r["score_ms"]
+          << "," << r["merge_ms"] << "," << r["attn_ms"] << "," << r["step_total_ms"] << "," << r["recalled"] << "\n";
+    }
+    if (!csv) return invalid_argument("--csv: cannot write " + opt.csv_path);
+  }
+  return Status::ok();
+}
+
 // Every rank: config, backend, communicator, read bandwidth; then rank 0 drives the grid and
 // the others serve until it sends shutdown.
 int run(const Control& control, const GridOptions& opt) {
@@ -453,6 +592,17 @@ int run(const Control& control, const GridOptions& opt) {
     if (b < 1) parsed = invalid_argument("--batch: must be >= 1, got " + std::to_string(b));
   }
   if (opt.iters < 1 || opt.warmup < 0) parsed = invalid_argument("--iters must be >= 1 and --warmup >= 0");
+  const bool prefill = opt.mode == "prefill";
+  if (!prefill && opt.mode != "grid") parsed = invalid_argument("--mode: expected grid or prefill, got '" + opt.mode + "'");
+  int64_t prefill_tokens = 0;
+  if (prefill) {
+    Expected<int64_t> v = parse_tokens(opt.prefill_tokens_text);
+    if (!v) parsed = v.status();
+    else prefill_tokens = *v;
+    token_sizes.assign(1, prefill_tokens);  // sizes the capacity below
+  } else if (token_sizes.empty()) {
+    parsed = invalid_argument("--tokens: at least one size");
+  }
   if (!parsed.is_ok()) return fail("bad arguments", parsed);
 
   Expected<Config> loaded = load_config_file(opt.config_path);
@@ -503,7 +653,9 @@ int run(const Control& control, const GridOptions& opt) {
     comm_probe = *probed;
   }
 
-  ServiceLoop loop(control, **backend, **comm, cfg);
+  StepOptions step_options;
+  if (opt.device_select_rows > 0) step_options.device_select_rows = opt.device_select_rows;
+  ServiceLoop loop(control, **backend, **comm, cfg, step_options);
   if (rank != 0) {
     s = loop.serve();
     if (!s.is_ok()) {
@@ -530,6 +682,8 @@ int run(const Control& control, const GridOptions& opt) {
            {"communicator", (*comm)->name()},
            {"comm_probe", comm_probe},
            {"warmup", opt.warmup},
+           {"bf16_q", opt.bf16_q},
+           {"device_select_rows", step_options.device_select_rows},
            {"iters", opt.iters},
            {"columns", json::array()},
            {"contexts", json::array()},
@@ -555,7 +709,8 @@ int run(const Control& control, const GridOptions& opt) {
               dtype_name(cfg.backend.storage_dtype), static_cast<long long>(cfg.reattention.sink_tokens),
               static_cast<long long>(cfg.reattention.local_window), static_cast<long long>(cfg.reattention.chunk_tokens),
               cfg.reattention.top_k, static_cast<long long>(cfg.reattention.max_recall_chunks), opt.warmup, opt.iters);
-  const Status grid = run_grid(control, loop, cfg, opt, token_sizes, strategies, read_bw, &doc);
+  const Status grid = prefill ? run_prefill(loop, cfg, opt, prefill_tokens, &doc)
+                              : run_grid(control, loop, cfg, opt, token_sizes, strategies, read_bw, &doc);
   if (grid.code() == ErrorCode::kFatal) {
     // A device or communicator fault: the other ranks may not take another broadcast.
     std::fprintf(stderr, "reattn-bench-grid: fault: %s\n", grid.to_string().c_str());
@@ -604,6 +759,13 @@ int main(int argc, char** argv) {
   app.add_option("--csv", opt.csv_path, "CSV output (rank 0)");
   app.add_option("--json", opt.json_path, "JSON output (rank 0)");
   app.add_option("--label", opt.label, "free text stored in the JSON");
+  app.add_option("--device-select-rows", opt.device_select_rows,
+                 "queries of at least this many (row, head) rows select on the device (default: the step's)");
+  app.add_flag("--bf16-q", opt.bf16_q, "grid: round q to bf16 values, as a model's q is");
+  app.add_option("--mode", opt.mode, "grid (query batches over a grid) or prefill (layer steps over one context)");
+  app.add_option("--prefill-tokens", opt.prefill_tokens_text, "prefill: context length, e.g. 1M");
+  app.add_option("--prefill-step", opt.prefill_step, "prefill: tokens per layer step (<= local_window)");
+  app.add_option("--prefill-sample", opt.prefill_sample, "prefill: time this many evenly spaced steps (0: all)");
   app.add_flag("--comm-probe", opt.comm_probe, "time allgather and send/recv from 8 B to 32 MiB per rank first");
   try {
     app.parse(argc, argv);

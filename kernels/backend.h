@@ -63,6 +63,9 @@ class Backend {
   virtual Status score_tokens(const ScoreParams& p) = 0;
   // Ordered like pack_blocks.
   virtual Status copy_ranges(const CopyRangesParams& p) = 0;
+  // Merges the ranks' candidate lists of one query and selects its recall set, in backend
+  // memory (no host round trip per row on a device).
+  virtual Status merge_select(const MergeSelectParams& p) = 0;
 };
 
 // Grows a buffer only when a larger size is asked for: the step's workspace does not

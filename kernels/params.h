@@ -84,6 +84,22 @@ struct PackParams {
   void* dst = nullptr;               // [count, block_bytes]; must not overlap any source block
 };
 
+// Candidate merge and recall selection for the rows of one query after the candidate
+// allgather: merge_candidates + select_recall (common/semantics.h), exact tie rule included.
+// Rank r's list of (row, head) i is at gathered + r * rank_stride + i * top_k.
+struct MergeSelectParams {
+  const Candidate* gathered = nullptr;  // [world] blocks of [rows][top_k], candidate_before order per list
+  int world = 1;
+  int64_t rank_stride = 0;              // candidates between ranks' blocks; 0: rows * top_k
+  int64_t rows = 0;                     // (row, head) rows: qlen * H
+  int top_k = 0;
+  int64_t num_chunks = 0;               // chunk ids are in [0, num_chunks)
+  int64_t max_recall = 0;               // R
+  Candidate* merged = nullptr;          // [rows][top_k] merged lists (optional: null skips them)
+  int64_t* recall = nullptr;            // [max_recall] recalled chunk ids, ascending
+  int64_t* recall_count = nullptr;      // [1] |U|
+};
+
 }  // namespace reattn
 
 namespace reattn {

@@ -72,4 +72,54 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
   return result;
 }
 
+BatchRun run_batch_and_alone(Backend& backend, Communicator& comm, const Config& config,
+                             const std::vector<BatchContext>& contexts, const std::vector<BatchQuery>& queries,
+                             FinalAttention strategy, StepOptions options) {
+  BatchRun run;
+  KvStore store(backend, config, comm.rank(), comm.world());
+  for (size_t c = 0; c < contexts.size() && run.status.is_ok(); ++c) {
+    const ContextId id = 100 + c;
+    run.status = store.create(id, contexts[c].owner_rank);
+    if (run.status.is_ok()) {
+      run.status = store.append(id, SyntheticKvSource(contexts[c].spec, config.model, 0, contexts[c].n));
+    }
+  }
+  if (!run.status.is_ok()) return run;
+  StepPlan batch;
+  batch.strategy = strategy;
+  std::vector<StepPlan> alone;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const BatchQuery& bq = queries[i];
+    const bool known = bq.context >= 0;
+    // Rows [i, i + qlen) of a longer block: every query's rows differ, all point at the needles.
+    const SyntheticSpec spec = known ? contexts[bq.context].spec : SyntheticSpec{};
+    const std::vector<float> rows = synthetic_query(spec, config.model, bq.layer, bq.qlen + static_cast<int64_t>(i));
+    const size_t row_floats = static_cast<size_t>(config.model.q_heads) * config.model.head_dim;
+    run.q.emplace_back(rows.begin() + i * row_floats, rows.end());
+    QueryPlan qp;
+    qp.context_id = known ? 100 + bq.context : 999;
+    qp.tokens = known ? contexts[bq.context].n : 1;
+    qp.qlen = bq.qlen;
+    qp.layer = bq.layer;
+    qp.mode = bq.mode;
+    qp.owner_rank = known ? contexts[bq.context].owner_rank : 0;
+    append_query(batch, qp, run.q.back().data(), run.q.back().size());
+    StepPlan one;
+    one.strategy = strategy;
+    append_query(one, qp, run.q.back().data(), run.q.back().size());
+    alone.push_back(std::move(one));
+  }
+  StepRunner runner(backend, comm, config, store, options);
+  std::vector<QueryResult> results;
+  run.status = runner.run(batch, &results, nullptr);
+  if (!run.status.is_ok()) return run;
+  run.batch = results;
+  for (const StepPlan& plan : alone) {
+    run.status = runner.run(plan, &results, nullptr);
+    if (!run.status.is_ok()) return run;
+    if (comm.rank() == 0) run.alone.push_back(results[0]);
+  }
+  return run;
+}
+
 }  // namespace reattn::test

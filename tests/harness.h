@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "common/synthetic.h"
 #include "tests/reference.h"
 #include "worker/step.h"
 
@@ -49,6 +50,30 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
 // The same over a reference context, appended in c.append_pieces.
 PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
                             const std::vector<float>& q, int64_t qlen, const PipelineCase& c);
+
+// Batches: synthetic contexts (every layer resident) and one step mixing their queries.
+struct BatchContext {
+  int64_t n = 0;
+  int owner_rank = 0;
+  SyntheticSpec spec;
+};
+struct BatchQuery {
+  int context = 0;  // index into the contexts; -1: a context that does not exist
+  int layer = 0;
+  int64_t qlen = 1;
+  QueryMode mode = QueryMode::kTail;
+};
+struct BatchRun {
+  Status status;                    // a fault (device, communicator, store)
+  std::vector<QueryResult> batch;   // rank 0: the queries run as one step
+  std::vector<QueryResult> alone;   // rank 0: each query as a step of its own
+  std::vector<std::vector<float>> q;  // each query's rows [qlen, H, D]
+};
+// Every rank calls it. Query i's rows are rows [i, i + qlen) of synthetic_query(its context's
+// spec, layer, qlen + i).
+BatchRun run_batch_and_alone(Backend& backend, Communicator& comm, const Config& config,
+                             const std::vector<BatchContext>& contexts, const std::vector<BatchQuery>& queries,
+                             FinalAttention strategy, StepOptions options);
 
 // A world of one rank, for tests without MPI: collectives are copies through the backend.
 class LoopbackCommunicator final : public Communicator {

@@ -145,6 +145,11 @@ TEST(CudaBackend, RejectsUnsupportedConfigs) {
   b = make_cuda_backend(cfg, 0);
   ASSERT_FALSE(b.is_ok());
   EXPECT_NE(b.status().message().find("head_dim"), std::string::npos);
+  cfg = make_config(c);
+  cfg.reattention.max_recall_chunks = cuda::kMaxRecallOnDevice + 1;
+  const Status recall = cuda_backend_supports(cfg);
+  ASSERT_FALSE(recall.is_ok());
+  EXPECT_NE(recall.message().find("max_recall_chunks"), std::string::npos);
 }
 
 // auto picks cuda exactly when a device is visible; asking for cuda without one, or for a GPU
@@ -814,6 +819,110 @@ TEST(CudaBackend, PackBlocksMatchesCpu) {
       if (packed[0][i] != packed[1][i]) first_diff = i;
     }
     EXPECT_EQ(first_diff, packed[0].size()) << "first differing byte";
+  }
+}
+
+// Backend::merge_select with ranks' lists apart (the step's receive buffer: a header and other
+// queries' lists between them): the CUDA backend against the CPU backend, many score ties.
+TEST(CudaBackend, MergeSelectMatchesCpuWithRankStride) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  const Config cfg = make_config(c);
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
+  ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
+  CpuBackend cpu(2);
+  std::mt19937_64 rng(11);
+  const int world = 3, k = 4;
+  const int64_t rows = 4096 * 8, num_chunks = 5000, R = 32, lead = 37, stride = rows * k + 101;
+  std::vector<Candidate> gathered(static_cast<size_t>(world) * stride + lead, Candidate{0.0f, -1});
+  for (int r = 0; r < world; ++r) {
+    for (int64_t row = 0; row < rows; ++row) {
+      // k distinct chunks of rank r (as a rank's scoring produces), scores with many ties.
+      Candidate* list = gathered.data() + lead + r * stride + row * k;
+      for (int s = 0; s < k;) {
+        const auto chunk = static_cast<int32_t>((rng() % (num_chunks / world)) * world + r);
+        if (std::any_of(list, list + k, [&](const Candidate& c) { return c.chunk == chunk; })) continue;
+        topk_insert(list, k, Candidate{static_cast<float>(rng() % 64) / 8.0f, chunk});
+        ++s;
+      }
+    }
+  }
+  std::vector<std::vector<int64_t>> got;
+  for (Backend* b : {static_cast<Backend*>(cuda->get()), static_cast<Backend*>(&cpu)}) {
+    Expected<Buffer> in = b->allocate(gathered.size() * sizeof(Candidate));
+    Expected<Buffer> out = b->allocate((R + 1) * sizeof(int64_t));
+    ASSERT_TRUE(in.is_ok() && out.is_ok());
+    ASSERT_TRUE(b->upload(in->data(), gathered.data(), gathered.size() * sizeof(Candidate)).is_ok());
+    MergeSelectParams p;
+    p.gathered = in->as<const Candidate>() + lead;
+    p.world = world;
+    p.rank_stride = stride;
+    p.rows = rows;
+    p.top_k = k;
+    p.num_chunks = num_chunks;
+    p.max_recall = R;
+    p.recall_count = out->as<int64_t>();
+    p.recall = p.recall_count + 1;
+    const Status st = b->merge_select(p);
+    ASSERT_TRUE(st.is_ok()) << st.to_string();
+    std::vector<int64_t> host(R + 1);
+    ASSERT_TRUE(b->download(host.data(), out->data(), host.size() * sizeof(int64_t)).is_ok());
+    got.emplace_back(host.begin() + 1, host.begin() + 1 + host[0]);
+  }
+  EXPECT_EQ(got[0].size(), static_cast<size_t>(R));
+  EXPECT_EQ(got[0], got[1]);
+}
+
+// A batch mixing contexts, layers, qlens (1 to the window, a decode batch of one context) and
+// modes, selected on the device, on the host or both: each query gets what it gets alone, and
+// the fp64 reference's recall set. Needles fill every head's top_k, so the selections are clear
+// of ties whichever scoring kernel (warp for one row, gemm for a block) ran.
+TEST(CudaBatch, MatchesEachQueryAlone) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.window = 300;
+  c.recall = 5;
+  Config cfg = make_config(c);
+  cfg.model.layers = 2;
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
+  ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
+  test::LoopbackCommunicator comm(**cuda);
+  std::vector<test::BatchContext> contexts;
+  for (int64_t n : {5003, 4099, 200}) {
+    const Regions regions = compute_regions(n, cfg.reattention);
+    SyntheticSpec spec{static_cast<uint64_t>(n), {}};
+    if (regions.num_chunks > 4) {
+      spec.needles = {regions.chunk_first_token(1) + 7, regions.chunk_first_token(regions.num_chunks / 2 + 1),
+                      regions.chunk_first_token(regions.num_chunks - 2) + 63};
+    }
+    contexts.push_back({n, 0, spec});
+  }
+  std::vector<test::BatchQuery> queries = {{0, 0, 17, QueryMode::kTail},  {1, 1, 300, QueryMode::kTail},
+                                           {0, 1, 1, QueryMode::kTail},   {0, 0, 128, QueryMode::kDetached},
+                                           {2, 0, 5, QueryMode::kTail},   {1, 1, 64, QueryMode::kDetached},
+                                           {-1, 0, 1, QueryMode::kTail}};
+  for (int b = 0; b < 12; ++b) queries.push_back({1, 0, 1, QueryMode::kTail});  // a decode batch
+  for (int64_t device_rows : {int64_t{1}, int64_t{2048}, int64_t{1} << 40}) {
+    const test::BatchRun run = test::run_batch_and_alone(**cuda, comm, cfg, contexts, queries,
+                                                         FinalAttention::kGather, StepOptions{device_rows});
+    ASSERT_TRUE(run.status.is_ok()) << run.status.to_string();
+    ASSERT_EQ(run.batch.size(), queries.size());
+    for (size_t i = 0; i < queries.size(); ++i) {
+      SCOPED_TRACE("device_select_rows " + std::to_string(device_rows) + " query " + std::to_string(i));
+      const QueryResult& got = run.batch[i];
+      const QueryResult& one = run.alone[i];
+      const test::BatchQuery& bq = queries[i];
+      EXPECT_EQ(got.status.is_ok(), bq.context >= 0) << got.status.to_string();
+      if (bq.context < 0) continue;
+      const test::BatchContext& bc = contexts[bq.context];
+      const ref::Context ctx =
+          ref::synthetic_context(cfg.model, cfg.reattention, bc.n, bc.spec.seed, bc.spec.needles, bq.layer);
+      const ref::Result want = ref::query(ctx, run.q[i], bq.qlen, bq.mode);
+      EXPECT_EQ(got.recalled, want.recalled);
+      EXPECT_EQ(got.recalled, one.recalled);
+      EXPECT_LT(ref::relative_error(got.out, std::vector<double>(one.out.begin(), one.out.end())), 1e-6);
+      EXPECT_LT(ref::relative_error(got.out, want.out), 6e-3);
+    }
   }
 }
 

@@ -83,6 +83,57 @@ std::string join(const std::vector<std::pair<int64_t, int64_t>>& v) {
   return s;
 }
 
+// Contexts owned by rank 0 and the last rank; queries mixing them, both layers, qlen 1 to 200,
+// tail and detached, and a decode batch. On rank 0, *why names the first mismatch.
+Status run_batch_case(const Control& control, FinalAttention strategy, int64_t device_rows, std::string* why) {
+  Config cfg = make_config(DType::kBF16, RecallMode::kChunk);
+  cfg.model.layers = 2;
+  std::vector<test::BatchContext> contexts;
+  for (const auto& [n, owner] : {std::pair<int64_t, int>{5003, 0}, {4501, control.world() - 1}}) {
+    const Regions regions = compute_regions(n, cfg.reattention);
+    contexts.push_back({n, owner,
+                        SyntheticSpec{static_cast<uint64_t>(n),
+                                      {regions.chunk_first_token(1) + 7, regions.chunk_first_token(regions.num_chunks / 2 + 1),
+                                       regions.chunk_first_token(regions.num_chunks - 2) + 63}}});
+  }
+  std::vector<test::BatchQuery> queries = {{0, 0, 64, QueryMode::kTail},    {1, 0, 1, QueryMode::kTail},
+                                           {0, 1, 9, QueryMode::kDetached}, {1, 1, 200, QueryMode::kTail},
+                                           {0, 0, 1, QueryMode::kDetached}};
+  for (int b = 0; b < 8; ++b) queries.push_back({1, 0, 1, QueryMode::kTail});
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, control.local_rank());
+  REATTN_RETURN_IF_ERROR(control.agree(cuda.status()));
+  Expected<std::unique_ptr<Communicator>> nccl = make_communicator(**cuda, control);
+  REATTN_RETURN_IF_ERROR(control.agree(nccl.status()));
+  const test::BatchRun gpu =
+      test::run_batch_and_alone(**cuda, **nccl, cfg, contexts, queries, strategy, StepOptions{device_rows});
+  REATTN_RETURN_IF_ERROR(control.agree(gpu.status));
+  CpuBackend cpu(cfg.backend.threads);
+  MpiCommunicator mpi;
+  const test::BatchRun host = test::run_batch_and_alone(cpu, mpi, cfg, contexts, queries, strategy, StepOptions{device_rows});
+  REATTN_RETURN_IF_ERROR(control.agree(host.status));
+  if (control.rank() != 0) return Status::ok();
+  for (size_t i = 0; i < queries.size() && why->empty(); ++i) {
+    const test::BatchQuery& bq = queries[i];
+    const test::BatchContext& bc = contexts[bq.context];
+    const ref::Context ctx =
+        ref::synthetic_context(cfg.model, cfg.reattention, bc.n, bc.spec.seed, bc.spec.needles, bq.layer);
+    const ref::Result want = ref::query(ctx, gpu.q[i], bq.qlen, bq.mode);
+    const QueryResult &got = gpu.batch[i], &one = gpu.alone[i], &cpu_got = host.batch[i];
+    const std::string q = "query " + std::to_string(i) + ": ";
+    if (!got.status.is_ok() || !one.status.is_ok() || !cpu_got.status.is_ok()) {
+      *why = q + got.status.to_string() + " / " + one.status.to_string() + " / " + cpu_got.status.to_string();
+    } else if (got.recalled != want.recalled || one.recalled != want.recalled || cpu_got.recalled != want.recalled) {
+      *why = q + "recalled batch [" + join(got.recalled) + "] alone [" + join(one.recalled) + "] cpu [" +
+             join(cpu_got.recalled) + "] ref [" + join(want.recalled) + "]";
+    } else if (!(ref::relative_error(got.out, std::vector<double>(one.out.begin(), one.out.end())) < 1e-6)) {
+      *why = q + "batch and alone outputs differ";
+    } else if (!(ref::relative_error(got.out, want.out) < 6e-3)) {
+      *why = q + "relative error " + std::to_string(ref::relative_error(got.out, want.out));
+    }
+  }
+  return Status::ok();
+}
+
 int run_all(const Control& control, RecallMode recall) {
   int passed = 0, failed = 0;
   std::vector<Case> cases;
@@ -153,6 +204,26 @@ int run_all(const Control& control, RecallMode recall) {
     MPI_Bcast(&flag, 1, MPI_INT, 0, MPI_COMM_WORLD);
     (flag ? passed : failed)++;
     if (!st.is_ok()) break;  // a device fault: stop
+  }
+  // Batches: the GPUs (NCCL) running a mixed batch as one step against each query alone, the
+  // CPU backend's batch (MPI) and the reference; selection on the device, or on the host.
+  // (Chunk recall: span selection always runs on the host.)
+  for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
+    if (recall != RecallMode::kChunk) break;
+    for (int64_t device_rows : {int64_t{1}, int64_t{1} << 40}) {
+      std::string why;
+      const Status st = run_batch_case(control, strategy, device_rows, &why);
+      const bool ok = st.is_ok() && why.empty();
+      if (control.rank() == 0) {
+        std::printf("%s batch %s device_select_rows=%lld%s%s\n", ok ? "PASS" : "FAIL", final_attention_name(strategy),
+                    static_cast<long long>(device_rows), ok ? "" : " : ", st.is_ok() ? why.c_str() : st.to_string().c_str());
+        std::fflush(stdout);
+      }
+      int flag = ok ? 1 : 0;
+      MPI_Bcast(&flag, 1, MPI_INT, 0, MPI_COMM_WORLD);
+      (flag ? passed : failed)++;
+      if (!st.is_ok()) break;
+    }
   }
   if (control.rank() == 0) std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

@@ -92,6 +92,52 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{777, 9, QueryMode::kDetached, {50, 400}, 2, 6},
                       Case{2003, 1, QueryMode::kTail, {17, 1900}, 2, 6}));
 
+// A batch mixing contexts, layers, qlens and modes (plus a query of an unknown context and one
+// above the window) gives exactly what each query gives alone, with big blocks selected by
+// Backend::merge_select, by the host, or split between them; the ok ones also match the fp64
+// reference.
+TEST(DistributedBatch, MatchesEachQueryAlone) {
+  const Config config = config_for(4, 2, 2, 6);
+  CpuBackend backend(1);
+  MpiCommunicator comm;
+  const int last = comm.world() - 1;
+  const std::vector<test::BatchContext> contexts = {
+      {1001, 0, SyntheticSpec{11, {100, 600}}}, {777, last, SyntheticSpec{12, {50, 400}}}, {40, 0, SyntheticSpec{13, {}}}};
+  const std::vector<test::BatchQuery> queries = {
+      {0, 0, 3, QueryMode::kTail},  {1, 1, 17, QueryMode::kDetached}, {0, 1, 1, QueryMode::kTail},
+      {0, 0, 32, QueryMode::kTail}, {1, 1, 1, QueryMode::kTail},      {-1, 0, 2, QueryMode::kTail},
+      {2, 0, 5, QueryMode::kTail},  {0, 0, 1, QueryMode::kDetached},   {1, 0, 33, QueryMode::kTail}};
+  const std::vector<bool> want_ok = {true, true, true, true, true, false, true, true, false};
+  for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
+    for (int64_t device_rows : {int64_t{1}, int64_t{64}, int64_t{1} << 40}) {
+      const test::BatchRun run =
+          test::run_batch_and_alone(backend, comm, config, contexts, queries, strategy, StepOptions{device_rows});
+      ASSERT_TRUE(run.status.is_ok()) << run.status.to_string();
+      if (comm.rank() != 0) continue;
+      ASSERT_EQ(run.batch.size(), queries.size());
+      ASSERT_EQ(run.alone.size(), queries.size());
+      for (size_t i = 0; i < queries.size(); ++i) {
+        SCOPED_TRACE(std::string(final_attention_name(strategy)) + " device_select_rows " +
+                     std::to_string(device_rows) + " query " + std::to_string(i));
+        const QueryResult& got = run.batch[i];
+        const QueryResult& one = run.alone[i];
+        EXPECT_EQ(got.status.is_ok(), want_ok[i]) << got.status.to_string();
+        EXPECT_EQ(one.status.is_ok(), want_ok[i]) << one.status.to_string();
+        if (!want_ok[i]) continue;
+        EXPECT_EQ(got.recalled, one.recalled);
+        EXPECT_EQ(got.out, one.out);
+        const test::BatchQuery& bq = queries[i];
+        const test::BatchContext& bc = contexts[bq.context];
+        const ref::Context ctx =
+            ref::synthetic_context(config.model, config.reattention, bc.n, bc.spec.seed, bc.spec.needles, bq.layer);
+        const ref::Result want = ref::query(ctx, run.q[i], bq.qlen, bq.mode);
+        EXPECT_EQ(got.recalled, want.recalled);
+        EXPECT_LT(ref::relative_error(got.out, want.out), 1e-5);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace reattn
 

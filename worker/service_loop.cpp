@@ -15,11 +15,12 @@ bool is_fault(const Status& s) { return s.code() == ErrorCode::kFatal; }
 
 }  // namespace
 
-ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator& comm, const Config& config)
+ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator& comm, const Config& config,
+                         StepOptions step_options)
     : control_(control),
       config_(config),
       store_(backend, config, control.rank(), control.world()),
-      runner_(backend, comm, config, store_) {}
+      runner_(backend, comm, config, store_, step_options) {}
 
 Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
   if (control_.rank() != 0) return internal_error("ServiceLoop::submit called on rank " + std::to_string(control_.rank()));

@@ -18,7 +18,8 @@ namespace reattn {
 
 class ServiceLoop final : public OperationRunner {
  public:
-  ServiceLoop(const Control& control, Backend& backend, Communicator& comm, const Config& config);
+  ServiceLoop(const Control& control, Backend& backend, Communicator& comm, const Config& config,
+              StepOptions step_options = {});
 
   // Rank 0 only: broadcasts `op` and applies it here as every other rank does (rank 0 never
   // decodes what it sent). A non-ok return is a fatal fault; a failed operation is reported

@@ -17,20 +17,26 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-StepRunner::StepRunner(Backend& backend, Communicator& comm, const Config& config, const KvStore& store)
-    : backend_(backend), comm_(comm), config_(config), store_(store) {}
+StepRunner::StepRunner(Backend& backend, Communicator& comm, const Config& config, const KvStore& store,
+                       StepOptions options)
+    : backend_(backend), comm_(comm), config_(config), store_(store), options_(options) {}
 
 Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, StepTiming* timing) {
   const auto t_start = std::chrono::steady_clock::now();
-  int64_t total_candidates = 0;
-  std::vector<QueryState> qs = check(plan, &total_candidates);
-  const size_t send_bytes = plan.queries.size() * sizeof(int64_t) + total_candidates * sizeof(Candidate);
-  REATTN_RETURN_IF_ERROR(score(plan, qs, send_bytes));
+  std::vector<BlockQuery> block_queries;
+  for (const QueryPlan& qp : plan.queries) block_queries.push_back({qp.context_id, qp.layer, qp.qlen});
+  const ScoreLayout sl = plan_score_blocks(block_queries, config_.reattention.local_window, config_.model.q_heads,
+                                           config_.model.head_dim, config_.reattention.top_k,
+                                           config_.reattention.recall == RecallMode::kSpan
+                                               ? INT64_MAX  // span selection runs on the host
+                                               : options_.device_select_rows);
+  std::vector<QueryState> qs = check(plan, sl);
+  const size_t send_bytes = plan.queries.size() * sizeof(int64_t) + sl.total_candidates * sizeof(Candidate);
+  REATTN_RETURN_IF_ERROR(score(plan, sl, qs, send_bytes));
   const double score_ms = ms_since(t_start);
 
-  std::string gathered;
-  REATTN_RETURN_IF_ERROR(exchange_candidates(send_bytes, &gathered));
-  select(gathered, send_bytes, qs);
+  REATTN_RETURN_IF_ERROR(exchange_candidates(send_bytes));
+  REATTN_RETURN_IF_ERROR(select(sl, send_bytes, qs));
   const double candidates_ms = ms_since(t_start) - score_ms;
 
   std::vector<SelectedQuery> selected;
@@ -51,17 +57,17 @@ Status StepRunner::run(const StepPlan& plan, std::vector<QueryResult>* results, 
 }
 
 // Checks each query against what this rank holds.
-std::vector<StepRunner::QueryState> StepRunner::check(const StepPlan& plan, int64_t* total_candidates) const {
+std::vector<StepRunner::QueryState> StepRunner::check(const StepPlan& plan, const ScoreLayout& sl) const {
   const ModelConfig& m = config_.model;
   const int rank = comm_.rank();
   std::vector<QueryState> qs(plan.queries.size());
-  std::vector<int64_t> rows;
   for (size_t i = 0; i < qs.size(); ++i) {
     QueryState& s = qs[i];
     const QueryPlan& qp = plan.queries[i];
     s.plan = &qp;
     s.rows = qp.qlen * m.q_heads;
-    rows.push_back(qp.qlen > 0 ? s.rows : 0);
+    s.cand_offset = sl.cand_offset[i];
+    s.q_offset = sl.q_offset[i];
     s.ctx = store_.find(qp.context_id);
     if (!s.ctx) {
       s.status = not_found("context " + std::to_string(qp.context_id) + " not found on rank " + std::to_string(rank));
@@ -76,49 +82,75 @@ std::vector<StepRunner::QueryState> StepRunner::check(const StepPlan& plan, int6
     } else {
       s.status = validate_query(qp.tokens, qp.qlen, qp.mode, config_.reattention);
     }
+    // Only queries in a block are scored (validate_query holds qlen to the same bound).
+    if (s.status.is_ok() && s.cand_offset < 0) s.status = internal_error("step plan: query outside every score block");
     s.selected.owner_rank = qp.owner_rank;
     s.selected.qlen = qp.qlen;
     s.selected.mode = qp.mode;
   }
-  const std::vector<int64_t> offsets = candidate_offsets(rows, config_.reattention.top_k, total_candidates);
-  for (size_t i = 0; i < qs.size(); ++i) qs[i].cand_offset = offsets[i];
   return qs;
 }
 
-// Scores this rank's mid chunks: per (row, head) local top-k, into the send block
-// [queries flags (int64)][candidates].
-Status StepRunner::score(const StepPlan& plan, std::vector<QueryState>& qs, size_t send_bytes) {
+// Scores this rank's mid chunks, one kernel call per block of queries (score_blocks.h): per
+// (row, head) local top-k, into the send block [queries flags (int64)][candidates].
+Status StepRunner::score(const StepPlan& plan, const ScoreLayout& sl, std::vector<QueryState>& qs,
+                         size_t send_bytes) {
   const ModelConfig& m = config_.model;
   const ReattentionConfig& rc = config_.reattention;
   const int rank = comm_.rank();
   const int world = comm_.world();
   const size_t header_bytes = qs.size() * sizeof(int64_t);
-  REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.q, plan.q.size() * sizeof(float)));
+  REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.q, sl.q_floats * sizeof(float)));
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.send, send_bytes));
   REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.recv, send_bytes * world));
-  REATTN_RETURN_IF_ERROR(backend_.upload(ws_.q.data(), plan.q.data(), plan.q.size() * sizeof(float)));
+  // The queries' rows in block order; runs contiguous in both places go up as one copy.
+  int64_t run_src = 0, run_dst = 0, run_floats = 0;
+  const auto upload_run = [&]() {
+    if (run_floats == 0) return Status::ok();
+    return backend_.upload(ws_.q.as<float>() + run_dst, plan.q.data() + run_src, run_floats * sizeof(float));
+  };
+  for (const QueryState& s : qs) {
+    if (!s.status.is_ok()) continue;
+    const int64_t src = s.plan->q_offset, dst = s.q_offset, floats = s.rows * m.head_dim;
+    if (run_floats > 0 && src == run_src + run_floats && dst == run_dst + run_floats) {
+      run_floats += floats;
+      continue;
+    }
+    REATTN_RETURN_IF_ERROR(upload_run());
+    run_src = src;
+    run_dst = dst;
+    run_floats = floats;
+  }
+  REATTN_RETURN_IF_ERROR(upload_run());
   auto* cands = reinterpret_cast<Candidate*>(ws_.send.as<char>() + header_bytes);
   std::vector<int64_t> flags(qs.size());
   for (size_t i = 0; i < qs.size(); ++i) {
-    QueryState& s = qs[i];
-    flags[i] = s.status.is_ok() ? 1 : 0;
-    if (!s.status.is_ok()) continue;
-    s.selected.regions = compute_regions(s.plan->tokens, rc);
-    const LayerShard& shard = s.ctx->layers[s.plan->layer];
+    flags[i] = qs[i].status.is_ok() ? 1 : 0;
+    if (qs[i].status.is_ok()) qs[i].selected.regions = compute_regions(qs[i].plan->tokens, rc);
+  }
+  for (const ScoreBlock& block : sl.blocks) {
+    // Every query of the block that passed its checks holds the same context, layer and n;
+    // rows of the others are scored too (harmlessly: their flags are 0).
+    const QueryState* lead = nullptr;
+    for (size_t i : block.queries) {
+      if (!lead && qs[i].status.is_ok()) lead = &qs[i];
+    }
+    if (!lead) continue;
+    const LayerShard& shard = lead->ctx->layers[lead->plan->layer];
     ScoreParams p;
     p.k_pages = shard.k_page_table.as<const void* const>();
     p.blocks_per_page = KvStore::kBlocksPerPage;
-    p.block_count = mid_slots_on_rank(s.selected.regions.num_chunks, rank, world);
+    p.block_count = mid_slots_on_rank(lead->selected.regions.num_chunks, rank, world);
     p.chunk_id_stride = world;
     p.chunk_id_offset = rank;
-    p.q = ws_.q.as<float>() + s.plan->q_offset;
-    p.qlen = s.plan->qlen;
+    p.q = ws_.q.as<float>() + block.q_offset;
+    p.qlen = block.qlen;
     p.q_heads = m.q_heads;
     p.kv_heads = m.kv_heads;
     p.head_dim = m.head_dim;
     p.chunk_tokens = rc.chunk_tokens;
     p.top_k = rc.top_k;
-    p.out = cands + s.cand_offset;
+    p.out = cands + block.cand_offset;
     p.first_token = rc.sink_tokens;
     REATTN_RETURN_IF_ERROR(rc.recall == RecallMode::kSpan ? backend_.score_tokens(p) : backend_.score_chunks(p));
   }
@@ -126,45 +158,108 @@ Status StepRunner::score(const StepPlan& plan, std::vector<QueryState>& qs, size
   return backend_.synchronize();
 }
 
-// One allgather of every rank's send block.
-Status StepRunner::exchange_candidates(size_t send_bytes, std::string* gathered) {
-  REATTN_RETURN_IF_ERROR(comm_.allgather(ws_.send.data(), ws_.recv.data(), send_bytes));
-  gathered->assign(send_bytes * comm_.world(), '\0');
-  return backend_.download(gathered->data(), ws_.recv.data(), gathered->size());
+// One allgather of every rank's send block into ws_.recv.
+Status StepRunner::exchange_candidates(size_t send_bytes) {
+  return comm_.allgather(ws_.send.data(), ws_.recv.data(), send_bytes);
 }
 
 // Every rank computes the same recall set U and layout of each query from the gathered
-// candidates; a query that failed its checks on any rank fails here on all.
-void StepRunner::select(const std::string& gathered, size_t send_bytes, std::vector<QueryState>& qs) const {
+// candidates; a query that failed its checks on any rank fails here on all. One download per
+// rank fetches the flags and the host-selected blocks' lists; big blocks stay in backend memory.
+Status StepRunner::select(const ScoreLayout& sl, size_t send_bytes, std::vector<QueryState>& qs) {
   const int world = comm_.world();
-  const int k = config_.reattention.top_k;
-  const size_t header_bytes = qs.size() * sizeof(int64_t);
-  std::vector<Candidate> per_rank, topk;
+  const size_t host_bytes = qs.size() * sizeof(int64_t) + sl.host_candidates * sizeof(Candidate);
+  std::string host(host_bytes * world, '\0');
+  for (int r = 0; r < world; ++r) {
+    REATTN_RETURN_IF_ERROR(backend_.download(host.data() + r * host_bytes, ws_.recv.as<char>() + r * send_bytes, host_bytes));
+  }
   for (size_t i = 0; i < qs.size(); ++i) {
     QueryState& s = qs[i];
     for (int r = 0; r < world && s.status.is_ok(); ++r) {
       int64_t flag;
-      std::memcpy(&flag, gathered.data() + r * send_bytes + i * sizeof(int64_t), sizeof(flag));
+      std::memcpy(&flag, host.data() + r * host_bytes + i * sizeof(int64_t), sizeof(flag));
       if (flag != 1) s.status = internal_error("query failed its checks on rank " + std::to_string(r));
     }
+  }
+  select_on_host(sl, host, host_bytes, qs);
+  REATTN_RETURN_IF_ERROR(select_on_device(sl, send_bytes, qs));
+  for (QueryState& s : qs) {
     if (!s.status.is_ok()) continue;
-    per_rank.resize(static_cast<size_t>(world) * s.rows * k);
-    for (int r = 0; r < world; ++r) {
-      std::memcpy(&per_rank[static_cast<size_t>(r) * s.rows * k],
-                  gathered.data() + r * send_bytes + header_bytes + s.cand_offset * sizeof(Candidate),
-                  s.rows * k * sizeof(Candidate));
-    }
-    topk.resize(static_cast<size_t>(s.rows) * k);
-    merge_candidates(per_rank.data(), world, s.rows, k, topk.data());
-    if (config_.reattention.recall == RecallMode::kSpan) {
-      s.selected.spans = select_spans(topk.data(), s.rows, k, s.selected.regions, config_.reattention);
-      s.selected.layout = make_span_layout(s.selected.regions, s.selected.spans);
-    } else {
-      s.selected.recalled = select_recall(topk.data(), s.rows, k, config_.reattention.max_recall_chunks);
-      s.selected.layout = make_layout(s.selected.regions, static_cast<int64_t>(s.selected.recalled.size()));
-    }
+    s.selected.layout = config_.reattention.recall == RecallMode::kSpan
+                            ? make_span_layout(s.selected.regions, s.selected.spans)
+                            : make_layout(s.selected.regions, static_cast<int64_t>(s.selected.recalled.size()));
     s.selected.ok = true;
   }
+  return Status::ok();
+}
+
+// merge_candidates + select_recall over the downloaded lists ([world] blocks of host_bytes).
+void StepRunner::select_on_host(const ScoreLayout& sl, const std::string& host, size_t host_bytes,
+                                std::vector<QueryState>& qs) const {
+  const int world = comm_.world();
+  const int k = config_.reattention.top_k;
+  const size_t header_bytes = qs.size() * sizeof(int64_t);
+  std::vector<Candidate> per_rank, topk;
+  for (const ScoreBlock& block : sl.blocks) {
+    if (block.device_select) continue;
+    for (size_t i : block.queries) {
+      QueryState& s = qs[i];
+      if (!s.status.is_ok()) continue;
+      per_rank.resize(static_cast<size_t>(world) * s.rows * k);
+      for (int r = 0; r < world; ++r) {
+        std::memcpy(&per_rank[static_cast<size_t>(r) * s.rows * k],
+                    host.data() + r * host_bytes + header_bytes + s.cand_offset * sizeof(Candidate),
+                    s.rows * k * sizeof(Candidate));
+      }
+      topk.resize(static_cast<size_t>(s.rows) * k);
+      merge_candidates(per_rank.data(), world, s.rows, k, topk.data());
+      if (config_.reattention.recall == RecallMode::kSpan) {
+        s.selected.spans = select_spans(topk.data(), s.rows, k, s.selected.regions, config_.reattention);
+      } else {
+        s.selected.recalled = select_recall(topk.data(), s.rows, k, config_.reattention.max_recall_chunks);
+      }
+    }
+  }
+}
+
+// Backend::merge_select per query of the big blocks, straight from the receive buffer; one
+// download of every such query's |U| and U.
+Status StepRunner::select_on_device(const ScoreLayout& sl, size_t send_bytes, std::vector<QueryState>& qs) {
+  const int64_t R = config_.reattention.max_recall_chunks;
+  const size_t header_bytes = qs.size() * sizeof(int64_t);
+  std::vector<size_t> queries;
+  for (const ScoreBlock& block : sl.blocks) {
+    if (!block.device_select) continue;
+    for (size_t i : block.queries) {
+      if (qs[i].status.is_ok()) queries.push_back(i);
+    }
+  }
+  if (queries.empty()) return Status::ok();
+  const size_t slot = static_cast<size_t>(R) + 1;
+  REATTN_RETURN_IF_ERROR(ensure_capacity(backend_, ws_.select, queries.size() * slot * sizeof(int64_t)));
+  const auto* gathered = reinterpret_cast<const Candidate*>(ws_.recv.as<char>() + header_bytes);
+  for (size_t n = 0; n < queries.size(); ++n) {
+    const QueryState& s = qs[queries[n]];
+    MergeSelectParams p;
+    p.gathered = gathered + s.cand_offset;
+    p.world = comm_.world();
+    p.rank_stride = static_cast<int64_t>(send_bytes / sizeof(Candidate));
+    p.rows = s.rows;
+    p.top_k = config_.reattention.top_k;
+    p.num_chunks = s.selected.regions.num_chunks;
+    p.max_recall = R;
+    p.recall_count = ws_.select.as<int64_t>() + n * slot;
+    p.recall = p.recall_count + 1;
+    REATTN_RETURN_IF_ERROR(backend_.merge_select(p));
+  }
+  std::vector<int64_t> out(queries.size() * slot);
+  REATTN_RETURN_IF_ERROR(backend_.download(out.data(), ws_.select.data(), out.size() * sizeof(int64_t)));
+  for (size_t n = 0; n < queries.size(); ++n) {
+    const int64_t* result = out.data() + n * slot;
+    if (result[0] < 0 || result[0] > R) return internal_error("merge_select: recall count out of range");
+    qs[queries[n]].selected.recalled.assign(result + 1, result + 1 + result[0]);
+  }
+  return Status::ok();
 }
 
 // gather: chunk K/V to their owners before any attention runs: one pack of every block this
@@ -319,7 +414,7 @@ Status StepRunner::attend(const RankPlan& rp, const std::vector<QueryState>& qs)
     AttendParams p;
     p.segments = ws_.meta.as<KeySegment>() + c.segment_first;
     p.segment_count = static_cast<int64_t>(c.segment_count);
-    p.q = ws_.q.as<float>() + s.plan->q_offset;
+    p.q = ws_.q.as<float>() + s.q_offset;
     p.row_position = rows_dev + c.rows_first;
     p.row_visible_end = rows_dev + c.rows_first + s.plan->qlen;
     p.qlen = s.plan->qlen;

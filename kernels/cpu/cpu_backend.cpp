@@ -256,4 +256,32 @@ Status CpuBackend::copy_ranges(const CopyRangesParams& p) {
   return Status::ok();
 }
 
+// The reference functions themselves: merge_candidates, then select_recall.
+Status CpuBackend::merge_select(const MergeSelectParams& p) {
+  if (p.top_k < 1 || p.world < 1 || p.rows < 0 || p.max_recall < 0 || !p.recall || !p.recall_count) {
+    return invalid_argument("merge_select: top_k, world, rows, max_recall or an output out of range");
+  }
+  const int64_t list = p.rows * p.top_k;
+  const int64_t stride = p.rank_stride > 0 ? p.rank_stride : list;
+  if (stride < list) return invalid_argument("merge_select: rank_stride below rows * top_k");
+  std::vector<Candidate> packed;
+  const Candidate* gathered = p.gathered;
+  if (stride != list && p.world > 1) {
+    packed.resize(static_cast<size_t>(p.world) * list);
+    for (int r = 0; r < p.world; ++r) std::copy_n(p.gathered + r * stride, list, packed.begin() + r * list);
+    gathered = packed.data();
+  }
+  std::vector<Candidate> own;
+  Candidate* merged = p.merged;
+  if (!merged) {
+    own.resize(static_cast<size_t>(list));
+    merged = own.data();
+  }
+  merge_candidates(gathered, p.world, p.rows, p.top_k, merged);
+  const std::vector<int64_t> recall = select_recall(merged, p.rows, p.top_k, p.max_recall);
+  std::copy(recall.begin(), recall.end(), p.recall);
+  *p.recall_count = static_cast<int64_t>(recall.size());
+  return Status::ok();
+}
+
 }  // namespace reattn

@@ -27,6 +27,7 @@ class CpuBackend final : public Backend {
   Status pack_blocks(const PackParams& p) override;
   Status score_tokens(const ScoreParams& p) override;
   Status copy_ranges(const CopyRangesParams& p) override;
+  Status merge_select(const MergeSelectParams& p) override;
 
  private:
   int threads_;

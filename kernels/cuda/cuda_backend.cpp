@@ -29,6 +29,11 @@ Status cuda_backend_supports(const Config& config) {
     return invalid_argument("model.head_dim: the cuda backend supports 64 or 128, got " +
                             std::to_string(config.model.head_dim));
   }
+  if (config.reattention.max_recall_chunks > cuda::kMaxRecallOnDevice) {
+    return invalid_argument("reattention.max_recall_chunks: the cuda backend selects at most " +
+                            std::to_string(cuda::kMaxRecallOnDevice) + ", got " +
+                            std::to_string(config.reattention.max_recall_chunks));
+  }
   if (config.reattention.top_k > cuda::kMaxTopK) {
     return invalid_argument("reattention.top_k: the cuda backend keeps at most " + std::to_string(cuda::kMaxTopK) +
                             ", got " + std::to_string(config.reattention.top_k));
@@ -63,7 +68,7 @@ Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int l
 
 CudaBackend::~CudaBackend() {
   if (stream_) (void)cudaStreamSynchronize(stream_);
-  for (void* scratch : {score_ws_, attend_ws_, rope_ws_}) {
+  for (void* scratch : {score_ws_, attend_ws_, select_ws_, rope_ws_}) {
     if (scratch) (void)cudaFree(scratch);
   }
   if (ring_done_) (void)cudaEventDestroy(ring_done_);
@@ -208,5 +213,10 @@ Status CudaBackend::copy_ranges(const CopyRangesParams& p) { return cuda::run_co
 Status CudaBackend::merge_states(const MergeParams& p) { return cuda::run_merge_states(p, stream_); }
 
 Status CudaBackend::pack_blocks(const PackParams& p) { return cuda::run_pack_blocks(p, stream_); }
+
+Status CudaBackend::merge_select(const MergeSelectParams& p) {
+  REATTN_RETURN_IF_ERROR(ensure_scratch(&select_ws_, &select_ws_bytes_, cuda::merge_select_workspace_bytes(p.num_chunks)));
+  return cuda::run_merge_select(p, select_ws_, select_ws_bytes_, stream_);
+}
 
 }  // namespace reattn

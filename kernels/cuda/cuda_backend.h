@@ -45,6 +45,7 @@ class CudaBackend final : public Backend {
   Status pack_blocks(const PackParams& p) override;
   Status score_tokens(const ScoreParams& p) override;
   Status copy_ranges(const CopyRangesParams& p) override;
+  Status merge_select(const MergeSelectParams& p) override;
 
   // The one stream every operation of this backend runs on (the communicator uses it too).
   cudaStream_t stream() const { return stream_; }
@@ -82,6 +83,8 @@ class CudaBackend final : public Backend {
   size_t score_ws_bytes_ = 0;
   void* attend_ws_ = nullptr;
   size_t attend_ws_bytes_ = 0;
+  void* select_ws_ = nullptr;
+  size_t select_ws_bytes_ = 0;
   void* rope_ws_ = nullptr;  // [positions][D/2] cos, then sin, then inv_freq [D/2] double
   size_t rope_ws_bytes_ = 0;
   double rope_theta_ = 0.0;

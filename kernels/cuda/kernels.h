@@ -91,22 +91,12 @@ Status run_attend(const AttendParams& p, DType dtype, const AttendPlan& plan, co
 Status run_merge_states(const MergeParams& p, cudaStream_t stream);
 
 // ---- Candidate merge and recall selection on the device (select_kernels.cu) ----
-// The same function as merge_candidates + select_recall (common/semantics.h), for blocks of many
-// rows without a host round trip. How the step calls it (not wired yet; the worker's step is
-// being refactored): after the candidate allgather, with `gathered` the receive buffer, `rows`
-// the rows of one query (or of each query of a batch in turn, each with its own recall), then
-// download `recall_count` and `recall` (max_recall int64 values) instead of rows * top_k lists.
-struct MergeSelectParams {
-  const Candidate* gathered = nullptr;  // [world][rows][top_k], candidate_before order per list
-  int world = 1;
-  int64_t rows = 0;                     // (row, head) rows: qlen * H
-  int top_k = 0;
-  int64_t num_chunks = 0;               // chunk ids are in [0, num_chunks)
-  int64_t max_recall = 0;               // R
-  Candidate* merged = nullptr;          // [rows][top_k] merged lists (optional: null skips them)
-  int64_t* recall = nullptr;            // [max_recall] recalled chunk ids, ascending
-  int64_t* recall_count = nullptr;      // [1]
-};
+// MergeSelectParams (kernels/params.h): the same function as merge_candidates + select_recall,
+// for blocks of many rows without a host round trip (the step calls it through
+// Backend::merge_select for big queries).
+using reattn::MergeSelectParams;
+// Largest max_recall the device selection takes (its final sort is in shared memory).
+constexpr int64_t kMaxRecallOnDevice = 4096;
 size_t merge_select_workspace_bytes(int64_t num_chunks);
 Status run_merge_select(const MergeSelectParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

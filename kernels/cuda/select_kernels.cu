@@ -21,7 +21,7 @@ namespace reattn::cuda {
 namespace {
 
 constexpr int kFinalThreads = 1024;
-constexpr int kFinalMax = 4096;  // largest max_recall the final sort takes (shared memory)
+constexpr int kFinalMax = static_cast<int>(kMaxRecallOnDevice);
 
 // Order-preserving map of floats onto unsigned ints (larger float -> larger key).
 __device__ __forceinline__ uint32_t ordered_key(float x) {
@@ -42,10 +42,11 @@ __global__ void __launch_bounds__(128) merge_vote_kernel(const VoteParams vp) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= p.rows) return;
   const int k = p.top_k;
+  const int64_t rank_stride = p.rank_stride > 0 ? p.rank_stride : p.rows * k;
   Candidate top[kMaxTopK];
   for (int s = 0; s < k; ++s) top[s] = Candidate{0.0f, -1};
   for (int rank = 0; rank < p.world; ++rank) {
-    const Candidate* list = p.gathered + (static_cast<int64_t>(rank) * p.rows + row) * k;
+    const Candidate* list = p.gathered + rank * rank_stride + row * k;
     for (int s = 0; s < k && list[s].chunk >= 0; ++s) topk_insert(top, k, list[s]);
   }
   for (int s = 0; s < k; ++s) {
@@ -135,8 +136,9 @@ Status run_merge_select(const MergeSelectParams& p, void* workspace, size_t work
     return invalid_argument("merge_select: max_recall " + std::to_string(p.max_recall) + " is outside [0, " +
                             std::to_string(kFinalMax) + "]");
   }
-  if (p.num_chunks < 0 || p.num_chunks > INT32_MAX || p.world < 1 || p.rows < 0) {
-    return invalid_argument("merge_select: num_chunks, world or rows out of range");
+  if (p.num_chunks < 0 || p.num_chunks > INT32_MAX || p.world < 1 || p.rows < 0 ||
+      (p.rank_stride != 0 && p.rank_stride < p.rows * p.top_k)) {
+    return invalid_argument("merge_select: num_chunks, world, rows or rank_stride out of range");
   }
   const Layout l = layout_for(p.num_chunks);
   if (workspace_bytes < l.total) {
