@@ -1,62 +1,66 @@
 #!/usr/bin/env bash
-# One device call: build the CUDA backend, run its tests (1 GPU, and 2 GPUs under mpirun when
-# there are two), time the decode benchmark and torch's full-attention baseline, and print a
-# table. Logs and JSON go to $OUT (default bench/out). Usage: bench/run_gpu.sh [TOKENS]
-# (TESTS_ONLY=1: build and run the GPU tests only).
+# The GPU machine in one call: build every CUDA target once (build-gpu), run every GPU test
+# (one GPU; two under mpirun when two are visible, with the fault-injection tests on the NCCL
+# path), then the benchmarks, each against baselines it measures in the same run, and print a
+# short table. Each section keeps its own logs and JSON under $OUT/<section>; everything is
+# also packed into $OUT/results.tgz (the device tool returns at most 8 files).
+#   bash bench/run_gpu.sh                      # all sections
+#   SECTIONS="tests prefill span" bash bench/run_gpu.sh
+# Sections: tests, decode (bench/run_decode.sh), kernels (bench/run_kernels.sh: kernel goals
+# and Nsight Compute), span (bench/run_span.sh), prefill (bench/run_prefill.sh), model
+# (bench/run_model.sh: transformers through the service, step overhead, append throughput).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# NVLink multicast stays off everywhere (it can take a shared host's GPUs out of service).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
-TOKENS=${1:-262144,1048576,4194304}
+SECTIONS=${SECTIONS:-tests decode span prefill model}
 mkdir -p "$OUT"
-LOG="$OUT/run.log"
+LOG="$OUT/summary.log"
 : >"$LOG"
 say() { echo "$@" | tee -a "$LOG"; }
-
-nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee -a "$LOG"
-GPUS=$(nvidia-smi -L | wc -l)
-MPIRUN=(mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE)
-
+nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee -a "$LOG"
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 t0=$SECONDS
-# Keep the generator of an existing build-gpu (another run may have configured it).
+declare -A RC
+
 GEN=()
 [ -f build-gpu/CMakeCache.txt ] || GEN=(-G Ninja)
-if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
-       cmake --build build-gpu -j "$(nproc)" --target test_cuda_backend test_cuda_distributed reattn-bench-decode; } \
-     >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
+if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_BUILD_TYPE=Release &&
+       cmake --build build-gpu -j "$(nproc)"; } >"$OUT/build.log" 2>&1; then
+  grep -E "error" "$OUT/build.log" | head -20
+  tail -20 "$OUT/build.log"
   exit 1
 fi
 say "build: $((SECONDS - t0)) s"
 
-TESTS="$OUT/tests.log"
-: >"$TESTS"
-build-gpu/tests/test_cuda_backend 2>&1 | tee -a "$TESTS" | grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |FAILED|Failure|error" | tee -a "$LOG"
-one_rc=${PIPESTATUS[0]}
-two_rc=skipped
-if [ "$GPUS" -ge 2 ]; then
-  "${MPIRUN[@]}" build-gpu/tests/test_cuda_distributed 2>&1 | tee -a "$TESTS" | tail -14 | tee -a "$LOG"
-  two_rc=${PIPESTATUS[0]}
-fi
-say "tests: 1-GPU rc=$one_rc, 2-GPU rc=$two_rc ($((SECONDS - t0)) s)"
-if [ "${TESTS_ONLY:-0}" = 1 ]; then
-  [ "$one_rc" = 0 ] && { [ "$two_rc" = skipped ] || [ "$two_rc" = 0 ]; }
-  exit
-fi
-
-python3 bench/torch_sdpa.py --tokens "$TOKENS" --json "$OUT/torch.json" 2>&1 | tee -a "$LOG"
-build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --json "$OUT/bench1.json" 2>&1 | tee -a "$LOG"
-TWO=()
-if [ "$GPUS" -ge 2 ]; then
-  "${MPIRUN[@]}" build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --json "$OUT/bench2.json" 2>&1 | tee -a "$LOG"
-  "${MPIRUN[@]}" build-gpu/bench/reattn-bench-decode --tokens "$TOKENS" --final-attention partial \
-    --json "$OUT/bench2p.json" 2>&1 | tee -a "$LOG"
-  TWO=(--two "$OUT/bench2.json" --two-partial "$OUT/bench2p.json")
-fi
-say "bench done ($((SECONDS - t0)) s)"
-python3 bench/report.py --one "$OUT/bench1.json" "${TWO[@]}" --torch "$OUT/torch.json" \
-  --tests "1-GPU rc=$one_rc, 2-GPU rc=$two_rc" --out "$OUT" 2>&1 | tee -a "$LOG"
-# The timings are kept either way; a failed GPU test fails the script.
-[ "$one_rc" = 0 ] && { [ "$two_rc" = skipped ] || [ "$two_rc" = 0 ]; }
+for section in $SECTIONS; do
+  s0=$SECONDS
+  mkdir -p "$OUT/$section"
+  case "$section" in
+    tests)
+      (cd build-gpu && timeout 300 ctest -R 'cuda' --output-on-failure) >"$OUT/tests/ctest.log" 2>&1
+      RC[tests]=$?
+      grep -E "Test +#|tests passed|tests failed" "$OUT/tests/ctest.log" | tee -a "$LOG" ;;
+    decode) OUT="$OUT/decode" timeout 300 bash bench/run_decode.sh >"$OUT/decode/stdout.log" 2>&1; RC[decode]=$?
+      tail -12 "$OUT/decode/stdout.log" | tee -a "$LOG" ;;
+    kernels) OUT="$OUT/kernels" timeout 400 bash bench/run_kernels.sh >"$OUT/kernels/stdout.log" 2>&1; RC[kernels]=$?
+      tail -30 "$OUT/kernels/stdout.log" | tee -a "$LOG" ;;
+    span) OUT="$OUT/span" timeout 300 bash bench/run_span.sh "${SPAN_TOKENS:-1048576,4194304}" >"$OUT/span/stdout.log" 2>&1
+      RC[span]=$?
+      tail -12 "$OUT/span/stdout.log" | tee -a "$LOG" ;;
+    prefill) OUT="$OUT/prefill" TESTS=0 timeout 300 bash bench/run_prefill.sh >"$OUT/prefill/stdout.log" 2>&1
+      RC[prefill]=$?
+      tail -20 "$OUT/prefill/stdout.log" | tee -a "$LOG" ;;
+    model) OUT="$OUT/model" timeout 500 bash bench/run_model.sh "${MODEL_PROMPT_TOKENS:-262144}" >"$OUT/model/stdout.log" 2>&1
+      RC[model]=$?
+      tail -14 "$OUT/model/stdout.log" | tee -a "$LOG" ;;
+    *) say "unknown section '$section'"; RC[$section]=2 ;;
+  esac
+  say "== $section: rc=${RC[$section]} ($((SECONDS - s0)) s)"
+done
+say "total: $((SECONDS - t0)) s"
+tar czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz . 2>/dev/null
+fail=0
+for section in "${!RC[@]}"; do [ "${RC[$section]}" = 0 ] || fail=1; done
+exit $fail

@@ -34,7 +34,7 @@ GEN=()
 TARGETS=(reattn-bench-grid)
 [ "${TESTS:-1}" = 1 ] && TARGETS+=(test_cuda_backend)
 [ "${TESTS:-1}" = 1 ] && [ "$TWO_GPU" = 1 ] && TARGETS+=(test_cuda_distributed)
-if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release &&
+if ! { cmake -S . -B build-gpu "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_BUILD_TYPE=Release &&
        cmake --build build-gpu -j 16 --target "${TARGETS[@]}"; } >"$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -20
   tail -20 "$OUT/build.log"

@@ -24,9 +24,12 @@ GPUS=$(nvidia-smi -L | wc -l)
 MPIRUN=(mpirun -np 2 --bind-to none -x NCCL_NVLS_ENABLE)
 
 t0=$SECONDS
-if ! timeout 240 bash -c 'cmake -S . -B build-span -G Ninja -DREATTN_CUDA=ON \
-        -DCMAKE_BUILD_TYPE=Release && cmake --build build-span -j 32 \
-        --target test_cuda_span test_cuda_distributed reattn-bench-span' >"$OUT/build.log" 2>&1; then
+B=${BUILD_DIR:-build-gpu}
+GEN=()
+[ -f "$B/CMakeCache.txt" ] || GEN=(-G Ninja)
+if ! timeout 240 cmake -S . -B "$B" "${GEN[@]}" -DREATTN_CUDA=ON -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 ||
+   ! timeout 240 cmake --build "$B" -j "$(nproc)" --target test_cuda_span test_cuda_distributed reattn-bench-span \
+     >>"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log" | tee -a "$LOG"
   exit 1
 fi
@@ -34,24 +37,24 @@ say "build: $((SECONDS - t0)) s"
 
 TESTS="$OUT/tests.log"
 : >"$TESTS"
-timeout 120 build-span/tests/test_cuda_span 2>&1 | tee -a "$TESTS" |
+timeout 120 "$B"/tests/test_cuda_span 2>&1 | tee -a "$TESTS" |
   grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |FAILED|Failure|error|Expected|Which is|actual" | head -40 | tee -a "$LOG"
 one_rc=${PIPESTATUS[0]}
 two_span_rc=skipped
 two_chunk_rc=skipped
 if [ "$GPUS" -ge 2 ]; then
-  timeout 120 "${MPIRUN[@]}" build-span/tests/test_cuda_distributed --recall span 2>&1 | tee -a "$TESTS" | tail -14 | tee -a "$LOG"
+  timeout 120 "${MPIRUN[@]}" "$B"/tests/test_cuda_distributed --recall span 2>&1 | tee -a "$TESTS" | tail -14 | tee -a "$LOG"
   two_span_rc=${PIPESTATUS[0]}
-  timeout 120 "${MPIRUN[@]}" build-span/tests/test_cuda_distributed 2>&1 | tee -a "$TESTS" | tail -3 | tee -a "$LOG"
+  timeout 120 "${MPIRUN[@]}" "$B"/tests/test_cuda_distributed 2>&1 | tee -a "$TESTS" | tail -3 | tee -a "$LOG"
   two_chunk_rc=${PIPESTATUS[0]}
 fi
 say "tests: 1-GPU span rc=$one_rc, 2-GPU span rc=$two_span_rc, 2-GPU chunk rc=$two_chunk_rc ($((SECONDS - t0)) s)"
 
-timeout 120 build-span/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span1.json" 2>&1 | tee -a "$LOG"
+timeout 120 "$B"/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span1.json" 2>&1 | tee -a "$LOG"
 bench1_rc=${PIPESTATUS[0]}
 bench2_rc=skipped
 if [ "$GPUS" -ge 2 ]; then
-  timeout 120 "${MPIRUN[@]}" build-span/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span2.json" 2>&1 |
+  timeout 120 "${MPIRUN[@]}" "$B"/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span2.json" 2>&1 |
     grep -v "^NCCL version" | tee -a "$LOG"
   bench2_rc=${PIPESTATUS[0]}
 fi
