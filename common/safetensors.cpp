@@ -108,6 +108,14 @@ Expected<SafetensorsFile> SafetensorsFile::parse(std::string bytes, const std::s
   return parse_storage(std::move(storage), origin);
 }
 
+Expected<SafetensorsFile> SafetensorsFile::parse_borrowed(const std::string& bytes, const std::string& origin) {
+  auto storage = std::make_shared<Storage>();
+  storage->origin = origin;
+  storage->data = reinterpret_cast<const unsigned char*>(bytes.data());
+  storage->size = bytes.size();
+  return parse_storage(std::move(storage), origin);
+}
+
 Expected<SafetensorsFile> SafetensorsFile::parse_shared(std::shared_ptr<const std::string> bytes,
                                                         const std::string& origin) {
   auto storage = std::make_shared<Storage>();

@@ -28,7 +28,8 @@ struct TensorView {
   std::vector<float> to_f32() const;
 };
 
-// A parsed safetensors blob. Owns its bytes (a read-only file mapping or a copied buffer).
+// A parsed safetensors blob. Owns its bytes (a read-only file mapping, a copied or shared
+// buffer), except after parse_borrowed.
 class SafetensorsFile {
  public:
   // Maps the file read-only. Errors: missing/unreadable file, truncated header, bad JSON,
@@ -36,6 +37,9 @@ class SafetensorsFile {
   static Expected<SafetensorsFile> open(const std::string& path);
   // Parses a copy of an in-memory blob (e.g. an HTTP body).
   static Expected<SafetensorsFile> parse(std::string bytes, const std::string& origin = "<body>");
+  // Parses bytes it does not own or copy: the caller keeps `bytes` alive and unchanged for as
+  // long as the file or any of its views is used (a request body parsed and copied out at once).
+  static Expected<SafetensorsFile> parse_borrowed(const std::string& bytes, const std::string& origin);
   // Parses bytes shared with the caller, without copying them (the file keeps them alive).
   static Expected<SafetensorsFile> parse_shared(std::shared_ptr<const std::string> bytes,
                                                 const std::string& origin = "<body>");

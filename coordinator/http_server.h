@@ -6,8 +6,9 @@
 // the listener backs off (10 ms doubling to 1 s) instead of spinning. Transfer codings other
 // than "chunked" and any Content-Encoding get 501/415 before the body is read.
 // Complete requests go to the handler with a Responder: requests for the health and metrics
-// paths on the I/O threads, every other request on a separate pool of `parse_threads`, so a
-// heavy body never delays a health check. The handler may answer from any thread, later (the
+// paths and requests with bodies up to 32 KiB on the I/O threads (no thread hand-off for a
+// decode step), larger bodies on a separate pool of `parse_threads`, so a heavy body never
+// delays a health check. Sockets are TCP_NODELAY. The handler may answer from any thread, later (the
 // response is written on the session's strand).
 // Thread-safety: construct, listen and stop from one thread; the io_context may run on many.
 #pragma once

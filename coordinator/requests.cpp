@@ -202,7 +202,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
     REATTN_ASSIGN_OR_RETURN(req.mode, parse_query_mode(params.at("mode")));
   }
 
-  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "query body"));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(body, "query body"));
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
   const ModelConfig& m = config.model;
   REATTN_RETURN_IF_ERROR(check_shape(q, {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}));
@@ -259,7 +259,7 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
     if (key != "layer") return invalid_argument("unknown query parameter '" + capped(key) + "'");
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse(body, "step body"));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(body, "step body"));
   const ModelConfig& m = config.model;
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
   REATTN_ASSIGN_OR_RETURN(TensorView k, file.get("k"));

@@ -32,7 +32,9 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     TensorToWrite ids{"recalled_chunks", DType::kF32, {static_cast<int64_t>(r.query.recalled.size())},
                       std::string(r.query.recalled.size() * 8, '\0'), "I64"};
     if (!r.query.recalled.empty()) std::memcpy(ids.data.data(), r.query.recalled.data(), ids.data.size());
-    std::vector<TensorToWrite> tensors{out, ids};
+    std::vector<TensorToWrite> tensors;  // moved in: `out` is the answer's largest buffer
+    tensors.push_back(std::move(out));
+    tensors.push_back(std::move(ids));
     if (rc.recall == RecallMode::kSpan) {  // [spans, 2] I64: first, end (exclusive)
       const auto& spans = r.query.recalled_spans;
       TensorToWrite t{"recalled_spans", DType::kF32, {static_cast<int64_t>(spans.size()), 2},

@@ -24,12 +24,15 @@ ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator&
 
 Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
   if (control_.rank() != 0) return internal_error("ServiceLoop::submit called on rank " + std::to_string(control_.rank()));
-  std::string bytes = encode_operation(op);
-  REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
-  if (const auto* append = std::get_if<AppendKv>(&op)) {
-    // The body follows as its own broadcast, sent from the request's buffer.
-    if (!append->body) return internal_error("append_kv: no body");
-    REATTN_RETURN_IF_ERROR(control_.broadcast(*append->body, 0));
+  // Alone, rank 0 applies the operation from the request's own buffers: nothing to encode.
+  if (control_.world() > 1) {
+    std::string bytes = encode_operation(op);
+    REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
+    if (const auto* append = std::get_if<AppendKv>(&op)) {
+      // The body follows as its own broadcast, sent from the request's buffer.
+      if (!append->body) return internal_error("append_kv: no body");
+      REATTN_RETURN_IF_ERROR(control_.broadcast(*append->body, 0));
+    }
   }
   return apply(op, result);
 }

@@ -20,6 +20,7 @@ _TIMING_HEADERS = {  # response header -> timing key, on binary answers
     "X-Reattn-Attention-Ms": "attention_ms",
     "X-Reattn-Total-Ms": "total_ms",
     "X-Reattn-Queue-Ms": "queue_ms",
+    "X-Reattn-Append-Ms": "append_ms",
 }
 _MAX_ERROR_BODY = 2000  # characters of a non-JSON error body kept in the exception
 
@@ -197,7 +198,7 @@ class Client:
         vw, _ = to_wire(v, "v", dtype or kd, ndim=4)
         if kw.shape != vw.shape:
             raise ValueError("append: k shape %s != v shape %s" % (list(kw.shape), list(vw.shape)))
-        body = safetensors.dumps({"k": kw, "v": vw})
+        body = safetensors.dumps_parts({"k": kw, "v": vw})
         _, data = self.request("POST", "/v1/contexts/%d/kv" % int(context_id), body=body, content_type=_BINARY)
         return json.loads(data.decode())
 
@@ -215,7 +216,7 @@ class Client:
         path = "/v1/contexts/%d/query" % int(context_id)
         if binary:
             qw, _ = to_wire(q, "q", dtype, ndim=3)
-            body = safetensors.dumps({"q": qw})
+            body = safetensors.dumps_parts({"q": qw})
             path += "?layer=%d&mode=%s" % (int(layer), urllib.parse.quote(mode))
             return self._attention(t0, path, body, _BINARY, layer)
         body = json.dumps({"layer": int(layer), "q": to_nested(q, "q"), "mode": mode}).encode()
@@ -231,7 +232,7 @@ class Client:
             qw, qd = to_wire(q, "q", dtype, ndim=3)
             kw, kd = to_wire(k, "k", dtype or qd, ndim=3)
             vw, _ = to_wire(v, "v", dtype or kd, ndim=3)
-            body = safetensors.dumps({"q": qw, "k": kw, "v": vw})
+            body = safetensors.dumps_parts({"q": qw, "k": kw, "v": vw})
             return self._attention(t0, path + "?layer=%d" % int(layer), body, _BINARY, layer)
         payload = {"layer": int(layer), "q": to_nested(q, "q"), "k": to_nested(k, "k"), "v": to_nested(v, "v")}
         return self._attention(t0, path, json.dumps(payload).encode(), "application/json", layer, accept=None)

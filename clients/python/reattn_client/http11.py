@@ -12,6 +12,8 @@ import ssl
 
 _MAX_HEAD_BYTES = 64 * 1024
 _RECV_BYTES = 256 * 1024
+_RECV_BYTES_BODY = 8 * 1024 * 1024  # one recv_into of a body's rest
+_MAX_IOV = 64  # buffers per sendmsg (IOV_MAX is at least 1024 on Linux)
 
 
 class Closed(ConnectionError):
@@ -55,17 +57,21 @@ class Connection:
         self.buf = bytearray()
 
     def roundtrip(self, method, target, headers, body=None):
-        """Sends one request, returns (Response, body bytes). Raises Closed when the kept
-        connection was found closed before the answer began, OSError/ValueError otherwise."""
+        """Sends one request, returns (Response, body). body: bytes or a list of byte buffers
+        (sent in order without joining them). The answer's body is a bytearray (or b"" when
+        empty). Raises Closed when the kept connection was found closed before the answer
+        began, OSError/ValueError otherwise."""
         if self.sock is None:
             self._connect()
+        parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body or ())
+        parts = [memoryview(b).cast("B") for b in parts if memoryview(b).nbytes]
         lines = ["%s %s HTTP/1.1" % (method, target), "Host: %s:%d" % (self.host, self.port)]
         lines += ["%s: %s" % kv for kv in headers.items()]
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: %d" % (len(body) if body else 0))
+            lines.append("Content-Length: %d" % sum(p.nbytes for p in parts))
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            self.sock.sendall(head + body if body else head)
+            self._send([memoryview(head)] + parts)
         except (BrokenPipeError, ConnectionResetError) as e:
             self.close()
             raise Closed(str(e)) from None
@@ -77,6 +83,21 @@ class Connection:
         if (response.getheader("Connection") or "").lower() == "close":
             self.close()
         return response, data
+
+    def _send(self, parts):
+        """Writes the buffers in order, a small head and body in one segment, a large body
+        without copying it into one block (sendmsg gathers them)."""
+        if self.tls or not hasattr(self.sock, "sendmsg"):
+            for p in parts:
+                self.sock.sendall(p)
+            return
+        while parts:
+            sent = self.sock.sendmsg(parts[:_MAX_IOV])
+            while parts and sent >= parts[0].nbytes:
+                sent -= parts[0].nbytes
+                parts.pop(0)
+            if sent:
+                parts[0] = parts[0][sent:]
 
     def _fill(self, first):
         """Reads more bytes into the buffer; `first`: nothing of this answer has arrived yet."""
@@ -104,10 +125,22 @@ class Connection:
             self._fill(first and not self.buf)
 
     def _read_exact(self, n):
-        while len(self.buf) < n:
-            self._fill(False)
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+        """The next n bytes as one bytearray: what the buffer holds, then the rest received
+        straight into the result (no intermediate copies of a large body)."""
+        if len(self.buf) >= n:
+            out = self.buf[:n]
+            del self.buf[:n]
+            return out
+        out = bytearray(n)
+        view = memoryview(out)
+        have = len(self.buf)
+        view[:have] = self.buf
+        self.buf = bytearray()
+        while have < n:
+            got = self.sock.recv_into(view[have:], min(n - have, _RECV_BYTES_BODY))
+            if not got:
+                raise ConnectionError("connection closed in the middle of an answer")
+            have += got
         return out
 
     def _read_response(self, method):

@@ -38,8 +38,12 @@ class Raw16:
 def float32_to_bf16_bits(x):
     """float32 values -> bf16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    u = x.view(np.uint32)
+    # In 32 bits: only NaNs with the sign bit set can wrap past 2^32, and NaNs are redone below.
+    rounded = (u >> 16) & 1
+    rounded += 0x7FFF
+    rounded += u
+    rounded >>= 16
     bits = rounded.astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
@@ -61,29 +65,40 @@ def _dtype_name(array):
                     "int64, int32, ... or Raw16 for bf16)" % array.dtype)
 
 
-def dumps(tensors):
-    """tensors: {name: numpy array or Raw16} (insertion order kept) -> safetensors bytes."""
+def dumps_parts(tensors):
+    """tensors: {name: numpy array or Raw16} (insertion order kept) -> the safetensors bytes
+    as a list of buffers (the header, then each tensor's own memory where it is contiguous
+    little-endian already): what a socket can send without joining them. The buffers alias
+    the arrays: send them before changing those."""
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         if isinstance(t, Raw16):
-            dtype, raw, shape = _BF16, t.bits.astype("<u2", copy=False).tobytes(), t.shape
+            dtype, a, shape = _BF16, t.bits.astype("<u2", copy=False), t.shape
         else:
             a = np.asarray(t)
-            dtype = _dtype_name(a)
-            raw = np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[dtype]).tobytes()
-            shape = a.shape
-        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + len(raw)]}
+            dtype, shape = _dtype_name(a), a.shape
+            a = np.ascontiguousarray(a, dtype=_NUMPY_DTYPES[dtype])
+        raw = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + raw.nbytes]}
         blobs.append(raw)
-        offset += len(raw)
+        offset += raw.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((8 - len(text) % 8) % 8)  # keeps the tensors 8-byte aligned
-    return b"".join([struct.pack("<Q", len(text)), text] + blobs)
+    return [struct.pack("<Q", len(text)) + text] + blobs
+
+
+def dumps(tensors):
+    """tensors: {name: numpy array or Raw16} (insertion order kept) -> safetensors bytes."""
+    return b"".join(dumps_parts(tensors))
 
 
 def loads(data):
     """safetensors bytes -> {name: numpy array}; BF16 comes back as float32.
-    Raises ValueError naming what is malformed."""
-    data = memoryview(data)
+    A writable buffer (a bytearray) is used in place: the arrays are views of it. A read-only
+    one (bytes) is copied, so the arrays are always writable. Raises ValueError naming what
+    is malformed."""
+    data = memoryview(data).cast("B")
     if len(data) < 8:
         raise ValueError("safetensors: %d bytes, shorter than the 8-byte header length" % len(data))
     (hlen,) = struct.unpack("<Q", data[:8])
@@ -118,6 +133,8 @@ def loads(data):
         if dtype == _BF16:
             arr = bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
         else:
-            arr = np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).reshape(shape).copy()
+            arr = np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)
+            if data.readonly:
+                arr = arr.copy()
         out[name] = arr
     return out

@@ -30,13 +30,16 @@ def _torch_to_wire(t):
 
 
 def to_wire(x, what, dtype=None, ndim=None):
-    """x -> (numpy array or Raw16, wire dtype) ready for safetensors.dumps.
+    """x (numpy array, nested lists, torch tensor or Raw16) -> (numpy array or Raw16, wire
+    dtype) ready for safetensors.dumps.
 
     dtype: None keeps the input's precision (float16 -> F16, torch bfloat16 -> BF16, else F32);
     "F32", "F16" or "BF16" converts. ndim: the rank x must have. `what` names x in errors."""
     if dtype is not None and dtype not in WIRE_DTYPES:
         raise ValueError("%s: dtype %r is not one of %s" % (what, dtype, ", ".join(WIRE_DTYPES)))
-    if _is_torch(x):
+    if isinstance(x, Raw16):  # bf16 bit patterns already (numpy has no bfloat16)
+        arr, natural = x, "BF16"
+    elif _is_torch(x):
         arr, natural = _torch_to_wire(x)
     else:
         arr = np.asarray(x)

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""The bulk path of a layer step: steps of --qlen tokens at the LLaMA-3-8B attention shapes
+(one layer, bf16 q/k/v sent as raw bits, as the transformers adapter sends them; answer out
+F32), timed at the client and inside the service (total_ms, append_ms) in the same run.
+What is outside them is the HTTP transfer, the client's encoding and decoding and the
+server's body read, parse and answer. CPU backend (qlen 4096 attention is slow on a CPU:
+use a smaller qlen there; the bytes per token are the same).
+
+    python3 bench/prefill_overhead.py --qlen 256 --calls 6"""
+import argparse, os, sys, time
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import numpy as np
+from model_service import REPO, Service, add_service_args, derived_config, percentile
+from reattn_client.safetensors import Raw16, float32_to_bf16_bits
+p = argparse.ArgumentParser(); add_service_args(p)
+p.add_argument("--qlen", type=int, default=1024); p.add_argument("--calls", type=int, default=6)
+a = p.parse_args(); a.backend = "cpu"
+cfg = derived_config(os.path.join(REPO, "configs", "llama3-8b.yaml"), model={"layers": 1},
+                     reattention={"local_window": max(4096, a.qlen)})
+svc = Service(a, "tput", cfg)
+try:
+    c = svc.client(); ctx = c.create_context()["id"]; rng = np.random.default_rng(0)
+    q = Raw16(float32_to_bf16_bits(rng.standard_normal((a.qlen, 32, 128)).astype(np.float32)))
+    k = Raw16(float32_to_bf16_bits(rng.standard_normal((8, a.qlen, 128)).astype(np.float32)))
+    rows = []
+    for i in range(a.calls):
+        r = c.step(ctx, 0, q, k, k)
+        rows.append((r.client_ms, r.timing["total_ms"], r.timing.get("append_ms", float("nan"))))
+    rows = rows[1:]
+    cm = np.median([x[0] for x in rows]); tm = np.median([x[1] for x in rows]); am = np.median([x[2] for x in rows])
+    mb = (a.qlen * 48 * 128 * 2 + a.qlen * 32 * 128 * 4) / 2**20
+    print("qlen %d body+answer %.1f MiB: client %.1f ms, service total %.1f, outside total %.1f ms (%.0f MiB/s); "
+          "append %.1f, outside total+append %.1f ms" % (a.qlen, mb, cm, tm, cm - tm, mb / ((cm - tm) / 1e3), am, cm - tm - am))
+finally:
+    svc.stop()
