@@ -17,7 +17,7 @@ For each model kind (random weights, built from a config, nothing downloaded):
    from_pretrained(dtype=...) keeps them (model.to(bf16) would round inv_freq too, and at
    position 6000 that RoPE is a different one: the logits move by more than their own scale).
    Weights: transformers' init (std 0.02) with q_proj and k_proj scaled so that attention
-   scores have a std of about --score-std (default 4: attention picks a few keys, so a key
+   scores have a std of about --score-std (default 2: attention leans on a few keys, so a key
    missed or misplaced by the service shows in the logits; at std 0.02 the scores' std is
    0.0004 * hidden, 1.6 for llama and 0.6 for qwen2, which averages over thousands of keys).
 2. Speed: a --prompt-tokens random prompt prefilled in --step-tokens steps, then --decode
@@ -113,6 +113,8 @@ def service_config(kind, shape, layers, args, full_recall):
         # Every mid chunk of the parity prompt recalled: top_k and the cap cover them all.
         s, w, c = rc["sink_tokens"], rc["local_window"], rc["chunk_tokens"]
         chunks = max(1, (args.parity_tokens - s - w) // c)
+        if args.parity_recall:
+            chunks = min(chunks, args.parity_recall)  # a negative control: the check must then fail
         rc["top_k"] = chunks if args.tiny else min(chunks, 32)  # the cuda backend keeps at most 32
         rc["max_recall_chunks"] = chunks
         if chunks > rc["top_k"] or s + chunks * c + w + c > model["scope"]:
@@ -249,10 +251,12 @@ def main():
     p.add_argument("--step-tokens", type=int, default=4096)
     p.add_argument("--ref-tokens", type=int, default=0,
                    help="tokens per pass of the model's own eager reference (default: the whole prompt)")
-    p.add_argument("--score-std", type=float, default=4.0, help="attention scores' std the q/k init is scaled to")
+    p.add_argument("--score-std", type=float, default=2.0, help="attention scores' std the q/k init is scaled to")
     p.add_argument("--shrink", default=None, metavar="HIDDEN,INTERMEDIATE,VOCAB",
                    help="smaller hidden/intermediate/vocab sizes, same attention shapes (a CPU run)")
     p.add_argument("--no-speed", action="store_true", help="parity only")
+    p.add_argument("--parity-recall", type=int, default=0,
+                   help="recall at most this many chunks in the parity run (default: all; fewer should FAIL)")
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
