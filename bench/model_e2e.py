@@ -17,9 +17,11 @@ For each model kind (random weights, built from a config, nothing downloaded):
    from_pretrained(dtype=...) keeps them (model.to(bf16) would round inv_freq too, and at
    position 6000 that RoPE is a different one: the logits move by more than their own scale).
    Weights: transformers' init (std 0.02) with q_proj and k_proj scaled so that attention
-   scores have a std of about --score-std (default 2: attention leans on a few keys, so a key
-   missed or misplaced by the service shows in the logits; at std 0.02 the scores' std is
-   0.0004 * hidden, 1.6 for llama and 0.6 for qwen2, which averages over thousands of keys).
+   scores have a std of about --score-std (default 2). The init alone gives 0.0004 * hidden
+   (1.6 for llama, 0.6 for qwen2: near-uniform attention over thousands of keys, where a key
+   the service missed hardly shows); 4 made the bf16 run itself too noisy to judge by (on a
+   CPU run, --shrink 1024,1024,32000: its mean error 1/5 of the logits' spread, top-1 0.56).
+   --parity-recall N recalls fewer chunks: a negative control that must FAIL.
 2. Speed: a --prompt-tokens random prompt prefilled in --step-tokens steps, then --decode
    tokens decoded greedily one at a time, through a service with the base config's recall;
    reports prefill and decode tokens/s and the time split between the model's own layers
@@ -28,6 +30,7 @@ For each model kind (random weights, built from a config, nothing downloaded):
 
     python3 bench/model_e2e.py --ranks 2 --prompt-tokens 1048576 --json bench/results/model_e2e.json
     python3 bench/model_e2e.py --tiny      # CPU, tiny shapes, fp32: checks the script end to end
+    python3 bench/model_e2e.py --backend cpu --shrink 1024,1024,32000 --ref-tokens 1024 --no-speed  # CPU parity
 
 Exits 77 without torch/transformers or while the server has no /step route; 1 when parity fails."""
 
