@@ -3,6 +3,8 @@
 built from a config, fp32) against reattn-server under mpirun on the CPU with a recall that
 keeps every chunk: the logits of a prompt run in steps through the service equal the model's
 own eager attention over the whole prompt, and greedy model.generate() gives the same tokens.
+In bf16 (parameters cast, RoPE buffers left fp32 as from_pretrained(dtype=...) leaves them),
+the adapter's logits are as close to an fp32 run as the model's own bf16 eager run is.
 Skips (exit 77) without torch or transformers, or while the server has no /step route."""
 
 import sys
@@ -125,6 +127,34 @@ class Adapter(unittest.TestCase):
 
     def test_mistral(self):
         self.check_kind("mistral")
+
+    def test_bf16_llama(self):
+        from reattn_client import hf
+        fp32 = tiny_model("llama", seed=3)
+        model = tiny_model("llama", seed=3)
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+        self.assertEqual(model.model.rotary_emb.inv_freq.dtype, torch.float32)
+        ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            truth = fp32(ids).logits
+            own = model(ids).logits.float()
+        ctx = self.client.create_context()["id"]
+        session = hf.attach(model, self.client, ctx)
+        try:
+            with torch.no_grad():
+                got = model(ids).logits.float()
+        finally:
+            session.detach()
+            self.client.delete_context(ctx)
+        err_own, err = (own - truth).abs().max().item(), (got - truth).abs().max().item()
+        self.assertGreater(err_own, 0.0, "the bf16 run differs from fp32")
+        self.assertLessEqual(err, 2.0 * err_own + 1e-3 * truth.abs().max().item(),
+                             "reattn bf16 max |err| %g vs the model's own bf16 eager %g" % (err, err_own))
+
+        def top1(a):
+            return (a.argmax(-1) == truth.argmax(-1)).float().mean().item()
+        self.assertGreaterEqual(top1(got), top1(own) - 0.05)
 
     def test_shape_mismatch_is_refused(self):
         from reattn_client import hf
