@@ -6,7 +6,7 @@
 # a read-bandwidth probe measured in the same run, the step's score phase, and the query end to
 # end. Prints a table; logs and JSON go to $OUT (default bench/out-span).
 # The CUDA architecture is the one kernels/cuda/CMakeLists.txt sets (Hopper).
-# Usage: bash bench/run_span.sh [TOKENS]   (default 1048576,4194304)
+# Usage: bash bench/run_span.sh [TOKENS]   (default 1048576,4194304; BENCH_TWO=0: no 2-GPU timing)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # NVLink multicast stays off everywhere (it can take a shared host's GPUs out of service).
@@ -53,7 +53,7 @@ say "tests: 1-GPU span rc=$one_rc, 2-GPU span rc=$two_span_rc, 2-GPU chunk rc=$t
 timeout 120 "$B"/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span1.json" 2>&1 | tee -a "$LOG"
 bench1_rc=${PIPESTATUS[0]}
 bench2_rc=skipped
-if [ "$GPUS" -ge 2 ]; then
+if [ "$GPUS" -ge 2 ] && [ "${BENCH_TWO:-1}" = 1 ]; then
   timeout 120 "${MPIRUN[@]}" "$B"/bench/reattn-bench-span --tokens "$TOKENS" --json "$OUT/span2.json" 2>&1 |
     grep -v "^NCCL version" | tee -a "$LOG"
   bench2_rc=${PIPESTATUS[0]}
