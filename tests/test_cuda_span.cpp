@@ -99,7 +99,9 @@ void check_case(const SpanCase& c) {
   Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
   ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
   CpuBackend cpu(2);
-  const double tol = c.dtype == DType::kBF16 ? 6e-3 : 1e-3;
+  // Query blocks (qlen > 1) attend on the tensor cores with q and the probabilities rounded to
+  // f16 (2^-11 each): measured up to 1.3e-3 in f16 storage (detached, qlen 64, H200).
+  const double tol = c.dtype == DType::kBF16 ? 6e-3 : (c.qlen > 1 ? 2e-3 : 1e-3);
   for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
     const test::PipelineResult got = run_query(**cuda, cfg, c, spec, q, strategy);
     const test::PipelineResult cpu_got = run_query(cpu, cfg, c, spec, q, strategy);
