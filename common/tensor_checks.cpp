@@ -40,11 +40,7 @@ int64_t first_unstorable(const unsigned char* data, int64_t count, float max_abs
 
 // Strict protocol: a K/V body holds exactly 'k' and 'v', in one dtype.
 Status check_kv_tensor_set(const SafetensorsFile& file, const TensorView& k, const TensorView& v) {
-  for (const std::string& name : file.names()) {
-    if (name != "k" && name != "v") {
-      return invalid_argument("unexpected tensor '" + capped(name) + "': a K/V body holds exactly 'k' and 'v'");
-    }
-  }
+  REATTN_RETURN_IF_ERROR(check_tensor_names(file, {"k", "v"}, "a K/V body"));
   if (k.dtype != v.dtype) {
     return invalid_argument(std::string("tensors 'k' (") + dtype_name(k.dtype) + ") and 'v' (" + dtype_name(v.dtype) +
                             ") differ in dtype; send both in one dtype");
@@ -53,6 +49,17 @@ Status check_kv_tensor_set(const SafetensorsFile& file, const TensorView& k, con
 }
 
 }  // namespace
+
+Status check_tensor_names(const SafetensorsFile& file, std::initializer_list<const char*> names, const char* what) {
+  std::string list;
+  for (const char* n : names) list += std::string(list.empty() ? "'" : ", '") + n + "'";
+  for (const std::string& name : file.names()) {
+    bool known = false;
+    for (const char* n : names) known = known || name == n;
+    if (!known) return invalid_argument("unexpected tensor '" + capped(name) + "': " + what + " holds exactly " + list);
+  }
+  return Status::ok();
+}
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";

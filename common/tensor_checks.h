@@ -24,6 +24,10 @@ struct Dim {
 // "[2, 4, 16]"
 std::string shape_string(const std::vector<int64_t>& shape);
 
+// InvalidArgument naming the first tensor of `file` that is not one of `names` (the strict
+// protocol: no extra tensors), e.g. check_tensor_names(file, {"q"}, "a query body").
+Status check_tensor_names(const SafetensorsFile& file, std::initializer_list<const char*> names, const char* what);
+
 // InvalidArgument unless `tensor` has exactly these dimensions:
 // "tensor 'q': shape [2, 3, 16] does not match [qlen, q_heads=4, head_dim=16]".
 Status check_shape(const TensorView& tensor, std::initializer_list<Dim> dims);

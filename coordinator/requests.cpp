@@ -204,6 +204,7 @@ Expected<QueryRequest> parse_safetensors_query(const std::string& body, const st
 
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(body, "query body"));
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
+  REATTN_RETURN_IF_ERROR(check_tensor_names(file, {"q"}, "a query body"));
   const ModelConfig& m = config.model;
   REATTN_RETURN_IF_ERROR(check_shape(q, {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}));
   REATTN_RETURN_IF_ERROR(check_storable(q, config.max_stored_value()));
@@ -264,6 +265,7 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
   REATTN_ASSIGN_OR_RETURN(TensorView k, file.get("k"));
   REATTN_ASSIGN_OR_RETURN(TensorView v, file.get("v"));
+  REATTN_RETURN_IF_ERROR(check_tensor_names(file, {"q", "k", "v"}, "a step body"));
   REATTN_RETURN_IF_ERROR(check_shape(q, {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}));
   for (const TensorView* t : {&k, &v}) {
     REATTN_RETURN_IF_ERROR(check_shape(*t, {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}));

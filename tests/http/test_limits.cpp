@@ -11,6 +11,7 @@
 #include "common/tensor_checks.h"
 #include "coordinator/json_budget.h"
 #include "coordinator/metrics.h"
+#include "coordinator/requests.h"
 #include "coordinator/router.h"
 #include "tiny_service_config.h"
 
@@ -167,6 +168,27 @@ TEST(Safetensors, KvBodiesAreStrict) {
 
   s = SafetensorsFile::parse(kv(DType::kF32, DType::kF32, false) + "trailing", "kv body").status();
   EXPECT_NE(s.message().find("8 trailing bytes"), std::string::npos) << s.message();
+}
+
+// Query and step bodies are as strict as K/V bodies: an extra tensor is named and refused.
+TEST(Safetensors, QueryAndStepBodiesRefuseExtraTensors) {
+  const Config c = test::tiny_service_config(4);
+  const ModelConfig& m = c.model;
+  const std::vector<float> q(static_cast<size_t>(m.q_heads * m.head_dim), 0.25f);
+  const std::vector<float> kv(static_cast<size_t>(m.kv_heads * m.head_dim), 0.5f);
+  const auto q_t = make_tensor("q", DType::kF32, {1, m.q_heads, m.head_dim}, q);
+  const auto k_t = make_tensor("k", DType::kF32, {m.kv_heads, 1, m.head_dim}, kv);
+  const auto v_t = make_tensor("v", DType::kF32, {m.kv_heads, 1, m.head_dim}, kv);
+  const auto extra = make_tensor("bias", DType::kF32, {1}, std::vector<float>{1.0f});
+  const std::string octet = "application/octet-stream";
+  EXPECT_TRUE(parse_query_request(serialize_safetensors({q_t}), octet, "layer=0", c).is_ok());
+  Status s = parse_query_request(serialize_safetensors({q_t, extra}), octet, "layer=0", c).status();
+  EXPECT_NE(s.message().find("unexpected tensor 'bias': a query body holds exactly 'q'"), std::string::npos)
+      << s.message();
+  EXPECT_TRUE(parse_step_request(serialize_safetensors({q_t, k_t, v_t}), octet, "layer=0", c).is_ok());
+  s = parse_step_request(serialize_safetensors({q_t, k_t, v_t, extra}), octet, "layer=0", c).status();
+  EXPECT_NE(s.message().find("unexpected tensor 'bias': a step body holds exactly 'q', 'k', 'v'"), std::string::npos)
+      << s.message();
 }
 
 TEST(Deadlines, OtherRanksWaitLongerThanRankZero) {
