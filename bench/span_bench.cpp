@@ -21,6 +21,7 @@
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "run/mpi_program.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
 
@@ -229,29 +230,17 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "reattn-bench-span: %s\n", control.status().to_string().c_str());
-    return 3;
-  }
-  std::vector<int64_t> sizes{1048576, 4194304};
-  int repeat = 30;
-  std::string strategy = "partial";
-  std::string json_path = "span.json";
-  CLI::App app{"reattn-bench-span: span against chunk recall, LLaMA-3-8B-shaped decode on the CUDA backend"};
-  app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
-  app.add_option("--repeat", repeat, "timed repetitions (median reported)");
-  app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
-  app.add_option("--json", json_path, "where rank 0 writes the results");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return control->rank() == 0 ? app.exit(e) : 2;
-  }
-  const Status st = run(*control, sizes, repeat, strategy, json_path);
-  if (!st.is_ok()) {
-    std::fprintf(stderr, "reattn-bench-span: rank %d: %s\n", control->rank(), st.to_string().c_str());
-    return 1;
-  }
-  return 0;
+  return mpi_main("reattn-bench-span", argc, argv, [](Control& control, int argc, char** argv) {
+    std::vector<int64_t> sizes{1048576, 4194304};
+    int repeat = 30;
+    std::string strategy = "partial";
+    std::string json_path = "span.json";
+    CLI::App app{"reattn-bench-span: span against chunk recall, LLaMA-3-8B-shaped decode on the CUDA backend"};
+    app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
+    app.add_option("--repeat", repeat, "timed repetitions (median reported)");
+    app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
+    app.add_option("--json", json_path, "where rank 0 writes the results");
+    if (const std::optional<int> code = parse_command_line(app, argc, argv, control)) return *code;
+    return exit_code("reattn-bench-span", control, run(control, sizes, repeat, strategy, json_path));
+  });
 }
