@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "bench/decode_setup.h"
 #include "bench/event_timing.h"
 #include "bench/read_probe.h"
 #include "comm/control.h"
@@ -21,6 +22,7 @@
 #include "common/synthetic.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_check.h"
+#include "run/mpi_program.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
 
@@ -74,46 +76,18 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   const size_t alloc_before = backend.allocated_bytes();
   KvStore store(backend, cfg, rank, world);
   constexpr ContextId kContext = 1;
-  const auto t_load = std::chrono::steady_clock::now();
-  REATTN_RETURN_IF_ERROR(control.agree(store.create(kContext, 0, {0})));
-  REATTN_RETURN_IF_ERROR(control.agree(store.append(kContext, SyntheticKvSource(spec, m, 0, tokens))));
-  REATTN_RETURN_IF_ERROR(backend.synchronize());
-  REATTN_RETURN_IF_ERROR(control.barrier());
-  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+  REATTN_ASSIGN_OR_RETURN(const double load_s, bench::load_context(backend, store, control, kContext, spec, m, tokens));
 
   // End to end: the whole step on every rank, timed on rank 0 (owner and reply rank).
-  StepPlan plan;
-  plan.strategy = rc.final_attention;
-  QueryPlan qp;
-  qp.context_id = kContext;
-  qp.tokens = tokens;
-  qp.qlen = 1;
-  qp.mode = QueryMode::kTail;
-  plan.queries.push_back(qp);
-  plan.q = q;
-  StepRunner runner(backend, comm, cfg, store);
-  std::vector<QueryResult> results;
-  std::vector<double> e2e_ms, score_ms, merge_ms, attention_ms;
-  for (int r = 0; r < 3 + repeat; ++r) {
-    REATTN_RETURN_IF_ERROR(control.barrier());
-    StepTiming timing;
-    const auto t0 = std::chrono::steady_clock::now();
-    REATTN_RETURN_IF_ERROR(runner.run(plan, &results, &timing));
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (r >= 3) {
-      e2e_ms.push_back(ms);
-      score_ms.push_back(timing.score_ms);
-      merge_ms.push_back(timing.candidates_ms);
-      attention_ms.push_back(timing.attention_ms);
-    }
-  }
+  REATTN_ASSIGN_OR_RETURN(const bench::StepTimes steps,
+                          bench::time_steps(backend, comm, control, cfg, store, kContext, tokens, q, repeat));
+  const std::vector<double>& e2e_ms = steps.e2e_ms;
   nlohmann::json needles = nlohmann::json::array();
   bool all_found = true;
   if (rank == 0) {
-    REATTN_RETURN_IF_ERROR(results.at(0).status);
     for (int64_t token : spec.needles) {
       const int64_t chunk = (token - rc.sink_tokens) / rc.chunk_tokens;
-      const bool found = std::binary_search(results[0].recalled.begin(), results[0].recalled.end(), chunk);
+      const bool found = std::binary_search(steps.result.recalled.begin(), steps.result.recalled.end(), chunk);
       all_found = all_found && found;
       needles.push_back({{"token", token}, {"chunk", chunk}, {"found", found}});
     }
@@ -124,20 +98,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   REATTN_ASSIGN_OR_RETURN(Buffer q_dev, backend.allocate(q.size() * sizeof(float)));
   REATTN_RETURN_IF_ERROR(backend.upload(q_dev.data(), q.data(), q.size() * sizeof(float)));
   REATTN_ASSIGN_OR_RETURN(Buffer cand, backend.allocate(static_cast<size_t>(m.q_heads) * rc.top_k * sizeof(Candidate)));
-  ScoreParams p;
-  p.k_pages = shard.k_page_table.as<const void* const>();
-  p.blocks_per_page = KvStore::kBlocksPerPage;
-  p.block_count = mid_slots_on_rank(regions.num_chunks, rank, world);
-  p.chunk_id_stride = world;
-  p.chunk_id_offset = rank;
-  p.q = q_dev.as<float>();
-  p.qlen = 1;
-  p.q_heads = m.q_heads;
-  p.kv_heads = m.kv_heads;
-  p.head_dim = m.head_dim;
-  p.chunk_tokens = rc.chunk_tokens;
-  p.top_k = rc.top_k;
-  p.out = cand.as<Candidate>();
+  const ScoreParams p = bench::mid_score_params(shard, cfg, regions, rank, world, q_dev.as<float>(), cand.as<Candidate>());
   REATTN_ASSIGN_OR_RETURN(double kernel_ms, bench::time_events(backend.stream(), 3, repeat, [&]() { return backend.score_chunks(p); }));
   const double key_bytes = static_cast<double>(p.block_count) * m.kv_heads * rc.chunk_tokens * m.head_dim * 2;
 
@@ -151,9 +112,9 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
       {"load_s", load_s},
       {"e2e_ms", bench::median(e2e_ms)},
       {"e2e_min_ms", *std::min_element(e2e_ms.begin(), e2e_ms.end())},
-      {"step_score_ms", bench::median(score_ms)},
-      {"step_merge_ms", bench::median(merge_ms)},
-      {"step_attention_ms", bench::median(attention_ms)},
+      {"step_score_ms", bench::median(steps.score_ms)},
+      {"step_merge_ms", bench::median(steps.candidates_ms)},
+      {"step_attention_ms", bench::median(steps.attention_ms)},
       {"score_kernel_ms", kernel_ms},
       {"score_key_bytes", key_bytes},
       {"score_kernel_gb_per_s", key_bytes / kernel_ms / 1e6},
@@ -161,7 +122,7 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
       {"peak_alloc_bytes", peak_alloc},
       {"alloc_overhead", (peak_alloc - kv_bytes) / kv_bytes},
       {"device_used_delta_bytes", used_after - used_before},
-      {"recalled", rank == 0 ? nlohmann::json(results[0].recalled) : nlohmann::json()},
+      {"recalled", rank == 0 ? nlohmann::json(steps.result.recalled) : nlohmann::json()},
       {"needles", needles},
       {"all_needles_found", all_found}};
   return doc;
@@ -171,11 +132,8 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
            const std::string& json_path) {
   const Config cfg = llama_layer_config(strategy);
   REATTN_RETURN_IF_ERROR(cfg.validate());
-  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(cfg, control.local_rank());
-  REATTN_RETURN_IF_ERROR(control.agree(made.status()));
-  auto& backend = static_cast<CudaBackend&>(**made);
-  Expected<std::unique_ptr<Communicator>> comm = make_communicator(backend, control);
-  REATTN_RETURN_IF_ERROR(control.agree(comm.status()));
+  REATTN_ASSIGN_OR_RETURN(const bench::CudaRank cuda_rank, bench::make_cuda_rank(cfg, control));
+  CudaBackend& backend = cuda_rank.cuda();
   cudaDeviceProp prop{};
   REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, backend.device()));
 
@@ -183,7 +141,7 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
                      {"sizes", nlohmann::json::array()}};
   REATTN_ASSIGN_OR_RETURN(out["read_bandwidth"], read_bandwidth(backend, size_t{4} << 30));
   for (int64_t tokens : sizes) {
-    REATTN_ASSIGN_OR_RETURN(nlohmann::json r, bench_size(backend, **comm, control, cfg, tokens, repeat));
+    REATTN_ASSIGN_OR_RETURN(nlohmann::json r, bench_size(backend, *cuda_rank.comm, control, cfg, tokens, repeat));
     // Every rank's kernel time (the slowest bounds the step).
     double mine = r["score_kernel_ms"].get<double>();
     double slowest = 0;
@@ -198,12 +156,7 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
     out["sizes"].push_back(r);
   }
   out["peak_alloc_bytes"] = backend.peak_allocated_bytes();
-  if (control.rank() == 0) {
-    std::ofstream f(json_path);
-    f << out.dump(2) << "\n";
-    if (!f) return invalid_argument("--json: cannot write " + json_path);
-  }
-  return Status::ok();
+  return bench::write_json(control, out, json_path);
 }
 
 }  // namespace
@@ -211,29 +164,17 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "reattn-bench-decode: %s\n", control.status().to_string().c_str());
-    return 3;
-  }
-  std::vector<int64_t> sizes{262144, 1048576, 4194304};
-  int repeat = 30;
-  std::string strategy = "gather";
-  std::string json_path = "bench.json";
-  CLI::App app{"reattn-bench-decode: LLaMA-3.1-8B-shaped decode on the CUDA backend"};
-  app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
-  app.add_option("--repeat", repeat, "timed repetitions (median reported)");
-  app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
-  app.add_option("--json", json_path, "where rank 0 writes the results");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return control->rank() == 0 ? app.exit(e) : 2;
-  }
-  const Status st = run(*control, sizes, repeat, strategy, json_path);
-  if (!st.is_ok()) {
-    std::fprintf(stderr, "reattn-bench-decode: rank %d: %s\n", control->rank(), st.to_string().c_str());
-    return 1;
-  }
-  return 0;
+  return mpi_main("reattn-bench-decode", argc, argv, [](Control& control, int argc, char** argv) {
+    std::vector<int64_t> sizes{262144, 1048576, 4194304};
+    int repeat = 30;
+    std::string strategy = "gather";
+    std::string json_path = "bench.json";
+    CLI::App app{"reattn-bench-decode: LLaMA-3.1-8B-shaped decode on the CUDA backend"};
+    app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
+    app.add_option("--repeat", repeat, "timed repetitions (median reported)");
+    app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
+    app.add_option("--json", json_path, "where rank 0 writes the results");
+    if (const std::optional<int> code = parse_command_line(app, argc, argv, control)) return *code;
+    return exit_code("reattn-bench-decode", control, run(control, sizes, repeat, strategy, json_path));
+  });
 }

@@ -44,6 +44,7 @@
 #include "common/semantics.h"
 #include "common/synthetic.h"
 #include "kernels/make_backend.h"
+#include "run/mpi_program.h"
 #include "worker/service_loop.h"
 
 #if defined(REATTN_HAVE_CUDA)
@@ -737,40 +738,35 @@ int run(const Control& control, const GridOptions& opt) {
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "reattn-bench-grid: %s\n", control.status().to_string().c_str());
-    return 3;
-  }
-  GridOptions opt;
-  CLI::App app{"reattn-bench-grid: the service's step path over a grid of context sizes, qlen, batch and strategy"};
-  app.add_option("--config", opt.config_path, "model and ReAttention config (YAML)")->required();
-  app.add_option("--tokens", opt.tokens_text, "context sizes, e.g. 64K,1M,4M (K=2^10, M=2^20)")->delimiter(',');
-  app.add_option("--qlen", opt.qlens, "query rows per query")->delimiter(',');
-  app.add_option("--batch", opt.batches, "queries of the shared context per step")->delimiter(',');
-  app.add_option("--strategy", opt.strategy_names, "final attention: gather, partial")->delimiter(',');
-  app.add_option("--backend", opt.backend, "override backend.kind: auto, cpu, cuda");
-  app.add_option("--layers-resident", opt.layers_resident, "layers held (0: all of the config's); queries use layer 0");
-  app.add_option("--warmup", opt.warmup, "untimed steps per grid point");
-  app.add_option("--iters", opt.iters, "timed steps per grid point");
-  app.add_option("--seed", opt.seed, "synthetic context and query seed");
-  app.add_option("--read-bw-gbs", opt.read_bw_gbs, "per-rank read bandwidth in GB/s (default: measure it)");
-  app.add_option("--read-probe-gib", opt.read_probe_gib, "buffer of the read-bandwidth probe (default 4 on cuda, 0.25 on cpu)");
-  app.add_option("--csv", opt.csv_path, "CSV output (rank 0)");
-  app.add_option("--json", opt.json_path, "JSON output (rank 0)");
-  app.add_option("--label", opt.label, "free text stored in the JSON");
-  app.add_option("--device-select-rows", opt.device_select_rows,
-                 "queries of at least this many (row, head) rows select on the device (default: the step's)");
-  app.add_flag("--bf16-q", opt.bf16_q, "grid: round q to bf16 values, as a model's q is");
-  app.add_option("--mode", opt.mode, "grid (query batches over a grid) or prefill (layer steps over one context)");
-  app.add_option("--prefill-tokens", opt.prefill_tokens_text, "prefill: context length, e.g. 1M");
-  app.add_option("--prefill-step", opt.prefill_step, "prefill: tokens per layer step (<= local_window)");
-  app.add_option("--prefill-sample", opt.prefill_sample, "prefill: time this many evenly spaced steps (0: all)");
-  app.add_flag("--comm-probe", opt.comm_probe, "time allgather and send/recv from 8 B to 32 MiB per rank first");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return control->rank() == 0 ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : 2);
-  }
-  return run(*control, opt);
+  return mpi_main("reattn-bench-grid", argc, argv, [](Control& control, int argc, char** argv) {
+    GridOptions opt;
+    CLI::App app{"reattn-bench-grid: the service's step path over a grid of context sizes, qlen, batch and strategy"};
+    app.add_option("--config", opt.config_path, "model and ReAttention config (YAML)")->required();
+    app.add_option("--tokens", opt.tokens_text, "context sizes, e.g. 64K,1M,4M (K=2^10, M=2^20)")->delimiter(',');
+    app.add_option("--qlen", opt.qlens, "query rows per query")->delimiter(',');
+    app.add_option("--batch", opt.batches, "queries of the shared context per step")->delimiter(',');
+    app.add_option("--strategy", opt.strategy_names, "final attention: gather, partial")->delimiter(',');
+    app.add_option("--backend", opt.backend, "override backend.kind: auto, cpu, cuda");
+    app.add_option("--layers-resident", opt.layers_resident,
+                   "layers held (0: all of the config's); queries use layer 0");
+    app.add_option("--warmup", opt.warmup, "untimed steps per grid point");
+    app.add_option("--iters", opt.iters, "timed steps per grid point");
+    app.add_option("--seed", opt.seed, "synthetic context and query seed");
+    app.add_option("--read-bw-gbs", opt.read_bw_gbs, "per-rank read bandwidth in GB/s (default: measure it)");
+    app.add_option("--read-probe-gib", opt.read_probe_gib,
+                   "buffer of the read-bandwidth probe (default 4 on cuda, 0.25 on cpu)");
+    app.add_option("--csv", opt.csv_path, "CSV output (rank 0)");
+    app.add_option("--json", opt.json_path, "JSON output (rank 0)");
+    app.add_option("--label", opt.label, "free text stored in the JSON");
+    app.add_option("--device-select-rows", opt.device_select_rows,
+                   "queries of at least this many (row, head) rows select on the device (default: the step's)");
+    app.add_flag("--bf16-q", opt.bf16_q, "grid: round q to bf16 values, as a model's q is");
+    app.add_option("--mode", opt.mode, "grid (query batches over a grid) or prefill (layer steps over one context)");
+    app.add_option("--prefill-tokens", opt.prefill_tokens_text, "prefill: context length, e.g. 1M");
+    app.add_option("--prefill-step", opt.prefill_step, "prefill: tokens per layer step (<= local_window)");
+    app.add_option("--prefill-sample", opt.prefill_sample, "prefill: time this many evenly spaced steps (0: all)");
+    app.add_flag("--comm-probe", opt.comm_probe, "time allgather and send/recv from 8 B to 32 MiB per rank first");
+    if (const std::optional<int> code = parse_command_line(app, argc, argv, control)) return *code;
+    return run(control, opt);
+  });
 }

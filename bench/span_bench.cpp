@@ -15,12 +15,14 @@
 #include <cstdio>
 #include <fstream>
 
+#include "bench/decode_setup.h"
 #include "bench/event_timing.h"
 #include "bench/read_probe.h"
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/synthetic.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "run/mpi_program.h"
 #include "worker/kv_store.h"
 #include "worker/step.h"
 
@@ -73,32 +75,14 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
   const std::vector<float> q = synthetic_query(spec, m, 0, 1);
   KvStore store(backend, chunk_cfg, rank, world);
   constexpr ContextId kContext = 1;
-  const auto t_load = std::chrono::steady_clock::now();
-  REATTN_RETURN_IF_ERROR(control.agree(store.create(kContext, 0, {0})));
-  REATTN_RETURN_IF_ERROR(control.agree(store.append(kContext, SyntheticKvSource(spec, m, 0, tokens))));
-  REATTN_RETURN_IF_ERROR(backend.synchronize());
-  REATTN_RETURN_IF_ERROR(control.barrier());
-  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+  REATTN_ASSIGN_OR_RETURN(const double load_s, bench::load_context(backend, store, control, kContext, spec, m, tokens));
 
   const LayerShard& shard = store.find(kContext)->layers[0];
   REATTN_ASSIGN_OR_RETURN(Buffer q_dev, backend.allocate(q.size() * sizeof(float)));
   REATTN_RETURN_IF_ERROR(backend.upload(q_dev.data(), q.data(), q.size() * sizeof(float)));
   REATTN_ASSIGN_OR_RETURN(Buffer cand, backend.allocate(static_cast<size_t>(m.q_heads) * rc.top_k * sizeof(Candidate)));
-  ScoreParams p;
-  p.k_pages = shard.k_page_table.as<const void* const>();
-  p.blocks_per_page = KvStore::kBlocksPerPage;
-  p.block_count = mid_slots_on_rank(regions.num_chunks, rank, world);
-  p.chunk_id_stride = world;
-  p.chunk_id_offset = rank;
-  p.q = q_dev.as<float>();
-  p.qlen = 1;
-  p.q_heads = m.q_heads;
-  p.kv_heads = m.kv_heads;
-  p.head_dim = m.head_dim;
-  p.chunk_tokens = rc.chunk_tokens;
-  p.top_k = rc.top_k;
-  p.out = cand.as<Candidate>();
-  p.first_token = rc.sink_tokens;
+  const ScoreParams p =
+      bench::mid_score_params(shard, chunk_cfg, regions, rank, world, q_dev.as<float>(), cand.as<Candidate>());
   const double key_bytes = static_cast<double>(p.block_count) * m.kv_heads * rc.chunk_tokens * m.head_dim * 2;
 
   nlohmann::json doc{{"tokens", tokens}, {"load_s", load_s}, {"key_bytes_per_rank", key_bytes}};
@@ -112,36 +96,13 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
     double slowest_kernel = 0;
     MPI_Reduce(&kernel_ms, &slowest_kernel, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
 
-    StepPlan plan;
-    plan.strategy = strategy;
-    QueryPlan qp;
-    qp.context_id = kContext;
-    qp.tokens = tokens;
-    qp.qlen = 1;
-    qp.mode = QueryMode::kTail;
-    plan.queries.push_back(qp);
-    plan.q = q;
-    StepRunner runner(backend, comm, cfg, store);
-    std::vector<QueryResult> results;
-    std::vector<double> e2e_ms, score_ms, candidates_ms, attention_ms;
-    for (int r = 0; r < 3 + repeat; ++r) {
-      REATTN_RETURN_IF_ERROR(control.barrier());
-      StepTiming timing;
-      const auto t0 = std::chrono::steady_clock::now();
-      REATTN_RETURN_IF_ERROR(runner.run(plan, &results, &timing));
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (r < 3) continue;
-      e2e_ms.push_back(ms);
-      score_ms.push_back(timing.score_ms);
-      candidates_ms.push_back(timing.candidates_ms);
-      attention_ms.push_back(timing.attention_ms);
-    }
+    REATTN_ASSIGN_OR_RETURN(const bench::StepTimes steps,
+                            bench::time_steps(backend, comm, control, cfg, store, kContext, tokens, q, repeat));
     nlohmann::json needles = nlohmann::json::array();
     bool all_found = true;
     int64_t recalled_tokens = 0;
     if (rank == 0) {
-      const QueryResult& res = results.at(0);
-      REATTN_RETURN_IF_ERROR(res.status);
+      const QueryResult& res = steps.result;
       for (const auto& [a, b] : res.recalled_spans) recalled_tokens += b - a;
       recalled_tokens += static_cast<int64_t>(res.recalled.size()) * rc.chunk_tokens;
       for (int64_t token : spec.needles) {
@@ -162,11 +123,11 @@ Expected<nlohmann::json> bench_size(CudaBackend& backend, Communicator& comm, co
                      {"score_kernel_ms_slowest_rank", slowest_kernel},
                      {"score_kernel_gb_per_s", gbps},
                      {"score_fraction_of_read_bw", gbps / read_gbps},
-                     {"e2e_ms", median(e2e_ms)},
-                     {"e2e_min_ms", *std::min_element(e2e_ms.begin(), e2e_ms.end())},
-                     {"step_score_ms", median(score_ms)},
-                     {"step_candidates_ms", median(candidates_ms)},
-                     {"step_attention_ms", median(attention_ms)},
+                     {"e2e_ms", median(steps.e2e_ms)},
+                     {"e2e_min_ms", *std::min_element(steps.e2e_ms.begin(), steps.e2e_ms.end())},
+                     {"step_score_ms", median(steps.score_ms)},
+                     {"step_candidates_ms", median(steps.candidates_ms)},
+                     {"step_attention_ms", median(steps.attention_ms)},
                      {"recalled_tokens", recalled_tokens},
                      {"needles", needles},
                      {"all_needles_found", all_found}};
@@ -192,11 +153,8 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
   REATTN_ASSIGN_OR_RETURN(FinalAttention strategy, parse_final_attention(strategy_name));
   const Config cfg = layer_config(RecallMode::kSpan, strategy);
   REATTN_RETURN_IF_ERROR(cfg.validate());
-  Expected<std::unique_ptr<Backend>> made = make_cuda_backend(cfg, control.local_rank());
-  REATTN_RETURN_IF_ERROR(control.agree(made.status()));
-  auto& backend = static_cast<CudaBackend&>(**made);
-  Expected<std::unique_ptr<Communicator>> comm = make_communicator(backend, control);
-  REATTN_RETURN_IF_ERROR(control.agree(comm.status()));
+  REATTN_ASSIGN_OR_RETURN(const bench::CudaRank cuda_rank, bench::make_cuda_rank(cfg, control));
+  CudaBackend& backend = cuda_rank.cuda();
   cudaDeviceProp prop{};
   REATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, backend.device()));
   REATTN_ASSIGN_OR_RETURN(nlohmann::json probe, bench::read_bandwidth(backend, size_t{4} << 30));
@@ -213,15 +171,10 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
     std::printf("#   tokens ranks strategy recall  score_ms %%read_bw  step_score     e2e_ms    attn_ms  recalled  needles\n");
   }
   for (int64_t tokens : sizes) {
-    REATTN_ASSIGN_OR_RETURN(nlohmann::json r, bench_size(backend, **comm, control, strategy, tokens, repeat, read_gbps));
+    REATTN_ASSIGN_OR_RETURN(nlohmann::json r, bench_size(backend, *cuda_rank.comm, control, strategy, tokens, repeat, read_gbps));
     out["sizes"].push_back(r);
   }
-  if (control.rank() == 0) {
-    std::ofstream f(json_path);
-    f << out.dump(2) << "\n";
-    if (!f) return invalid_argument("--json: cannot write " + json_path);
-  }
-  return Status::ok();
+  return bench::write_json(control, out, json_path);
 }
 
 }  // namespace
@@ -229,29 +182,17 @@ Status run(const Control& control, const std::vector<int64_t>& sizes, int repeat
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "reattn-bench-span: %s\n", control.status().to_string().c_str());
-    return 3;
-  }
-  std::vector<int64_t> sizes{1048576, 4194304};
-  int repeat = 30;
-  std::string strategy = "partial";
-  std::string json_path = "span.json";
-  CLI::App app{"reattn-bench-span: span against chunk recall, LLaMA-3-8B-shaped decode on the CUDA backend"};
-  app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
-  app.add_option("--repeat", repeat, "timed repetitions (median reported)");
-  app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
-  app.add_option("--json", json_path, "where rank 0 writes the results");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return control->rank() == 0 ? app.exit(e) : 2;
-  }
-  const Status st = run(*control, sizes, repeat, strategy, json_path);
-  if (!st.is_ok()) {
-    std::fprintf(stderr, "reattn-bench-span: rank %d: %s\n", control->rank(), st.to_string().c_str());
-    return 1;
-  }
-  return 0;
+  return mpi_main("reattn-bench-span", argc, argv, [](Control& control, int argc, char** argv) {
+    std::vector<int64_t> sizes{1048576, 4194304};
+    int repeat = 30;
+    std::string strategy = "partial";
+    std::string json_path = "span.json";
+    CLI::App app{"reattn-bench-span: span against chunk recall, LLaMA-3-8B-shaped decode on the CUDA backend"};
+    app.add_option("--tokens", sizes, "context sizes")->delimiter(',');
+    app.add_option("--repeat", repeat, "timed repetitions (median reported)");
+    app.add_option("--final-attention", strategy, "gather or partial")->check(CLI::IsMember({"gather", "partial"}));
+    app.add_option("--json", json_path, "where rank 0 writes the results");
+    if (const std::optional<int> code = parse_command_line(app, argc, argv, control)) return *code;
+    return exit_code("reattn-bench-span", control, run(control, sizes, repeat, strategy, json_path));
+  });
 }

@@ -12,8 +12,9 @@
 #include "comm/control.h"
 #include "comm/make_communicator.h"
 #include "common/output_json.h"
-#include "run/run_inputs.h"
 #include "kernels/make_backend.h"
+#include "run/mpi_program.h"
+#include "run/run_inputs.h"
 #include "worker/step.h"
 
 namespace reattn {
@@ -176,48 +177,47 @@ Status run(const Control& control, const RunOptions& opt) {
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "reattn-run: error: %s\n", control.status().message().c_str());
-    return 3;
-  }
-  RunOptions opt;
-  CLI::App app{"reattn-run: one ReAttention query over a context sharded across the MPI ranks.\n"
-               "Prints one JSON object on rank 0: {\"recalled_chunks\": [...], \"out\": [qlen][H][D], ...}"};
-  app.add_option("--config", opt.config_path, "YAML config (model shape, reattention settings)")->required();
-  auto* kv = app.add_option("--kv", opt.kv_path, "safetensors file with k and v, each [layers, kv_heads, tokens, head_dim]");
-  auto* q = app.add_option("--q", opt.q_path, "safetensors file with q [qlen, q_heads, head_dim]");
-  auto* syn = app.add_option("--synthetic-tokens", opt.synthetic_tokens,
-                             "make a synthetic context of this many tokens instead of --kv/--q");
-  app.add_option("--seed", opt.seed, "seed of the synthetic context")->needs(syn);
-  app.add_option("--needles", opt.needles, "token positions of planted needles (synthetic)")->delimiter(',')->needs(syn);
-  app.add_option("--qlen", opt.qlen, "query rows (synthetic)")->needs(syn);
-  app.add_option("--layer", opt.layer, "layer to query")->required();
-  app.add_option("--mode", opt.mode, "tail (rows are the last qlen tokens) or detached")->check(CLI::IsMember({"tail", "detached"}));
-  app.add_option("--final-attention", opt.final_attention, "gather or partial (default: the config's)")
-      ->check(CLI::IsMember({"gather", "partial"}));
-  app.add_option("--recall", opt.recall, "chunk or span (default: the config's)")
-      ->check(CLI::IsMember({"chunk", "span"}));
-  app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  app.add_option("--owner-rank", opt.owner_rank, "rank that owns the context (default 0)");
-  app.add_option("--repeat", opt.repeat, "run the query this many times and report the median time");
-  app.add_flag("--summary", opt.summary, "print the recalled chunks, needles and timing, without out, indented");
-  kv->needs(q)->excludes(syn);
-  q->needs(kv);
-  try {
-    app.parse(argc, argv);
-    if (opt.synthetic_tokens == 0 && opt.kv_path.empty()) {
-      throw CLI::RequiredError("give --kv and --q, or --synthetic-tokens");
+  return mpi_main("reattn-run", argc, argv, [](Control& control, int argc, char** argv) {
+    RunOptions opt;
+    CLI::App app{
+        "reattn-run: one ReAttention query over a context sharded across the MPI ranks.\n"
+        "Prints one JSON object on rank 0: {\"recalled_chunks\": [...], \"out\": [qlen][H][D], ...}"};
+    app.add_option("--config", opt.config_path, "YAML config (model shape, reattention settings)")->required();
+    auto* kv =
+        app.add_option("--kv", opt.kv_path, "safetensors file with k and v, each [layers, kv_heads, tokens, head_dim]");
+    auto* q = app.add_option("--q", opt.q_path, "safetensors file with q [qlen, q_heads, head_dim]");
+    auto* syn = app.add_option("--synthetic-tokens", opt.synthetic_tokens,
+                               "make a synthetic context of this many tokens instead of --kv/--q");
+    app.add_option("--seed", opt.seed, "seed of the synthetic context")->needs(syn);
+    app.add_option("--needles", opt.needles, "token positions of planted needles (synthetic)")
+        ->delimiter(',')
+        ->needs(syn);
+    app.add_option("--qlen", opt.qlen, "query rows (synthetic)")->needs(syn);
+    app.add_option("--layer", opt.layer, "layer to query")->required();
+    app.add_option("--mode", opt.mode, "tail (rows are the last qlen tokens) or detached")
+        ->check(CLI::IsMember({"tail", "detached"}));
+    app.add_option("--final-attention", opt.final_attention, "gather or partial (default: the config's)")
+        ->check(CLI::IsMember({"gather", "partial"}));
+    app.add_option("--recall", opt.recall, "chunk or span (default: the config's)")
+        ->check(CLI::IsMember({"chunk", "span"}));
+    app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
+        ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+    app.add_option("--owner-rank", opt.owner_rank, "rank that owns the context (default 0)");
+    app.add_option("--repeat", opt.repeat, "run the query this many times and report the median time");
+    app.add_flag("--summary", opt.summary, "print the recalled chunks, needles and timing, without out, indented");
+    kv->needs(q)->excludes(syn);
+    q->needs(kv);
+    app.callback([&opt] {
+      if (opt.synthetic_tokens == 0 && opt.kv_path.empty()) {
+        throw CLI::RequiredError("give --kv and --q, or --synthetic-tokens");
+      }
+    });
+    if (const std::optional<int> code = parse_command_line(app, argc, argv, control)) return *code;
+    const Status status = run(control, opt);
+    if (!status.is_ok()) {
+      if (control.rank() == 0) std::fprintf(stderr, "reattn-run: error: %s\n", status.message().c_str());
+      return 1;
     }
-  } catch (const CLI::ParseError& e) {
-    if (control->rank() == 0) return app.exit(e);
-    return e.get_exit_code();
-  }
-  const Status status = run(*control, opt);
-  if (!status.is_ok()) {
-    if (control->rank() == 0) std::fprintf(stderr, "reattn-run: error: %s\n", status.message().c_str());
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -72,6 +72,21 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
   return result;
 }
 
+PipelineResult run_synthetic_query(Backend& backend, const Config& config, const SyntheticSpec& spec, int64_t n,
+                                   const std::vector<float>& q, int64_t qlen, QueryMode mode,
+                                   FinalAttention strategy) {
+  LoopbackCommunicator comm(backend);
+  const int64_t first = n > 37 ? n - 37 : n;
+  const SyntheticKvSource head(spec, config.model, 0, first), tail(spec, config.model, first, n - first);
+  std::vector<const KvSource*> appends{&head};
+  if (first < n) appends.push_back(&tail);
+  PipelineCase pc;
+  pc.mode = mode;
+  pc.strategy = strategy;
+  pc.repeats = 2;
+  return run_pipeline(backend, comm, config, appends, q, qlen, pc);
+}
+
 BatchRun run_batch_and_alone(Backend& backend, Communicator& comm, const Config& config,
                              const std::vector<BatchContext>& contexts, const std::vector<BatchQuery>& queries,
                              FinalAttention strategy, StepOptions options) {

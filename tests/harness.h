@@ -51,6 +51,13 @@ PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& 
 PipelineResult run_pipeline(Backend& backend, Communicator& comm, const Config& config, const ref::Context& ctx,
                             const std::vector<float>& q, int64_t qlen, const PipelineCase& c);
 
+// One query over a synthetic context of n tokens through KvStore + StepRunner on a single rank
+// (LoopbackCommunicator), run twice (the second step reuses the warm workspaces); the context is
+// appended in two pieces so that the local-window ring is written across appends.
+PipelineResult run_synthetic_query(Backend& backend, const Config& config, const SyntheticSpec& spec, int64_t n,
+                                   const std::vector<float>& q, int64_t qlen, QueryMode mode,
+                                   FinalAttention strategy);
+
 // Batches: synthetic contexts (every layer resident) and one step mixing their queries.
 struct BatchContext {
   int64_t n = 0;

@@ -17,6 +17,7 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/make_backend.h"
+#include "tests/cuda_test.h"
 #include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
@@ -24,11 +25,6 @@
 
 namespace reattn {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                             \
-  do {                                                                 \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
-  } while (0)
 
 struct Case {
   int head_dim = 128;
@@ -84,21 +80,9 @@ std::vector<int64_t> needles_for(const Case& c) {
   return needles;
 }
 
-// One query through KvStore + StepRunner on a single rank, run twice (the second step reuses
-// the warm workspaces); the context is appended in two pieces so that the local-window ring is
-// written across appends.
 test::PipelineResult run_query(Backend& backend, const Config& cfg, const Case& c, const SyntheticSpec& spec,
                                const std::vector<float>& q, FinalAttention strategy) {
-  test::LoopbackCommunicator comm(backend);
-  const int64_t first = c.n > 37 ? c.n - 37 : c.n;
-  const SyntheticKvSource head(spec, cfg.model, 0, first), tail(spec, cfg.model, first, c.n - first);
-  std::vector<const KvSource*> appends{&head};
-  if (first < c.n) appends.push_back(&tail);
-  test::PipelineCase pc;
-  pc.mode = c.mode;
-  pc.strategy = strategy;
-  pc.repeats = 2;
-  return test::run_pipeline(backend, comm, cfg, appends, q, c.qlen, pc);
+  return test::run_synthetic_query(backend, cfg, spec, c.n, q, c.qlen, c.mode, strategy);
 }
 
 void check_case(const Case& c) {

@@ -17,6 +17,7 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "run/mpi_program.h"
 #include "tests/harness.h"
 #include "tests/reference.h"
 #include "worker/kv_store.h"
@@ -234,19 +235,16 @@ int run_all(const Control& control, RecallMode recall) {
 
 int main(int argc, char** argv) {
   using namespace reattn;
-  Expected<Control> control = Control::init(&argc, &argv);
-  if (!control) {
-    std::fprintf(stderr, "test_cuda_distributed: %s\n", control.status().to_string().c_str());
-    return 1;
-  }
-  int gpus = cuda_device_count();
-  int enough = gpus > control->local_rank() ? 1 : 0;
-  int all_enough = 0;
-  MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  if (!all_enough) {
-    if (control->rank() == 0) std::printf("SKIPPED: not every rank has a GPU of its own (rank 0 sees %d)\n", gpus);
-    return 77;
-  }
-  const bool span = argc > 2 && std::string(argv[1]) == "--recall" && std::string(argv[2]) == "span";
-  return run_all(*control, span ? RecallMode::kSpan : RecallMode::kChunk);
+  return mpi_main("test_cuda_distributed", argc, argv, [](Control& control, int argc, char** argv) {
+    int gpus = cuda_device_count();
+    int enough = gpus > control.local_rank() ? 1 : 0;
+    int all_enough = 0;
+    MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!all_enough) {
+      if (control.rank() == 0) std::printf("SKIPPED: not every rank has a GPU of its own (rank 0 sees %d)\n", gpus);
+      return 77;
+    }
+    const bool span = argc > 2 && std::string(argv[1]) == "--recall" && std::string(argv[2]) == "span";
+    return run_all(control, span ? RecallMode::kSpan : RecallMode::kChunk);
+  });
 }

@@ -13,16 +13,12 @@
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/cuda_test.h"
 #include "tests/harness.h"
 #include "tests/reference.h"
 
 namespace reattn {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                  \
-  do {                                                                      \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible"; \
-  } while (0)
 
 struct SpanCase {
   int head_dim = 128;
@@ -78,14 +74,7 @@ std::vector<int64_t> needles_for(const SpanCase& c) {
 
 test::PipelineResult run_query(Backend& backend, const Config& cfg, const SpanCase& c, const SyntheticSpec& spec,
                                const std::vector<float>& q, FinalAttention strategy) {
-  test::LoopbackCommunicator comm(backend);
-  const int64_t first = c.n - 37;
-  const SyntheticKvSource head(spec, cfg.model, 0, first), tail(spec, cfg.model, first, c.n - first);
-  test::PipelineCase pc;
-  pc.mode = c.mode;
-  pc.strategy = strategy;
-  pc.repeats = 2;
-  return test::run_pipeline(backend, comm, cfg, {&head, &tail}, q, c.qlen, pc);
+  return test::run_synthetic_query(backend, cfg, spec, c.n, q, c.qlen, c.mode, strategy);
 }
 
 void check_case(const SpanCase& c) {

@@ -6,10 +6,10 @@
 
 #include <random>
 
-#include "comm/control.h"
 #include "comm/mpi_communicator.h"
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "tests/batch_check.h"
 #include "tests/harness.h"
 
 namespace reattn {
@@ -108,47 +108,9 @@ TEST(DistributedBatch, MatchesEachQueryAlone) {
       {0, 0, 32, QueryMode::kTail}, {1, 1, 1, QueryMode::kTail},      {-1, 0, 2, QueryMode::kTail},
       {2, 0, 5, QueryMode::kTail},  {0, 0, 1, QueryMode::kDetached},   {1, 0, 33, QueryMode::kTail}};
   const std::vector<bool> want_ok = {true, true, true, true, true, false, true, true, false};
-  for (FinalAttention strategy : {FinalAttention::kGather, FinalAttention::kPartial}) {
-    for (int64_t device_rows : {int64_t{1}, int64_t{64}, int64_t{1} << 40}) {
-      const test::BatchRun run =
-          test::run_batch_and_alone(backend, comm, config, contexts, queries, strategy, StepOptions{device_rows});
-      ASSERT_TRUE(run.status.is_ok()) << run.status.to_string();
-      if (comm.rank() != 0) continue;
-      ASSERT_EQ(run.batch.size(), queries.size());
-      ASSERT_EQ(run.alone.size(), queries.size());
-      for (size_t i = 0; i < queries.size(); ++i) {
-        SCOPED_TRACE(std::string(final_attention_name(strategy)) + " device_select_rows " +
-                     std::to_string(device_rows) + " query " + std::to_string(i));
-        const QueryResult& got = run.batch[i];
-        const QueryResult& one = run.alone[i];
-        EXPECT_EQ(got.status.is_ok(), want_ok[i]) << got.status.to_string();
-        EXPECT_EQ(one.status.is_ok(), want_ok[i]) << one.status.to_string();
-        if (!want_ok[i]) continue;
-        EXPECT_EQ(got.recalled, one.recalled);
-        EXPECT_EQ(got.out, one.out);
-        const test::BatchQuery& bq = queries[i];
-        const test::BatchContext& bc = contexts[bq.context];
-        const ref::Context ctx =
-            ref::synthetic_context(config.model, config.reattention, bc.n, bc.spec.seed, bc.spec.needles, bq.layer);
-        const ref::Result want = ref::query(ctx, run.q[i], bq.qlen, bq.mode);
-        EXPECT_EQ(got.recalled, want.recalled);
-        EXPECT_LT(ref::relative_error(got.out, want.out), 1e-5);
-      }
-    }
-  }
+  test::expect_batch_matches_alone(backend, comm, config, contexts, queries, want_ok, {1, 64, int64_t{1} << 40});
 }
 
 }  // namespace
 }  // namespace reattn
 
-int main(int argc, char** argv) {
-  reattn::Expected<reattn::Control> control = reattn::Control::init(&argc, &argv);
-  if (!control) return 3;
-  ::testing::InitGoogleTest(&argc, argv);
-  // Only rank 0 reports; every rank runs every test, so the collectives stay matched.
-  if (control->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  return RUN_ALL_TESTS();
-}

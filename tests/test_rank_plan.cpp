@@ -29,12 +29,6 @@ SelectedQuery selected(int64_t n, int owner, int64_t qlen, std::vector<int64_t> 
 constexpr int kHeads = 2;
 constexpr int kDim = 4;
 
-TEST(RankPlan, CandidateOffsets) {
-  int64_t total = 0;
-  EXPECT_EQ(candidate_offsets({4, 0, 6}, 3, &total), (std::vector<int64_t>{0, 12, 12}));
-  EXPECT_EQ(total, 30);
-}
-
 // n = 4 + 8*8 + 32 + 5: 8 mid chunks (0..7), local region 37 tokens from token 68.
 TEST(RankPlan, GatherSendsRemoteChunksToTheOwnerInUOrder) {
   const ReattentionConfig rc = tiny_rc();

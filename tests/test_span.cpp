@@ -9,10 +9,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "comm/control.h"
 #include "comm/mpi_communicator.h"
 #include "common/synthetic.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "tests/batch_check.h"
 #include "tests/harness.h"
 
 namespace reattn {
@@ -139,16 +139,21 @@ TEST(SpanVersusChunk, NeedleAtTheLastTokenOfABlock) {
   EXPECT_FALSE(std::binary_search(by_chunk.recalled.begin(), by_chunk.recalled.end(), 41));
 }
 
+// A batch of span-mode queries on one context and layer (one score block: different qlens, tail
+// and detached) plus one on the other layer gives exactly what each query gives alone, and the
+// fp64 reference. Span selection runs on the host whatever device_select_rows says.
+TEST(SpanBatch, MatchesEachQueryAlone) {
+  const Config config = span_config(4, 2, 2, 16, 127);
+  CpuBackend backend(1);
+  MpiCommunicator comm;
+  const std::vector<test::BatchContext> contexts = {{1001, comm.world() - 1, SyntheticSpec{21, {100, 600}}}};
+  const std::vector<test::BatchQuery> queries = {{0, 1, 3, QueryMode::kTail},     {0, 1, 1, QueryMode::kDetached},
+                                                 {0, 1, 17, QueryMode::kTail},    {0, 0, 2, QueryMode::kTail},
+                                                 {0, 1, 5, QueryMode::kDetached}, {0, 1, 32, QueryMode::kTail}};
+  test::expect_batch_matches_alone(backend, comm, config, contexts, queries, std::vector<bool>(queries.size(), true),
+                                    {1, int64_t{1} << 40});
+}
+
 }  // namespace
 }  // namespace reattn
 
-int main(int argc, char** argv) {
-  reattn::Expected<reattn::Control> control = reattn::Control::init(&argc, &argv);
-  if (!control) return 3;
-  ::testing::InitGoogleTest(&argc, argv);
-  if (control->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  return RUN_ALL_TESTS();
-}

@@ -67,17 +67,6 @@ std::vector<SpanPiece> span_pieces(const SelectedQuery& q, const ReattentionConf
   return pieces;
 }
 
-std::vector<int64_t> candidate_offsets(const std::vector<int64_t>& rows, int top_k, int64_t* total) {
-  std::vector<int64_t> offsets(rows.size());
-  int64_t sum = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    offsets[i] = sum;
-    sum += rows[i] * top_k;
-  }
-  *total = sum;
-  return offsets;
-}
-
 RankPlan plan_rank(const std::vector<SelectedQuery>& queries, FinalAttention strategy, int rank, int world,
                    int reply_rank, int q_heads, int head_dim, const ReattentionConfig& rc) {
   const bool gather = strategy == FinalAttention::kGather;

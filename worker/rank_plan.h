@@ -92,10 +92,6 @@ struct RankPlan {
   size_t reply_floats = 0;
 };
 
-// Offsets of each query's candidates in a rank's send block (rows_i * top_k before it), and
-// their total in *total.
-std::vector<int64_t> candidate_offsets(const std::vector<int64_t>& rows, int top_k, int64_t* total);
-
 // The plan of `rank` for these queries. `q_heads` and `head_dim` size the states and outputs.
 RankPlan plan_rank(const std::vector<SelectedQuery>& queries, FinalAttention strategy, int rank, int world,
                    int reply_rank, int q_heads, int head_dim, const ReattentionConfig& rc);

@@ -20,7 +20,8 @@ namespace reattn {
 
 struct StepOptions {
   // Blocks with a query of at least this many (row, head) rows are merged and selected in
-  // backend memory (Backend::merge_select); smaller ones on the host (score_blocks.h).
+  // backend memory (Backend::merge_select); smaller ones on the host (score_blocks.h). Span
+  // recall selects every block on the host (select_spans).
   int64_t device_select_rows = 2048;
 };
 
