@@ -313,6 +313,13 @@ class LiveProbe:
             return 99.0
 
 
+def check_job_fails(c, svc, t_fault, what):
+    """The job exits non-zero within mpirun's two sigkill timeouts (plus slack) of the fault."""
+    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
+    c.check(rc is not None and rc != 0, "%s: the job exits non-zero (rc %s, %.1f s after the fault)" %
+            (what, rc, (svc.t_exit or time.time()) - t_fault))
+
+
 def poll_ready_503(svc, want, timeout):
     """Polls /health/ready until a 503 whose message contains `want`; returns (time, message)
     or (None, last seen)."""
@@ -419,9 +426,7 @@ def scenario_worker_kill(fx, under_load, signo=signal.SIGKILL, ranks=2):
                         for x in bad[:5]]))
         slow = [x for x in after if isinstance(x[2], int) and x[1] - max(x[0], t_fault) > bound + 0.5]
         c.check(not slow, "%s: every answer came within %.1f s of the fault" % (what, bound + 0.5))
-    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
-    c.check(rc is not None and rc != 0, "%s: the job exits non-zero (rc %s, %.1f s after the fault)" %
-            (what, rc, (svc.t_exit or time.time()) - t_fault))
+    check_job_fails(c, svc, t_fault, what)
     if signo == signal.SIGSTOP:
         # (After a rank dies, Open MPI's mpirun no longer forwards the others' output.)
         lines = svc.log_lines()
@@ -460,9 +465,7 @@ def scenario_rank0_stop(fx):
     c.check(t_worker is not None and t_worker <= limit + 3,
             "SIGSTOP of rank 0: the worker ended %s s after it (idle limit %.1f s)" %
             ("%.1f" % t_worker if t_worker else "not", limit))
-    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
-    c.check(rc is not None and rc != 0, "SIGSTOP of rank 0: the job exits non-zero (rc %s, %.1f s after the stop)" %
-            (rc, time.time() - t0))
+    check_job_fails(c, svc, t0, "SIGSTOP of rank 0")
     why = [l for l in svc.log_lines() if l.get("rank") == 1 and l.get("level") == "error"]
     c.check(any("rank 0" in l.get("error", "") for l in why),
             "SIGSTOP of rank 0: the worker logged that rank 0 went silent: %s" % [l.get("error") for l in why])
@@ -496,9 +499,7 @@ def scenario_drain_hung_worker(fx):
     c.check(t_rank0 is not None and t_rank0 <= DRAIN_S + 1,
             "SIGTERM with a hung worker: rank 0 ended %s s after SIGTERM (drain deadline %.0f s)" %
             ("%.1f" % t_rank0 if t_rank0 else "not", DRAIN_S))
-    rc = svc.wait(2 * SIGKILL_TIMEOUT_S + 8)
-    c.check(rc is not None and rc != 0, "SIGTERM with a hung worker: the job exits non-zero (rc %s) %.1f s after SIGTERM" %
-            (rc, time.time() - t0))
+    check_job_fails(c, svc, t0, "SIGTERM with a hung worker")
     lines = svc.log_lines()
     why = [l for l in lines if l.get("rank") == 0 and l.get("level") == "error"]
     c.check(any("rank 1" in json.dumps(l) or "drain deadline" in l.get("msg", "") for l in why),
