@@ -308,6 +308,7 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("queue_deadline_s", &c.server.queue_deadline_s);
   server.read("drain_deadline_s", &c.server.drain_deadline_s);
   server.read("max_connections", &c.server.max_connections);
+  server.read("busy_poll_us", &c.server.busy_poll_us);
   REATTN_RETURN_IF_ERROR(server.finish());
 
   REATTN_RETURN_IF_ERROR(c.validate());
@@ -371,6 +372,7 @@ Status Config::validate() const {
       {"server.http_threads", server.http_threads, 1},
       {"server.request_timeout_s", server.request_timeout_s, 1},
       {"server.max_connections", server.max_connections, 1},
+      {"server.busy_poll_us", server.busy_poll_us, -1},
   };
   // Capacity sums over ranks; keep it far from int64 overflow.
   if (capacity.tokens_per_rank > (int64_t{1} << 40)) {
@@ -381,6 +383,9 @@ Status Config::validate() const {
       return invalid_argument(std::string(m.key) + ": must be >= " + std::to_string(m.min) +
                               ", got " + std::to_string(m.value));
     }
+  }
+  if (server.busy_poll_us > 1000000) {
+    return invalid_argument("server.busy_poll_us: must be <= 1000000 (1 s), got " + std::to_string(server.busy_poll_us));
   }
   if (model.head_dim % 2 != 0) {
     return invalid_argument("model.head_dim: must be even, got " + std::to_string(model.head_dim));
@@ -527,6 +532,7 @@ std::string Config::to_yaml() const {
   put("queue_deadline_s", format_number(server.queue_deadline_s));
   put("drain_deadline_s", format_number(server.drain_deadline_s));
   put("max_connections", server.max_connections);
+  put("busy_poll_us", server.busy_poll_us);
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -88,6 +88,12 @@ struct ServerConfig {
   double queue_deadline_s = 60;        // a request not started this long after arrival gets 503
   double drain_deadline_s = 60;        // SIGTERM: the job ends by then, drained or not
   int max_connections = 1024;          // open HTTP connections; more are refused
+  // After a step, the step loop polls the queue this long (yielding) before it sleeps: the
+  // next layer's step of a decode then starts without a thread wake-up. 0: sleep at once;
+  // -1 (auto): 1000 with a GPU backend (host cores are free while the GPU works), 0 with the
+  // cpu backend (its kernels use every core, and a polling thread would take one from them).
+  int busy_poll_us = -1;
+  int busy_poll_us_for(bool host_compute) const { return busy_poll_us >= 0 ? busy_poll_us : host_compute ? 0 : 1000; }
 };
 
 // A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and

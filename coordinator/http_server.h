@@ -8,8 +8,10 @@
 // Complete requests go to the handler with a Responder: requests for the health and metrics
 // paths and requests with bodies up to 32 KiB on the I/O threads (no thread hand-off for a
 // decode step), larger bodies on a separate pool of `parse_threads`, so a heavy body never
-// delays a health check. Sockets are TCP_NODELAY. The handler may answer from any thread, later (the
-// response is written on the session's strand).
+// delays a health check. Sockets are TCP_NODELAY. The handler may answer from any thread, later:
+// answers up to 256 KiB are sent by that thread at once (one non-blocking send; the rest, if
+// any, on the session's strand), larger ones are written on the strand. Every answer to a
+// handled request carries X-Reattn-Server-Ms: from the complete request to the answer.
 // Thread-safety: construct, listen and stop from one thread; the io_context may run on many.
 #pragma once
 

@@ -131,9 +131,12 @@ class Coordinator {
     if (state_.ready()) log_event(LogLevel::kInfo, "ready", {{"ranks", info.world}, {"backend", info.backend}});
   }
 
-  // The step loop; returns when draining is done or on a fault.
-  Status run(ServiceLoop& loop) {
-    StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config_,
+  // The step loop; returns when draining is done or on a fault. host_compute: the backend
+  // computes on the host's cores (server.busy_poll_us's auto value depends on it).
+  Status run(ServiceLoop& loop, bool host_compute) {
+    Config config = config_;
+    config.server.busy_poll_us = config_.server.busy_poll_us_for(host_compute);
+    StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config,
                        [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
     return step_loop.run();
   }
@@ -274,7 +277,7 @@ int serve(Control& control, const ServerOptions& opt) {
   }
 
   coordinator->set_ready(ServiceInfo{control.world(), (*backend)->name(), (*comm)->name()});
-  const Status ran = coordinator->run(loop);
+  const Status ran = coordinator->run(loop, (*backend)->host_memory());
   if (!ran.is_ok()) {
     // The ranks may be stuck in a collective: answer what can be answered, then end the job.
     coordinator->fault(ran);

@@ -35,6 +35,7 @@ void StepLoop::observe_step(const StepTiming& timing) {
 
 void StepLoop::complete(Task& task, TaskResult result) {
   if (!task.done) return;
+  if (task.answer_on_step_loop) return task.done(std::move(result));
   post_([done = std::move(task.done), r = std::move(result)]() mutable { done(std::move(r)); });
 }
 
@@ -82,9 +83,13 @@ bool StepLoop::drop_if_expired(Task& task, std::chrono::steady_clock::time_point
 Status StepLoop::run() {
   const size_t max_batch = static_cast<size_t>(config_.server.max_batch);
   const auto heartbeat_every = std::chrono::duration<double>(config_.server.heartbeat_s);
+  const std::chrono::microseconds busy_poll(config_.server.busy_poll_us);
   auto last_contact = std::chrono::steady_clock::now();
+  bool worked = false;  // the last round ran tasks: poll for the next one before sleeping
   for (;;) {
-    std::vector<Task> tasks = queue_.pop_batch(max_batch, std::chrono::milliseconds(100));
+    std::vector<Task> tasks =
+        queue_.pop_batch(max_batch, std::chrono::milliseconds(100), worked ? busy_poll : std::chrono::microseconds(0));
+    worked = !tasks.empty();
     if (tasks.empty()) {
       if (queue_.closed() && queue_.depth() == 0) return Status::ok();
       if (std::chrono::steady_clock::now() - last_contact < heartbeat_every) continue;

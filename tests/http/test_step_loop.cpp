@@ -182,6 +182,36 @@ TEST_F(StepLoopTest, AFatalFaultFailsTheBatchAndEveryQueuedTask) {
   EXPECT_TRUE(registry_.find(1).has_value());  // the erase did not go through
 }
 
+// A task marked answer_on_step_loop (a small binary answer) completes on the step loop's own
+// thread, without the post to an HTTP thread; the others are posted.
+TEST_F(StepLoopTest, SmallAnswersCompleteOnTheStepLoopOthersArePosted) {
+  registry_.insert({1, 0, 40});
+  std::vector<bool> posted_when_done;
+  bool in_post = false;
+  for (bool on_loop : {true, false}) {
+    Task t;
+    t.op = query(1, 1);
+    t.answer_on_step_loop = on_loop;
+    t.done = [&](TaskResult r) {
+      EXPECT_TRUE(r.status.is_ok()) << r.status.to_string();
+      posted_when_done.push_back(in_post);
+    };
+    ASSERT_TRUE(queue_.push(std::move(t)).is_ok());
+  }
+  ranks_.answer = [](const Operation& op, OperationResult* r) {
+    r->queries.resize(std::get<StepPlan>(op).queries.size());
+    return Status::ok();
+  };
+  queue_.close();
+  StepLoop loop(ranks_, queue_, registry_, metrics_, state_, config_, [&](std::function<void()> f) {
+    in_post = true;
+    f();
+    in_post = false;
+  });
+  ASSERT_TRUE(loop.run().is_ok());
+  EXPECT_EQ(posted_when_done, (std::vector<bool>{false, true}));
+}
+
 }  // namespace
 }  // namespace reattn
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import http11, safetensors
-from .tensors import to_nested, to_wire
+from .tensors import to_nested, to_wire, to_wire_many
 
 _BINARY = "application/octet-stream"
 _TIMING_HEADERS = {  # response header -> timing key, on binary answers
@@ -22,6 +22,7 @@ _TIMING_HEADERS = {  # response header -> timing key, on binary answers
     "X-Reattn-Queue-Ms": "queue_ms",
     "X-Reattn-Append-Ms": "append_ms",
 }
+_SERVER_MS_HEADER = "X-Reattn-Server-Ms"  # every answer: the service's time, request to answer
 _MAX_ERROR_BODY = 2000  # characters of a non-JSON error body kept in the exception
 
 
@@ -194,8 +195,7 @@ class Client:
     def append(self, context_id, k, v, dtype=None):
         """Appends tokens to every layer: k, v [layers, kv_heads, tokens, head_dim] (pre-RoPE).
         dtype: "F32", "F16" or "BF16" on the wire (default: the inputs' own precision)."""
-        kw, kd = to_wire(k, "k", dtype, ndim=4)
-        vw, _ = to_wire(v, "v", dtype or kd, ndim=4)
+        (kw, _), (vw, _) = to_wire_many([(k, "k"), (v, "v")], dtype, ndim=4)
         if kw.shape != vw.shape:
             raise ValueError("append: k shape %s != v shape %s" % (list(kw.shape), list(vw.shape)))
         body = safetensors.dumps_parts({"k": kw, "v": vw})
@@ -229,9 +229,7 @@ class Client:
         t0 = time.perf_counter()
         path = "/v1/contexts/%d/step" % int(context_id)
         if binary:
-            qw, qd = to_wire(q, "q", dtype, ndim=3)
-            kw, kd = to_wire(k, "k", dtype or qd, ndim=3)
-            vw, _ = to_wire(v, "v", dtype or kd, ndim=3)
+            (qw, _), (kw, _), (vw, _) = to_wire_many([(q, "q"), (k, "k"), (v, "v")], dtype, ndim=3)
             body = safetensors.dumps_parts({"q": qw, "k": kw, "v": vw})
             return self._attention(t0, path + "?layer=%d" % int(layer), body, _BINARY, layer)
         payload = {"layer": int(layer), "q": to_nested(q, "q"), "k": to_nested(k, "k"), "v": to_nested(v, "v")}
@@ -245,6 +243,9 @@ class Client:
             result = _binary_result(r, data, layer)
         else:
             result = _json_result(json.loads(data.decode()), layer)
+        server_ms = r.getheader(_SERVER_MS_HEADER)
+        if server_ms is not None:
+            result.timing["server_ms"] = float(server_ms)
         result.client_ms = (time.perf_counter() - t0) * 1e3
         return result
 

@@ -26,13 +26,12 @@ class Response:
         self.status = status
         self.reason = reason
         self.headers = headers  # [(name, value)] in arrival order
+        self._by_name = None    # lower-cased name -> the last value, made on the first look-up
 
     def getheader(self, name, default=None):
-        name = name.lower()
-        for k, v in reversed(self.headers):
-            if k.lower() == name:
-                return v
-        return default
+        if self._by_name is None:
+            self._by_name = {k.lower(): v for k, v in self.headers}
+        return self._by_name.get(name.lower(), default)
 
 
 class Connection:
