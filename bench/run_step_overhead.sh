@@ -29,8 +29,8 @@ if ! build build-gpu reattn-server test_cuda_backend >"$L/build.log" 2>&1; then
   exit 1
 fi
 if [ -n "${BASE:-}" ] && ! (cd "$BASE" && build build-base reattn-server) >"$L/build-base.log" 2>&1; then
-  tail -20 "$L/build-base.log"
-  exit 1
+  say "the baseline at $BASE did not build; no baseline: $(grep -m3 error "$L/build-base.log")"
+  BASE=
 fi
 say "build: $((SECONDS - t0)) s"
 timeout 150 build-gpu/tests/test_cuda_backend >"$L/test_cuda_backend.log" 2>&1
