@@ -33,19 +33,19 @@ if [ -n "${BASE:-}" ] && ! (cd "$BASE" && build build-base reattn-server) >"$L/b
   BASE=
 fi
 say "build: $((SECONDS - t0)) s"
-timeout 150 build-gpu/tests/test_cuda_backend >"$L/test_cuda_backend.log" 2>&1
+timeout 100 build-gpu/tests/test_cuda_backend >"$L/test_cuda_backend.log" 2>&1
 tests_rc=$?
 say "test_cuda_backend: rc=$tests_rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$L/test_cuda_backend.log" | tr '\n' ' ') $((SECONDS - t0)) s"
 grep -E '^\[  FAILED  \]' "$L/test_cuda_backend.log" | tee -a "$LOG"
 if [ -n "${BASE:-}" ]; then
-  (cd "$BASE" && timeout 120 python3 bench/step_overhead.py --server build-base/reattn-server --ranks 1 \
+  (cd "$BASE" && timeout 75 python3 bench/step_overhead.py --server build-base/reattn-server --ranks 1 \
      --tokens "$TOKENS" --logs "$L/server_base" --json "$OUT/step_overhead_base.json") >"$L/step_overhead_base.log" 2>&1
   say "base ($BASE): $(grep -E '^(step_binary|query) ' "$L/step_overhead_base.log")"
 fi
 for poll in auto 0; do
   arg=()
   [ "$poll" != auto ] && arg=(--busy-poll-us "$poll")
-  timeout 120 python3 bench/step_overhead.py --server build-gpu/reattn-server --ranks 1 --tokens "$TOKENS" \
+  timeout 75 python3 bench/step_overhead.py --server build-gpu/reattn-server --ranks 1 --tokens "$TOKENS" \
     "${arg[@]}" --logs "$L/server_poll_$poll" --json "$OUT/step_overhead_poll_$poll.json" >"$L/step_overhead_poll_$poll.log" 2>&1
   say "busy_poll_us $poll: rc=$? $(cat "$L/step_overhead_poll_$poll.log" | grep -vE '^\{' | tail -4)"
 done
