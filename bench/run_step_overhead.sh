@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the qlen-1 step overhead (issue 10, item 2) on one GPU: builds
 # reattn-server and test_cuda_backend (build-gpu), runs the CUDA backend tests, then
-# bench/step_overhead.py at 1M tokens of one LLaMA-3-8B layer, with the step loop's polling as
-# configured (auto: on with a GPU) and off. BASE=DIR also builds the checkout at DIR
+# bench/step_overhead.py at 1M tokens of one LLaMA-3-8B layer: as configured, then with single
+# changes (the step loop's polling off, the client's busy wait, one HTTP thread). BASE=DIR also builds the checkout at DIR
 # (DIR/build-base) and runs its own bench/step_overhead.py first: a baseline in the same run.
 # JSON and the summary under $OUT, every log (the servers' too) in $OUT/step_overhead_logs.tgz.
 # Usage: [BASE=DIR] [TOKENS=N] bash bench/run_step_overhead.sh
@@ -42,13 +42,20 @@ if [ -n "${BASE:-}" ]; then
      --tokens "$TOKENS" --logs "$L/server_base" --json "$OUT/step_overhead_base.json") >"$L/step_overhead_base.log" 2>&1
   say "base ($BASE): $(grep -E '^(step_binary|query) ' "$L/step_overhead_base.log")"
 fi
-for poll in auto 0; do
-  arg=()
-  [ "$poll" != auto ] && arg=(--busy-poll-us "$poll")
-  timeout 75 python3 bench/step_overhead.py --server build-gpu/reattn-server --ranks 1 --tokens "$TOKENS" \
-    "${arg[@]}" --logs "$L/server_poll_$poll" --json "$OUT/step_overhead_poll_$poll.json" >"$L/step_overhead_poll_$poll.log" 2>&1
-  say "busy_poll_us $poll: rc=$? $(cat "$L/step_overhead_poll_$poll.log" | grep -vE '^\{' | tail -4)"
-done
+# The configuration as shipped (all routes), then single changes to it on step_binary alone:
+# the step loop's polling off, the client's busy wait on, one HTTP thread, and the last two.
+run() {  # run NAME ARGS...
+  local name=$1
+  shift
+  timeout 75 python3 bench/step_overhead.py --server build-gpu/reattn-server --ranks 1 --tokens "$TOKENS" "$@" \
+    --logs "$L/server_$name" --json "$OUT/step_overhead_$name.json" >"$L/step_overhead_$name.log" 2>&1
+  say "$name ($*): rc=$? $(grep -vE '^\{' "$L/step_overhead_$name.log" | tail -4)"
+}
+run default
+run poll_off --variants step_binary --busy-poll-us 0
+run client_wait --variants step_binary --client-busy-wait 0.002
+run one_thread --variants step_binary --http-threads 1
+run one_thread_client_wait --variants step_binary --http-threads 1 --client-busy-wait 0.002
 say "done: $((SECONDS - t0)) s"
 tar -C "$OUT" -czf "$OUT/step_overhead_logs.tgz" logs && rm -rf "$L"
 [ "$tests_rc" = 0 ]

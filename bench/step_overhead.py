@@ -11,7 +11,8 @@ client's time minus that (issue 10's goal: <= 0.3 ms for step_binary at 1M token
 X-Reattn-Server-Ms (the service's time from the complete request to its answer) into the
 service's own overhead outside the step (parse, queue, format) and what lies outside the
 service (the client's encode and decode, measured alone here too, and the transport with its
-thread wake-ups).
+thread wake-ups, whose floor is measured as the same bytes' round trip to a peer process that
+answers at once).
 
     python3 bench/step_overhead.py --ranks 1 --tokens 1048576 --json bench/results/step_overhead.json
     python3 bench/step_overhead.py --tiny          # CPU, tiny model: checks the script runs
@@ -67,6 +68,64 @@ def measure(client, ctx, shape, variant, iters, warmup, dtype, rng):
             "outside_server_ms": stats([c - sv for c, sv in zip(client_ms, server)]), "calls": iters}
 
 
+# A peer process that answers every HTTP request at once with `argv[1]` bytes of body: the
+# transport floor (loopback TCP, both processes' wake-ups, the client's HTTP code).
+_PEER = r"""
+import socket, sys
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+n = int(sys.argv[1])
+reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % n + bytes(n)
+buf = b""
+while True:
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(1 << 16)
+        if not d:
+            sys.exit(0)
+        buf += d
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(buf) < length:
+        d = c.recv(1 << 16)
+        if not d:
+            sys.exit(0)
+        buf += d
+    buf = buf[length:]
+    c.sendall(reply)
+"""
+
+
+def transport_floor(shape, dtype, iters, busy_wait, rng):
+    """Round trips of a step_binary request's bytes, and an answer of its size, to _PEER."""
+    import subprocess
+    from reattn_client import http11, safetensors
+    from reattn_client.tensors import to_wire_many
+    q, k, v = step_inputs(shape, rng)
+    (qw, _), (kw, _), (vw, _) = to_wire_many([(q, "q"), (k, "k"), (v, "v")], dtype, ndim=3)
+    body = safetensors.dumps_parts({"q": qw, "k": kw, "v": vw})
+    answer = len(safetensors.dumps({"out": q, "recalled_chunks": np.arange(32, dtype=np.int64)}))
+    peer = subprocess.Popen([sys.executable, "-c", _PEER, str(answer)], stdout=subprocess.PIPE)
+    try:
+        port = int(peer.stdout.readline())
+        conn = http11.Connection("127.0.0.1", port, 30, busy_wait=busy_wait)
+        headers = {"Content-Type": "application/octet-stream", "Accept": "application/octet-stream"}
+        times = []
+        for i in range(iters + 20):
+            t0 = time.perf_counter()
+            conn.roundtrip("POST", "/v1/contexts/1/step?layer=0", headers, body)
+            if i >= 20:
+                times.append((time.perf_counter() - t0) * 1e3)
+        conn.close()
+        return stats(times)
+    finally:
+        peer.kill()
+        peer.wait()
+
+
 def client_work(shape, dtype, iters, rng):
     """The client's own work per step_binary call, without a socket: encoding q, k, v into the
     request body, and decoding an answer of the step's shapes (out F32, 32 recalled chunks)."""
@@ -101,6 +160,11 @@ def main():
     p.add_argument("--dtype", default="BF16", choices=["F32", "F16", "BF16"])
     p.add_argument("--busy-poll-us", type=int, default=None,
                    help="server.busy_poll_us for the service (default: the config's, auto)")
+    p.add_argument("--http-threads", type=int, default=None, help="server.http_threads (default: the config's)")
+    p.add_argument("--variants", default="step_binary,query,step_json",
+                   help="comma-separated: step_binary (the issue's), query, step_json")
+    p.add_argument("--client-busy-wait", type=float, default=0.0,
+                   help="reattn_client.Client(busy_wait=...): seconds to poll for each answer before sleeping")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--tiny", action="store_true", help="tiny model, few tokens and calls, CPU backend")
     args = p.parse_args()
@@ -112,18 +176,23 @@ def main():
     config = derived_config(args.config, model={"layers": 1})
     if args.busy_poll_us is not None:
         config.setdefault("server", {})["busy_poll_us"] = args.busy_poll_us
+    if args.http_threads is not None:
+        config.setdefault("server", {})["http_threads"] = args.http_threads
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or any(v not in ("step_binary", "query", "step_json") for v in variants):
+        p.error("--variants: a comma-separated list of step_binary, query, step_json; got %r" % args.variants)
     m = config["model"]
     shape = (m["q_heads"], m["kv_heads"], m["head_dim"])
     service = Service(args, "step_overhead", config)
     try:
-        client = service.client()
+        client = service.client(busy_wait=args.client_busy_wait)
         if step_route_missing(client):
             print("step_overhead: the server has no /step route yet; skipped", flush=True)
             return SKIP_EXIT
         info = client.info()
         rng = np.random.default_rng(0)
         results = {}
-        for variant in ("step_binary", "query", "step_json"):
+        for variant in variants:
             ctx = client.create_context()["id"]
             t0 = time.perf_counter()
             client.synthetic(ctx, args.tokens, seed=1)
@@ -140,11 +209,16 @@ def main():
                                    r["added_ms"]["p50"], r["added_ms"]["p90"], r["added_ms"]["p99"], GOAL_MS,
                                    r["server_outside_step_ms"]["p50"], r["outside_server_ms"]["p50"]), flush=True)
         work = client_work(shape, args.dtype, max(args.iters, 100), rng)
-        print("client alone (no socket): encode p50 %.3f ms, decode p50 %.3f ms"
-              % (work["encode_ms"]["p50"], work["decode_ms"]["p50"]), flush=True)
+        floor = transport_floor(shape, args.dtype, max(args.iters, 100), args.client_busy_wait, rng)
+        print("client alone (no socket): encode p50 %.3f ms, decode p50 %.3f ms; round trip of the same bytes to a "
+              "peer process that answers at once: p50 %.3f ms" % (work["encode_ms"]["p50"], work["decode_ms"]["p50"],
+                                                                  floor["p50"]), flush=True)
+        work["transport_floor_ms"] = floor
         report = {"benchmark": "step_overhead", "tokens": args.tokens, "qlen": 1, "dtype": args.dtype,
                   "model": m, "ranks": info.get("ranks"), "backend": info.get("backend", {}),
                   "busy_poll_us": config.get("server", {}).get("busy_poll_us", "auto"),
+                  "client_busy_wait_s": args.client_busy_wait,
+                  "http_threads": config.get("server", {}).get("http_threads", "config"),
                   "host": platform.node(), "goal_added_ms": GOAL_MS, "results": results, "client_alone": work,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for variant, r in results.items():
