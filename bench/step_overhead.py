@@ -163,8 +163,9 @@ def main():
     p.add_argument("--http-threads", type=int, default=None, help="server.http_threads (default: the config's)")
     p.add_argument("--variants", default="step_binary,query,step_json",
                    help="comma-separated: step_binary (the issue's), query, step_json")
-    p.add_argument("--client-busy-wait", type=float, default=0.0,
-                   help="reattn_client.Client(busy_wait=...): seconds to poll for each answer before sleeping")
+    p.add_argument("--client-busy-wait", type=float, default=None,
+                   help="reattn_client.Client(busy_wait=...): seconds to poll for each answer before sleeping "
+                        "(default: the client's auto)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--tiny", action="store_true", help="tiny model, few tokens and calls, CPU backend")
     args = p.parse_args()
@@ -209,7 +210,7 @@ def main():
                                    r["added_ms"]["p50"], r["added_ms"]["p90"], r["added_ms"]["p99"], GOAL_MS,
                                    r["server_outside_step_ms"]["p50"], r["outside_server_ms"]["p50"]), flush=True)
         work = client_work(shape, args.dtype, max(args.iters, 100), rng)
-        floor = transport_floor(shape, args.dtype, max(args.iters, 100), args.client_busy_wait, rng)
+        floor = transport_floor(shape, args.dtype, max(args.iters, 100), client.busy_wait, rng)
         print("client alone (no socket): encode p50 %.3f ms, decode p50 %.3f ms; round trip of the same bytes to a "
               "peer process that answers at once: p50 %.3f ms" % (work["encode_ms"]["p50"], work["decode_ms"]["p50"],
                                                                   floor["p50"]), flush=True)
@@ -217,7 +218,7 @@ def main():
         report = {"benchmark": "step_overhead", "tokens": args.tokens, "qlen": 1, "dtype": args.dtype,
                   "model": m, "ranks": info.get("ranks"), "backend": info.get("backend", {}),
                   "busy_poll_us": config.get("server", {}).get("busy_poll_us", "auto"),
-                  "client_busy_wait_s": args.client_busy_wait,
+                  "client_busy_wait_s": client.busy_wait,
                   "http_threads": config.get("server", {}).get("http_threads", "config"),
                   "host": platform.node(), "goal_added_ms": GOAL_MS, "results": results, "client_alone": work,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

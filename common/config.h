@@ -79,7 +79,9 @@ struct ServerConfig {
   std::string api_key_file;            // empty: no API key required
   int queue_depth = 256;               // queued requests before 503
   int max_batch = 32;                  // queries merged into one step
-  int http_threads = 4;
+  // Threads that run the HTTP sockets. One serves a decode step without hand-offs between I/O
+  // threads (measured: bench/NOTES.md, "qlen-1 step overhead"); heavy work is on the parse pool.
+  int http_threads = 1;
   int request_timeout_s = 30;          // slow clients are cut off after this
   // Reliability (README "Reliability"): every wait on another rank has a deadline.
   double step_deadline_s = 30;         // one collective of a query step; the heartbeat round trip

@@ -477,6 +477,8 @@ void HttpServer::stop_accepting() {
   });
 }
 
+void HttpServer::post_work(std::function<void()> work) { net::post(impl_->parse_ioc, std::move(work)); }
+
 int HttpServer::active_requests() const { return impl_->active.load(); }
 
 int HttpServer::open_connections() const { return impl_->connections.load(); }

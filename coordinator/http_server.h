@@ -36,7 +36,7 @@ struct HttpServerOptions {
   int64_t max_body_bytes = 64ll << 20;
   int request_timeout_s = 30;    // limit on reading one request and on writing one response
   int max_connections = 1024;    // open connections; one more is answered 503 and closed
-  int parse_threads = 2;         // threads that run the handler for non-health requests
+  int parse_threads = 2;         // threads that run the handler for large requests, and post_work
 };
 
 class HttpServer {
@@ -58,6 +58,9 @@ class HttpServer {
   Expected<int> listen(const std::string& host, int port);
   // Closes the listening socket; open connections carry on, and answer with Connection: close.
   void stop_accepting();
+  // Runs `work` on the parse pool (not on the I/O threads): heavy completions, such as
+  // formatting a large answer, never hold up socket I/O or a health check.
+  void post_work(std::function<void()> work);
   // Requests handed to the handler and not yet answered (written or failed).
   int active_requests() const;
   // Connections open now, and refused since start (over max_connections).

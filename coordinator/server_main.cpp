@@ -137,7 +137,7 @@ class Coordinator {
     Config config = config_;
     config.server.busy_poll_us = config_.server.busy_poll_us_for(host_compute);
     StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config,
-                       [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
+                       [this](std::function<void()> f) { server_.post_work(std::move(f)); });
     return step_loop.run();
   }
 
@@ -198,8 +198,8 @@ class Coordinator {
   HttpServer server_;
   boost::asio::signal_set signals_;
   boost::asio::steady_timer drain_timer_;
-  // Keeps the HTTP threads running while no socket operation is pending: completions from
-  // the step loop are posted to them.
+  // Keeps the HTTP threads running while no socket operation is pending: answers from other
+  // threads are posted to them.
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
   std::vector<std::thread> threads_;
   bool stopped_ = false;

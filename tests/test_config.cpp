@@ -145,7 +145,7 @@ TEST(Config, OmittedSectionsAndRopeThetaTakeDefaults) {
   EXPECT_EQ(c->server.api_key_file, "");
   EXPECT_EQ(c->server.queue_depth, 256);
   EXPECT_EQ(c->server.max_batch, 32);
-  EXPECT_EQ(c->server.http_threads, 4);
+  EXPECT_EQ(c->server.http_threads, 1);
   EXPECT_EQ(c->server.request_timeout_s, 30);
 }
 

@@ -24,6 +24,10 @@ _TIMING_HEADERS = {  # response header -> timing key, on binary answers
 }
 _SERVER_MS_HEADER = "X-Reattn-Server-Ms"  # every answer: the service's time, request to answer
 _MAX_ERROR_BODY = 2000  # characters of a non-JSON error body kept in the exception
+# Client(busy_wait=None): poll this long for each answer on machines of at least this many CPUs
+# (bench/NOTES.md, "qlen-1 step overhead": ~0.09 ms less per decode step on the H200 host).
+_AUTO_BUSY_WAIT_S = 0.002
+_AUTO_BUSY_WAIT_CPUS = 8
 
 
 class ReattnError(Exception):
@@ -65,10 +69,11 @@ class Client:
     (waiting Retry-After seconds, at most max_retry_wait each) before ReattnError is raised.
     busy_wait: seconds to poll the socket for the start of each answer before sleeping on it
     (0: sleep at once). A decode step's answer then needs no thread wake-up, at the cost of one
-    busy core while it is computed."""
+    busy core while it is computed. None (auto): 0.002 on a machine of 8 or more CPUs, 0 on a
+    smaller one, where the polling would take a core from the service itself."""
 
     def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=120.0, retries=5,
-                 max_retry_wait=10.0, busy_wait=0.0):
+                 max_retry_wait=10.0, busy_wait=None):
         parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parsed.scheme not in ("http", "https"):
             raise ValueError("reattn: url scheme must be http or https, got %r" % parsed.scheme)
@@ -82,6 +87,8 @@ class Client:
         self.timeout = timeout
         self.retries = int(retries)
         self.max_retry_wait = float(max_retry_wait)
+        if busy_wait is None:
+            busy_wait = _AUTO_BUSY_WAIT_S if (os.cpu_count() or 1) >= _AUTO_BUSY_WAIT_CPUS else 0.0
         self.busy_wait = max(0.0, float(busy_wait))
         self._conn = None
 
