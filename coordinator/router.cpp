@@ -10,27 +10,6 @@
 namespace reattn {
 namespace {
 
-struct Entry {
-  const char* method;
-  const char* pattern;
-  Route route;
-};
-
-const Entry kRoutes[] = {
-    {"GET", "/health/live", Route::kHealthLive},
-    {"GET", "/health/ready", Route::kHealthReady},
-    {"GET", "/metrics", Route::kMetrics},
-    {"GET", "/v1/info", Route::kInfo},
-    {"POST", "/v1/contexts", Route::kCreateContext},
-    {"GET", "/v1/contexts", Route::kListContexts},
-    {"GET", "/v1/contexts/{id}", Route::kGetContext},
-    {"DELETE", "/v1/contexts/{id}", Route::kDeleteContext},
-    {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
-    {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
-    {"POST", "/v1/contexts/{id}/query", Route::kQuery},
-    {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
-};
-
 std::vector<std::string> split(const std::string& path) {
   std::vector<std::string> parts;
   size_t pos = 1;
@@ -59,6 +38,25 @@ bool fits(const std::string& pattern, const std::vector<std::string>& parts, std
 
 }  // namespace
 
+const std::vector<RouteEntry>& route_table() {
+  static const std::vector<RouteEntry> table = {
+      {"GET", "/health/live", Route::kHealthLive},
+      {"GET", "/health/ready", Route::kHealthReady},
+      {"GET", "/metrics", Route::kMetrics},
+      {"GET", "/openapi.json", Route::kOpenApi},
+      {"GET", "/v1/info", Route::kInfo},
+      {"POST", "/v1/contexts", Route::kCreateContext},
+      {"GET", "/v1/contexts", Route::kListContexts},
+      {"GET", "/v1/contexts/{id}", Route::kGetContext},
+      {"DELETE", "/v1/contexts/{id}", Route::kDeleteContext},
+      {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
+      {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
+      {"POST", "/v1/contexts/{id}/query", Route::kQuery},
+      {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+  };
+  return table;
+}
+
 RouteMatch match_route(const std::string& method, const std::string& path) {
   RouteMatch m;
   m.pattern = "unmatched";
@@ -70,7 +68,7 @@ RouteMatch match_route(const std::string& method, const std::string& path) {
   std::string p = path;
   if (p.size() > 1 && p.back() == '/') p.pop_back();
   const std::vector<std::string> parts = split(p);
-  for (const Entry& e : kRoutes) {
+  for (const RouteEntry& e : route_table()) {
     std::string id;
     if (!fits(e.pattern, parts, &id)) continue;
     m.pattern = e.pattern;
@@ -139,6 +137,7 @@ bool is_api_route(Route route) {
     case Route::kHealthLive:
     case Route::kHealthReady:
     case Route::kMetrics:
+    case Route::kOpenApi:
     case Route::kNone:
       return false;
     default:
