@@ -39,6 +39,34 @@ def fuzz_config(base_path, directory):
     return path
 
 
+def nested(sizes):
+    """Nested arrays of numbers with each level's size range: [(lo, hi), ...]."""
+    schema = {"type": "number", "minimum": -4.0, "maximum": 4.0}
+    for lo, hi in reversed(sizes):
+        schema = {"type": "array", "minItems": lo, "maxItems": hi, "items": schema}
+    return schema
+
+
+def specialise(doc, info):
+    """The document with the served model's shapes filled in, so that generated JSON tensors
+    often fit (a generic nested array of numbers almost never has [qlen][q_heads][head_dim]):
+    the fuzzer then reaches the query and the layer step, not only their shape checks. Response
+    schemas are left as they are."""
+    m = info["model"]
+    rows = (1, 3)
+    schemas = doc["components"]["schemas"]
+    schemas["QueryRequest"]["properties"]["q"] = nested([rows, (m["q_heads"],) * 2, (m["head_dim"],) * 2])
+    step = schemas["StepRequest"]["properties"]
+    step["q"] = nested([rows, (m["q_heads"],) * 2, (m["head_dim"],) * 2])
+    for name in ("k", "v"):
+        step[name] = nested([(m["kv_heads"],) * 2, rows, (m["head_dim"],) * 2])
+    for name in ("QueryRequest", "StepRequest"):
+        schemas[name]["properties"]["layer"]["maximum"] = m["layers"] - 1
+    # Fills of at most 4096 tokens keep a run of many appends inside capacity.tokens_per_rank.
+    schemas["SyntheticRequest"]["properties"]["tokens"]["maximum"] = 4096
+    return doc
+
+
 def expect(cond, what):
     if not cond:
         raise AssertionError(what)
@@ -89,9 +117,18 @@ def main():
             expect(r.status == 200, "synthetic: %d %s" % (r.status, r.body[:200]))
         c.close()
 
+        info = c.request("GET", "/v1/info").json()
+        with open(args.spec) as f:
+            spec_path = os.path.join(work, "openapi.model.json")
+            with open(spec_path, "w") as out:
+                json.dump(specialise(json.load(f), info), out)
         base = "http://127.0.0.1:%d" % svc.port
-        settings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemathesis.toml")
-        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", settings, "run", base + "/openapi.json",
+        here = os.path.dirname(os.path.abspath(__file__))
+        settings = os.path.join(here, "schemathesis.toml")
+        env = dict(service_client.mpi_env(), SCHEMATHESIS_HOOKS="safetensors_bodies",
+                   PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   REATTN_FUZZ_MODEL=json.dumps({k: info["model"][k] for k in ("layers", "q_heads", "kv_heads", "head_dim")}))
+        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", settings, "run", spec_path,
                "--url", base,
                "--checks", CHECKS,
                "--max-examples", str(args.max_examples),
@@ -104,7 +141,7 @@ def main():
                "--report", "junit", "--report-dir", os.path.join(work, "report")]
         print("schemathesis %s: %s" % (version, " ".join(cmd).replace(key, "<key>")), flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, cwd=work)
+        rc = subprocess.call(cmd, cwd=work, env=env)
         print("schemathesis exit %d after %.1f s" % (rc, time.time() - t0), flush=True)
         if rc != 0:
             failed = True
