@@ -3,12 +3,29 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #include "common/excerpt.h"
 
 namespace reattn {
 namespace {
+
+const RouteEntry kRoutes[] = {
+    {"GET", "/health/live", Route::kHealthLive},
+    {"GET", "/health/ready", Route::kHealthReady},
+    {"GET", "/metrics", Route::kMetrics},
+    {"GET", "/openapi.json", Route::kOpenApi},
+    {"GET", "/v1/info", Route::kInfo},
+    {"POST", "/v1/contexts", Route::kCreateContext},
+    {"GET", "/v1/contexts", Route::kListContexts},
+    {"GET", "/v1/contexts/{id}", Route::kGetContext},
+    {"DELETE", "/v1/contexts/{id}", Route::kDeleteContext},
+    {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
+    {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
+    {"POST", "/v1/contexts/{id}/query", Route::kQuery},
+    {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+};
 
 std::vector<std::string> split(const std::string& path) {
   std::vector<std::string> parts;
@@ -39,21 +56,7 @@ bool fits(const std::string& pattern, const std::vector<std::string>& parts, std
 }  // namespace
 
 const std::vector<RouteEntry>& route_table() {
-  static const std::vector<RouteEntry> table = {
-      {"GET", "/health/live", Route::kHealthLive},
-      {"GET", "/health/ready", Route::kHealthReady},
-      {"GET", "/metrics", Route::kMetrics},
-      {"GET", "/openapi.json", Route::kOpenApi},
-      {"GET", "/v1/info", Route::kInfo},
-      {"POST", "/v1/contexts", Route::kCreateContext},
-      {"GET", "/v1/contexts", Route::kListContexts},
-      {"GET", "/v1/contexts/{id}", Route::kGetContext},
-      {"DELETE", "/v1/contexts/{id}", Route::kDeleteContext},
-      {"POST", "/v1/contexts/{id}/kv", Route::kAppendKv},
-      {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
-      {"POST", "/v1/contexts/{id}/query", Route::kQuery},
-      {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
-  };
+  static const std::vector<RouteEntry> table(std::begin(kRoutes), std::end(kRoutes));
   return table;
 }
 
@@ -68,7 +71,7 @@ RouteMatch match_route(const std::string& method, const std::string& path) {
   std::string p = path;
   if (p.size() > 1 && p.back() == '/') p.pop_back();
   const std::vector<std::string> parts = split(p);
-  for (const RouteEntry& e : route_table()) {
+  for (const RouteEntry& e : kRoutes) {
     std::string id;
     if (!fits(e.pattern, parts, &id)) continue;
     m.pattern = e.pattern;

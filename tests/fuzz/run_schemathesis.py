@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--max-examples", type=int, default=25, help="per operation and phase")
     ap.add_argument("--max-time", type=int, default=60, help="seconds for the whole schemathesis run")
     ap.add_argument("--seed", type=int, default=1, help="schemathesis --seed: the same seed draws the same cases")
+    ap.add_argument("--phases", default="examples,coverage,fuzzing,stateful", help="schemathesis phases")
     ap.add_argument("--workers", type=int, default=1, help="concurrent schemathesis workers")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, reports)")
     args = ap.parse_args()
@@ -142,6 +143,7 @@ def main():
                "--max-time", str(args.max_time),
                "--seed", str(args.seed),
                "--workers", str(args.workers),
+               "--phases", args.phases,
                "--request-timeout", "30",
                "--header", "Authorization: Bearer " + key,
                "--suppress-health-check", "all",
