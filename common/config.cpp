@@ -385,7 +385,8 @@ Status Config::validate() const {
     }
   }
   if (server.busy_poll_us > 1000000) {
-    return invalid_argument("server.busy_poll_us: must be <= 1000000 (1 s), got " + std::to_string(server.busy_poll_us));
+    return invalid_argument("server.busy_poll_us: must be <= 1000000 (1 s), got " +
+                            std::to_string(server.busy_poll_us));
   }
   if (model.head_dim % 2 != 0) {
     return invalid_argument("model.head_dim: must be even, got " + std::to_string(model.head_dim));

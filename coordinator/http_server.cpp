@@ -335,15 +335,20 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::error_code ec;
     while (!ec && !serializer.is_done()) {
       serializer.next(ec, [&](beast::error_code&, const auto& buffers) {
-        for (const auto b : beast::buffers_range_ref(buffers)) wire->append(static_cast<const char*>(b.data()), b.size());
+        for (const auto b : beast::buffers_range_ref(buffers)) {
+          wire->append(static_cast<const char*>(b.data()), b.size());
+        }
         serializer.consume(beast::buffer_bytes(buffers));
       });
     }
     size_t sent = 0;
     if (!ec) {
-      const ssize_t n = ::send(stream_.socket().native_handle(), wire->data(), wire->size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      const int fd = stream_.socket().native_handle();
+      const ssize_t n = ::send(fd, wire->data(), wire->size(), MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n > 0) sent = static_cast<size_t>(n);
-      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) ec = beast::error_code(errno, beast::system_category());
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        ec = beast::error_code(errno, beast::system_category());
+      }
     }
     auto self = shared_from_this();
     if (ec || sent == wire->size()) {
