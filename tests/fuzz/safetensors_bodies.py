@@ -23,7 +23,7 @@ MODEL = json.loads(os.environ.get("REATTN_FUZZ_MODEL", '{"layers": 2, "q_heads":
 
 DTYPES = {"F32": ("<f", 4), "F16": ("<e", 2), "BF16": (None, 2), "I64": ("<q", 8), "F64": ("<d", 8), "U8": ("<B", 1)}
 BREAKS = ["none", "none", "none", "truncate", "header_length", "offsets_overlap", "offsets_past_end", "missing_tensor",
-          "extra_tensor", "not_json", "metadata", "negative_dim", "huge_dims", "odd_dtype", "poison_value",
+          "extra_tensor", "not_json", "metadata", "negative_dim", "huge_dims", "odd_dtype", "poison_value", "huge_row",
           "kv_dtype_mismatch", "empty"]
 
 
@@ -77,6 +77,10 @@ def safetensors_body(draw):
         values = [rng.uniform(-2.0, 2.0) for _ in range(count)]
         if brk == "poison_value" and values:
             values[rng.randrange(len(values))] = rng.choice([float("nan"), float("inf"), -float("inf"), 1e6, 70000.0])
+        if brk == "huge_row" and values:
+            # A whole head_dim row near fp32's largest: finite, but its dot products overflow.
+            at = rng.randrange(len(values)) // shape[-1] * shape[-1]
+            values[at:at + shape[-1]] = [rng.choice([3e38, -3e38])] * shape[-1]
         d = dtype
         if brk == "odd_dtype" and name == rng.choice(list(shapes)):
             d = rng.choice(["I64", "F64", "U8"])
