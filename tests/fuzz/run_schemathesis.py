@@ -26,12 +26,12 @@ import service_client  # noqa: E402
 SKIP = 77
 # Every built-in check but positive_data_acceptance (a schema-valid body is often refused for
 # reasons no static schema states: a layer past the model's, a qlen past the context, an
-# out-of-order layer step), plus safetensors_answer (tests/fuzz/safetensors_bodies.py) for the
-# binary answers schemathesis cannot read.
+# out-of-order layer step), plus two of tests/fuzz/schemathesis_hooks.py: safetensors_answer for
+# the binary answers schemathesis cannot read, context_lengths for tokens == min(layer_tokens).
 CHECKS = ",".join(["not_a_server_error", "status_code_conformance", "content_type_conformance",
                    "response_schema_conformance", "response_headers_conformance", "negative_data_rejection",
                    "missing_required_header", "unsupported_method", "allow_header_conformance", "use_after_free",
-                   "ensure_resource_availability", "ignored_auth", "safetensors_answer"])
+                   "ensure_resource_availability", "ignored_auth", "safetensors_answer", "context_lengths"])
 
 
 def fuzz_config(base_path, directory):
@@ -157,7 +157,7 @@ def main():
         base = "http://127.0.0.1:%d" % svc.port
         here = os.path.dirname(os.path.abspath(__file__))
         settings = os.path.join(here, "schemathesis.toml")
-        env = dict(service_client.mpi_env(), SCHEMATHESIS_HOOKS="safetensors_bodies",
+        env = dict(service_client.mpi_env(), SCHEMATHESIS_HOOKS="schemathesis_hooks",
                    PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    REATTN_FUZZ_MODEL=json.dumps({k: info["model"][k] for k in ("layers", "q_heads", "kv_heads", "head_dim")}))
         cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", settings, "run", spec_path,

@@ -1,4 +1,8 @@
-"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by run_schemathesis.py): bodies for
+"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by run_schemathesis.py).
+
+Checks: safetensors_answer (binary answers are well-formed) and context_lengths (a context's
+tokens is min(layer_tokens)). A before_call hook asks for binary answers on half the queries and
+steps. And bodies for
 application/octet-stream that are safetensors files, most of them nearly right for the served
 model, so the fuzzer reaches the K/V append, the binary query and the binary layer step instead
 of stopping at the first byte. One strategy serves the three routes (schemathesis keys body
@@ -179,4 +183,26 @@ def before_call(ctx, case, **kwargs):
         if case.headers is None:
             case.headers = {}
         case.headers.setdefault("Accept", "application/octet-stream")
+    return None
+
+
+def _contexts(body):
+    """The context objects of a JSON answer: the answer itself, or the entries of a list."""
+    if isinstance(body, dict) and "layer_tokens" in body:
+        yield body
+    if isinstance(body, dict) and isinstance(body.get("contexts"), list):
+        yield from (c for c in body["contexts"] if isinstance(c, dict))
+
+
+@schemathesis.check
+def context_lengths(ctx, response, case):
+    """A context's "tokens" is what every layer has reached: min(layer_tokens), one length per
+    model layer (a rule of DESIGN.md section 5 that no schema states)."""
+    if response.status_code >= 300 or not (_header(response, "content-type") or "").startswith("application/json"):
+        return None
+    body = json.loads(response.content or b"null")
+    for c in _contexts(body):
+        lengths = c.get("layer_tokens")
+        assert isinstance(lengths, list) and len(lengths) == MODEL["layers"], "layer_tokens %s" % (lengths,)
+        assert c.get("tokens") == min(lengths), "tokens %s but layer_tokens %s" % (c.get("tokens"), lengths)
     return None
