@@ -3,6 +3,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -460,7 +461,11 @@ Expected<ListenAddress> parse_listen(const std::string& listen) {
 
 float Config::max_stored_value() const {
   const bool gpu_f16 = backend.kind != BackendKind::kCpu && backend.storage_dtype == DType::kF16;
-  return gpu_f16 ? 65504.0f : std::numeric_limits<float>::max();
+  if (gpu_f16) return 65504.0f;
+  // B = 2^e with 2 + log2(head_dim) + 2e <= 127: products and their sums keep a factor 2 of room.
+  int log2_dim = 0;
+  while ((int64_t{1} << log2_dim) < std::max(model.head_dim, 1)) ++log2_dim;
+  return std::ldexp(1.0f, (125 - log2_dim) / 2);
 }
 
 std::string Config::to_yaml() const {

@@ -117,7 +117,10 @@ struct Config {
   // S + R*C + W + C <= scope, in span recall S + R*s + W + C <= scope). Returns the first problem, naming key and value.
   Status validate() const;
   // The largest magnitude a K, V or q value may have: f16 storage on the GPU holds at most
-  // 65504 (above it a value would turn into inf); otherwise any finite fp32.
+  // 65504 (above it a value would turn into inf); otherwise the power of two B with
+  // 4 * head_dim * B^2 <= 2^127, so that every q.k (|q||k| <= head_dim * B^2, RoPE keeps norms)
+  // and every softmax sum stays finite in fp32 (larger finite values made NaN answers and
+  // poisoned the context: found while fuzzing the API).
   float max_stored_value() const;
   // The effective configuration as YAML (round-trips through load_config_string).
   std::string to_yaml() const;

@@ -132,8 +132,16 @@ Status check_storable(const TensorView& tensor, float max_abs) {
                             ") at flat index " + std::to_string(at));
   }
   return invalid_argument("tensor '" + tensor.name + "' holds " + std::to_string(bad) + " at flat index " +
-                          std::to_string(at) + ", above the f16 storage limit " +
-                          std::to_string(static_cast<int>(max_abs)));
+                          std::to_string(at) + ", above " + stored_value_limit(max_abs));
+}
+
+std::string stored_value_limit(float max_abs) {
+  if (max_abs == 65504.0f) return "the f16 storage limit 65504";
+  int exponent = 0;
+  const float mantissa = std::frexp(max_abs, &exponent);
+  const std::string value = std::to_string(static_cast<long long>(std::min(max_abs, 9.2e18f)));
+  if (mantissa != 0.5f) return "the limit " + value;
+  return "the limit 2^" + std::to_string(exponent - 1) + " = " + value + " that keeps q.k finite in fp32";
 }
 
 Expected<KvTensors> kv_tensors(const SafetensorsFile& file, const ModelConfig& model) {

@@ -225,7 +225,7 @@ Status StepLoop::run_operation(Task& task) {
   } else {
     if (result.status.is_ok()) {
       registry_.set_tokens(ctx->id, result.tokens);
-      r.context.tokens = result.tokens;
+      r.context = *registry_.find(ctx->id);  // every layer's new length, not only `tokens`
     }
     if (result.context_dropped) registry_.erase(ctx->id);
   }

@@ -146,6 +146,26 @@ TEST_F(StepLoopTest, AppendsUpdateTheRegistryOnlyWhenTheRanksDid) {
   EXPECT_EQ(results_[4]->status.code(), ErrorCode::kNotFound);
 }
 
+// Found while fuzzing the API (issue 13): an append's answer carried the new `tokens` but every
+// layer's length from before the append ({"tokens": 301, "layer_tokens": [300, 300]}).
+TEST_F(StepLoopTest, AnAppendAnswersEveryLayersNewLength) {
+  registry_.insert({1, 0, 10});
+  push(AppendSynthetic{1, 5, 0, {}}, 0);
+  push(AppendKv{1, 3, std::make_shared<std::string>()}, 1);
+  ranks_.answer = [this](const Operation& op, OperationResult* r) {
+    const ContextInfo before = *registry_.find(1);
+    r->tokens = before.tokens + (std::holds_alternative<AppendSynthetic>(op) ? std::get<AppendSynthetic>(op).tokens
+                                                                               : std::get<AppendKv>(op).tokens);
+    return Status::ok();
+  };
+  ASSERT_TRUE(run().is_ok());
+  ASSERT_TRUE(results_[0] && results_[1]);
+  EXPECT_EQ(results_[0]->context.tokens, 15);
+  EXPECT_EQ(results_[0]->context.layer_tokens, (std::vector<int64_t>{15, 15}));
+  EXPECT_EQ(results_[1]->context.tokens, 18);
+  EXPECT_EQ(results_[1]->context.layer_tokens, (std::vector<int64_t>{18, 18}));
+}
+
 TEST_F(StepLoopTest, CreatePlansIdAndOwnerAndInsertsOnlyOnSuccess) {
   push(CreateContext{}, 0);
   push(CreateContext{}, 1);
