@@ -29,6 +29,7 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
     {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+    {"POST", "/v1/contexts/{id}/load", Route::kLoad},
     {"GET", "/v1/operations", Route::kListOperations},
     {"GET", "/v1/operations/{op}", Route::kGetOperation},
     {"DELETE", "/v1/operations/{op}", Route::kCancelOperation},
@@ -121,7 +122,8 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       if (body_bytes == 0) return "";
       want = "application/json";
       break;
-    case Route::kSynthetic: want = "application/json"; break;
+    case Route::kSynthetic:
+    case Route::kLoad: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
     case Route::kQuery:
     case Route::kLayerStep: want = "application/json or application/octet-stream"; break;

@@ -275,7 +275,10 @@ void StepLoop::start_long(Task& task) {
     metrics_.count_operation(kind, "cancelled");
     return;
   }
-  if (const Status s = task.long_operation->start(registry_); !s.is_ok()) {
+  const std::optional<OperationRecord> record = table.get(id);
+  Status s = record && record->context_id != 0 ? check_idle(record->context_id, false) : Status::ok();
+  if (s.is_ok()) s = task.long_operation->start(registry_);
+  if (!s.is_ok()) {
     table.finish(id, OperationState::kFailed, s.message());
     metrics_.count_operation(kind, "failed");
     log_event(LogLevel::kWarn, "operation failed", {{"operation", id}, {"kind", kind}, {"error", s.to_string()}});
