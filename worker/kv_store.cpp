@@ -168,19 +168,28 @@ Status KvStore::upload_page_tables(LayerShard& shard) {
 Expected<KvCheckpoint> KvStore::checkpoint(ContextId id) const {
   const ContextShard* ctx = find(id);
   if (!ctx) return not_found("context " + std::to_string(id) + " not found");
+  const ReattentionConfig& rc = config_.reattention;
   KvCheckpoint cp;
   cp.id = id;
   cp.tokens = ctx->tokens;
   cp.layer_tokens = ctx->layer_tokens;
   const bool owner = ctx->owner_rank == rank_;
-  const size_t ring_bytes = ring_blocks(config_.reattention) * block_bytes();
-  for (const LayerShard& shard : ctx->layers) {
+  for (size_t layer = 0; layer < ctx->layers.size(); ++layer) {
+    const LayerShard& shard = ctx->layers[layer];
     cp.pages.push_back(shard.k_pages.size());
-    cp.ring_k.emplace_back(owner && shard.ring_k.data() ? ring_bytes : 0);
+    // The grid blocks the ring holds now: the latest ring_blocks of those written.
+    const int64_t n = ctx->layer_tokens[layer];
+    const int64_t written = n > rc.sink_tokens ? (n - rc.sink_tokens + rc.chunk_tokens - 1) / rc.chunk_tokens : 0;
+    const int64_t first = std::max<int64_t>(0, written - ring_blocks(rc));
+    const bool saved = owner && shard.ring_k.data() && written > 0;
+    cp.ring_first.push_back(first);
+    cp.ring_k.emplace_back(saved ? (written - first) * block_bytes() : 0);
     cp.ring_v.emplace_back(cp.ring_k.back().size());
-    if (cp.ring_k.back().empty()) continue;
-    REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_k.back().data(), shard.ring_k.data(), ring_bytes));
-    REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_v.back().data(), shard.ring_v.data(), ring_bytes));
+    for (int64_t b = first; saved && b < written; ++b) {
+      const size_t at = (b - first) * block_bytes();
+      REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_k.back().data() + at, ring_block(shard, false, b), block_bytes()));
+      REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_v.back().data() + at, ring_block(shard, true, b), block_bytes()));
+    }
   }
   return cp;
 }
@@ -194,9 +203,13 @@ Status KvStore::restore(const KvCheckpoint& cp) {
   }
   for (size_t layer = 0; layer < ctx.layers.size(); ++layer) {
     LayerShard& shard = ctx.layers[layer];
-    if (!cp.ring_k[layer].empty()) {
-      REATTN_RETURN_IF_ERROR(backend_.upload(shard.ring_k.data(), cp.ring_k[layer].data(), cp.ring_k[layer].size()));
-      REATTN_RETURN_IF_ERROR(backend_.upload(shard.ring_v.data(), cp.ring_v[layer].data(), cp.ring_v[layer].size()));
+    const int64_t saved = static_cast<int64_t>(cp.ring_k[layer].size() / block_bytes());
+    for (int64_t i = 0; i < saved; ++i) {
+      const int64_t b = cp.ring_first[layer] + i;
+      REATTN_RETURN_IF_ERROR(backend_.upload(const_cast<void*>(ring_block(shard, false, b)),
+                                             cp.ring_k[layer].data() + i * block_bytes(), block_bytes()));
+      REATTN_RETURN_IF_ERROR(backend_.upload(const_cast<void*>(ring_block(shard, true, b)),
+                                             cp.ring_v[layer].data() + i * block_bytes(), block_bytes()));
     }
     if (shard.k_pages.size() > cp.pages[layer]) {
       shard.k_pages.resize(cp.pages[layer]);

@@ -37,14 +37,16 @@ struct ContextShard {
 
 // What KvStore::restore needs to put a context back as it was before appends (a failed or
 // cancelled bulk load): its lengths, how many home pages each layer held, and on the owner a
-// host copy of each layer's ring, which later appends overwrite (ring_blocks blocks per layer;
-// home blocks and sinks below the old length are never written by an append).
+// host copy of the ring blocks that hold data, which later appends overwrite (at most
+// ring_blocks blocks per layer; home blocks and sinks below the old length are never written
+// by an append).
 struct KvCheckpoint {
   ContextId id = 0;
   int64_t tokens = 0;
   std::vector<int64_t> layer_tokens;     // [layers]
   std::vector<size_t> pages;             // [layers]
-  std::vector<std::vector<char>> ring_k; // [layers], owner only (else empty): the ring's bytes
+  std::vector<int64_t> ring_first;       // [layers]: the first grid block saved
+  std::vector<std::vector<char>> ring_k; // [layers], owner only (else empty): blocks ring_first.., each [Hkv, C, D]
   std::vector<std::vector<char>> ring_v;
 };
 
