@@ -270,14 +270,21 @@ std::vector<std::string> SafetensorsFile::names() const {
 }
 
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorBytes> views;
+  views.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    views.push_back({t.name, t.dtype_label ? t.dtype_label : dtype_name(t.dtype), t.shape, t.data.data(), t.data.size()});
+  }
+  return serialize_safetensors(views);
+}
+
+std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
   // ordered_json keeps the given order in the header.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype_label ? t.dtype_label : dtype_name(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.data.size()}}};
-    offset += t.data.size();
+    header[t.name] = {{"dtype", t.dtype_label}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes}}};
+    offset += t.bytes;
   }
   // replace: a name that is not UTF-8 must not throw.
   std::string json = header.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
@@ -287,7 +294,7 @@ std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
   out.reserve(8 + json.size() + offset);
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((json.size() >> (8 * i)) & 0xff));
   out += json;
-  for (const auto& t : tensors) out += t.data;
+  for (const auto& t : tensors) out.append(static_cast<const char*>(t.data), t.bytes);
   return out;
 }
 

@@ -67,8 +67,20 @@ struct TensorToWrite {
   const char* dtype_label = nullptr;
 };
 
+// A tensor to write whose bytes the caller keeps (an answer's `out`, written without a copy of
+// its own before the one into the blob).
+struct TensorBytes {
+  std::string name;
+  const char* dtype_label = nullptr;  // "F32", "I64", ...
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+
 // Serialises tensors (in the given order) to a safetensors blob.
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
+// The same from borrowed bytes: each tensor's bytes are copied once, into the blob.
+std::string serialize_safetensors(const std::vector<TensorBytes>& tensors);
 // Convenience: an fp32 vector converted to `dtype`.
 TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int64_t> shape,
                           const std::vector<float>& values);
