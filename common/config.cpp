@@ -310,6 +310,8 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("drain_deadline_s", &c.server.drain_deadline_s);
   server.read("max_connections", &c.server.max_connections);
   server.read("busy_poll_us", &c.server.busy_poll_us);
+  server.read("load_root", &c.server.load_root);
+  server.read("load_slice_bytes", &c.server.load_slice_bytes);
   REATTN_RETURN_IF_ERROR(server.finish());
 
   REATTN_RETURN_IF_ERROR(c.validate());
@@ -374,6 +376,7 @@ Status Config::validate() const {
       {"server.request_timeout_s", server.request_timeout_s, 1},
       {"server.max_connections", server.max_connections, 1},
       {"server.busy_poll_us", server.busy_poll_us, -1},
+      {"server.load_slice_bytes", server.load_slice_bytes, 1},
   };
   // Capacity sums over ranks; keep it far from int64 overflow.
   if (capacity.tokens_per_rank > (int64_t{1} << 40)) {
@@ -539,6 +542,8 @@ std::string Config::to_yaml() const {
   put("drain_deadline_s", format_number(server.drain_deadline_s));
   put("max_connections", server.max_connections);
   put("busy_poll_us", server.busy_poll_us);
+  put_string("load_root", server.load_root);
+  put("load_slice_bytes", server.load_slice_bytes);
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

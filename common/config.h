@@ -96,6 +96,10 @@ struct ServerConfig {
   // cpu backend (its kernels use every core, and a polling thread would take one from them).
   int busy_poll_us = -1;
   int busy_poll_us_for(bool host_compute) const { return busy_poll_us >= 0 ? busy_poll_us : host_compute ? 0 : 1000; }
+  // Bulk loads (POST /v1/contexts/{id}/load): files are read only under this directory
+  // (empty: loads are disabled), in slices of about this many file bytes between query steps.
+  std::string load_root = {};
+  int64_t load_slice_bytes = 64ll << 20;
 };
 
 // A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and

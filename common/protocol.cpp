@@ -125,9 +125,9 @@ void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floa
 }
 
 const char* operation_name(const Operation& op) {
-  static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic",
-                                       "query_step", "shutdown", "layer_step"};
-  static_assert(std::variant_size<Operation>::value == 7, "a name per operation");
+  static const char* const kNames[] = {"create",   "erase",      "append_kv", "synthetic", "query_step",
+                                       "shutdown", "layer_step", "load_kv"};
+  static_assert(std::variant_size<Operation>::value == 8, "a name per operation");
   return kNames[op.index()];
 }
 
@@ -138,7 +138,8 @@ ContextId operation_context(const Operation& op) {
                                [](const AppendSynthetic& o) { return o.context_id; },
                                [](const StepPlan&) { return ContextId{0}; },
                                [](const Shutdown&) { return ContextId{0}; },
-                               [](const LayerStep& o) { return o.context_id; }},
+                               [](const LayerStep& o) { return o.context_id; },
+                               [](const LoadKv& o) { return o.context_id; }},
                     op);
 }
 
@@ -172,6 +173,15 @@ std::string encode_operation(const Operation& op) {
                           w.put(static_cast<int32_t>(o.kv_dtype));
                           w.put_bytes(o.k);
                           w.put_bytes(o.v);
+                        },
+                        [&](const LoadKv& o) {
+                          w.put(o.context_id);
+                          w.put(static_cast<int32_t>(o.phase));
+                          w.put_bytes(o.path);
+                          w.put(o.file_tokens);
+                          w.put(o.context_tokens);
+                          w.put(o.offset);
+                          w.put(o.count);
                         }},
              op);
   return w.take();
@@ -223,6 +233,13 @@ Expected<Operation> decode_operation(const std::string& bytes) {
       LayerStep o;
       r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) && r.get_vector(&o.q) &&
           r.get_enum(&o.kv_dtype, DType::kF32, DType::kBF16) && r.get_bytes(&o.k) && r.get_bytes(&o.v);
+      op = std::move(o);
+      break;
+    }
+    case 7: {
+      LoadKv o;
+      r.get(&o.context_id) && r.get_enum(&o.phase, LoadPhase::kBegin, LoadPhase::kAbort) && r.get_bytes(&o.path) &&
+          r.get(&o.file_tokens) && r.get(&o.context_tokens) && r.get(&o.offset) && r.get(&o.count);
       op = std::move(o);
       break;
     }

@@ -6,8 +6,12 @@
 #include <utility>
 
 #include "common/excerpt.h"
+#include "common/file_roots.h"
+#include "common/safetensors.h"
+#include "common/tensor_checks.h"
 #include "common/semantics.h"
 #include "coordinator/json_budget.h"
+#include "coordinator/load_operation.h"
 #include "coordinator/logging.h"
 #include "coordinator/openapi.h"
 #include "coordinator/responses.h"
@@ -153,6 +157,10 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kSynthetic: return synthetic(request, m, std::move(reply));
     case Route::kQuery: return query(request, m, std::move(reply));
     case Route::kLayerStep: return layer_step(request, m, std::move(reply));
+    case Route::kLoad: return load(request, m, std::move(reply));
+    case Route::kListOperations: return reply(list_operations());
+    case Route::kGetOperation: return reply(get_operation(m));
+    case Route::kCancelOperation: return reply(cancel_operation(m));
     case Route::kNone: break;
   }
   reply(error_response(404, "not_found", "no route for " + capped(request.method) + " " + capped(request.path)));
@@ -169,6 +177,9 @@ HttpResponse Handlers::metrics_page() const {
   g.queue_depth = queue_.depth();
   g.contexts = registry_.size();
   g.ready = state_.ready();
+  for (const auto& [key, count] : registry_.operations().unfinished()) {
+    g.operations[{operation_kind_name(key.first), operation_state_name(key.second)}] = count;
+  }
   HttpResponse r;
   r.content_type = "text/plain; version=0.0.4; charset=utf-8";
   r.body = metrics_.render(g);
@@ -258,7 +269,7 @@ void Handlers::create_context(const HttpRequest& req, Responder done) {
 }
 
 void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Task task;
   task.op = EraseContext{m.id};
   task.request_id = req.request_id;
@@ -269,7 +280,7 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
 }
 
 void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   // Up to max_body_bytes: moved, never copied, from here to the ranks.
   auto body = std::make_shared<std::string>(std::move(req.body));
   Expected<int64_t> tokens = check_kv_body(body, config_);
@@ -289,7 +300,7 @@ void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) 
 }
 
 void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Expected<SyntheticRequest> spec = parse_synthetic_request(req.body);
   if (!spec) return done(body_error(spec.status()));
   if (Status s = registry_.check_append(m.id, spec->tokens); !s.is_ok()) return done(status_response(s));
@@ -308,7 +319,7 @@ void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder 
 }
 
 void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, true)) return done(std::move(*problem));
   Expected<QueryRequest> q = parse_query_request(req.body, req.content_type, req.query_string, config_);
   if (!q) return done(body_error(q.status()));
   if (Status s = registry_.check_query(m.id, q->qlen, q->mode, q->layer); !s.is_ok()) return done(status_response(s));
@@ -340,7 +351,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
 }
 
 void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Expected<StepRequest> step = parse_step_request(req.body, req.content_type, req.query_string, config_);
   if (!step) return done(body_error(step.status()));
   if (Status s = registry_.check_layer_step(m.id, step->layer, step->qlen); !s.is_ok()) {
@@ -362,6 +373,69 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
                                       r, qlen, config_, binary);
           },
           std::move(done));
+}
+
+std::optional<HttpResponse> Handlers::context_problem(const RouteMatch& m, bool query) const {
+  if (!m.id_valid || !registry_.find(m.id)) return error_response(404, "not_found", unknown_context(m));
+  if (Status s = registry_.operations().check_not_busy(m.id, query); !s.is_ok()) return status_response(s);
+  return std::nullopt;
+}
+
+void Handlers::load(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
+  Expected<LoadRequest> asked = parse_load_request(req.body);
+  if (!asked) return done(body_error(asked.status()));
+  Expected<std::string> path = resolve_under_root(config_.server.load_root, asked->path, "server.load_root (--load-root)");
+  if (!path) return done(status_response(path.status()));
+  // The header only: the file is mapped, and its data is read by the ranks, slice by slice.
+  Expected<SafetensorsFile> file = SafetensorsFile::open(*path);
+  if (!file) {
+    // Named as the client named it: the server's directories are not echoed.
+    std::string why = file.status().message();
+    for (size_t at = why.find(*path); at != std::string::npos; at = why.find(*path)) why.replace(at, path->size(), "file");
+    return done(body_error(invalid_argument("file '" + capped(asked->path) + "': " + why)));
+  }
+  Expected<KvTensors> kv = kv_tensors(*file, config_.model);
+  if (!kv) return done(body_error(Status(kv.status().code(), "file '" + capped(asked->path) + "': " + kv.status().message())));
+  if (kv->tokens < 1) return done(body_error(invalid_argument("file '" + capped(asked->path) + "' holds no tokens")));
+  if (Status s = registry_.check_append(m.id, kv->tokens); !s.is_ok()) return done(status_response(s));
+  const int64_t bytes_per_token = static_cast<int64_t>(kv->k.bytes + kv->v.bytes) / kv->tokens;
+  OperationTable& table = registry_.operations();
+  const std::string id = table.create(OperationKind::kLoad, m.id, kv->tokens);
+  Task task;
+  task.request_id = req.request_id;
+  task.operation_id = id;
+  task.long_operation = std::make_shared<LoadOperation>(config_, m.id, *path, kv->tokens, bytes_per_token);
+  if (Expected<uint64_t> pushed = queue_.push(std::move(task)); !pushed) {
+    table.finish(id, OperationState::kFailed, pushed.status().message());
+    return done(status_response(pushed.status()));
+  }
+  json body = operation_json(*table.get(id));
+  body["operation"] = id;
+  HttpResponse r = json_response(202, body);
+  r.headers.emplace_back("Location", "/v1/operations/" + id);
+  done(std::move(r));
+}
+
+HttpResponse Handlers::list_operations() const {
+  json list = json::array();
+  for (const OperationRecord& r : registry_.operations().list()) list.push_back(operation_json(r));
+  return json_response(200, {{"operations", list}});
+}
+
+HttpResponse Handlers::get_operation(const RouteMatch& m) const {
+  const std::optional<OperationRecord> r = registry_.operations().get(m.id_text);
+  if (!r) return error_response(404, "not_found", "operation '" + m.id_text + "' not found");
+  return json_response(200, operation_json(*r));
+}
+
+HttpResponse Handlers::cancel_operation(const RouteMatch& m) {
+  // id_text is capped: an id longer than the cap is no operation's.
+  if (Status s = registry_.operations().request_cancel(m.id_text); !s.is_ok()) return status_response(s);
+  const std::optional<OperationRecord> r = registry_.operations().get(m.id_text);
+  if (!r) return error_response(404, "not_found", "operation '" + m.id_text + "' not found");
+  // The step loop ends it before its next slice; the record says when.
+  return json_response(202, operation_json(*r));
 }
 
 }  // namespace reattn

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "common/config.h"
@@ -58,6 +59,14 @@ class Handlers {
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
   void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
+  // A bulk load: checks the file's header at once, answers 202 with the operation.
+  void load(const HttpRequest& req, const RouteMatch& m, Responder done);
+  // The long-running operations' table (/v1/operations).
+  HttpResponse list_operations() const;
+  HttpResponse get_operation(const RouteMatch& m) const;
+  HttpResponse cancel_operation(const RouteMatch& m);
+  // 404 unknown context or 409 busy with a long-running operation; nullopt when neither.
+  std::optional<HttpResponse> context_problem(const RouteMatch& m, bool query) const;
   // Pushes a task whose result `respond` turns into the response; 503 when the queue is full.
   void enqueue(Task task, std::function<HttpResponse(const TaskResult&)> respond, Responder done);
 

@@ -25,6 +25,10 @@ const RouteEntry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
     {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+    {"POST", "/v1/contexts/{id}/load", Route::kLoad},
+    {"GET", "/v1/operations", Route::kListOperations},
+    {"GET", "/v1/operations/{op}", Route::kGetOperation},
+    {"DELETE", "/v1/operations/{op}", Route::kCancelOperation},
 };
 
 std::vector<std::string> split(const std::string& path) {
@@ -38,12 +42,12 @@ std::vector<std::string> split(const std::string& path) {
   return parts;
 }
 
-// Whether `path` fits `pattern`; the {id} segment goes to *id.
+// Whether `path` fits `pattern`; the {id} or {op} segment goes to *id.
 bool fits(const std::string& pattern, const std::vector<std::string>& parts, std::string* id) {
   const std::vector<std::string> want = split(pattern);
   if (want.size() != parts.size()) return false;
   for (size_t i = 0; i < want.size(); ++i) {
-    if (want[i] == "{id}") {
+    if (want[i] == "{id}" || want[i] == "{op}") {
       if (parts[i].empty()) return false;
       *id = parts[i];
     } else if (want[i] != parts[i]) {
@@ -119,7 +123,8 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       if (body_bytes == 0) return "";
       want = "application/json";
       break;
-    case Route::kSynthetic: want = "application/json"; break;
+    case Route::kSynthetic:
+    case Route::kLoad: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
     case Route::kQuery:
     case Route::kLayerStep: want = "application/json or application/octet-stream"; break;

@@ -20,6 +20,10 @@
 #include "coordinator/registry.h"
 
 namespace reattn {
+class LongOperation;  // coordinator/long_operation.h
+}
+
+namespace reattn {
 
 struct TaskResult {
   Status status;
@@ -44,10 +48,16 @@ struct Task {
   // A small answer (a decode step's, in binary): `done` runs on the step loop itself, which
   // formats and sends it at once; the hand-off to an HTTP thread would cost a wake-up.
   bool answer_on_step_loop = false;
+  // Set: the task starts this long-running operation (`op` is unused); its record is
+  // `operation_id` in the registry's OperationTable. Its client was answered 202 already.
+  std::shared_ptr<LongOperation> long_operation;
+  std::string operation_id;
 };
 
 // Whether a task is a query (batched with its neighbours) rather than an operation alone.
-inline bool is_query(const Task& task) { return std::holds_alternative<StepPlan>(task.op); }
+inline bool is_query(const Task& task) {
+  return !task.long_operation && std::holds_alternative<StepPlan>(task.op);
+}
 
 class TaskQueue {
  public:

@@ -35,6 +35,21 @@ struct ContextShard {
   std::vector<LayerShard> layers;  // [layers]
 };
 
+// What KvStore::restore needs to put a context back as it was before appends (a failed or
+// cancelled bulk load): its lengths, how many home pages each layer held, and on the owner a
+// host copy of the ring blocks that hold data, which later appends overwrite (at most
+// ring_blocks blocks per layer; home blocks and sinks below the old length are never written
+// by an append).
+struct KvCheckpoint {
+  ContextId id = 0;
+  int64_t tokens = 0;
+  std::vector<int64_t> layer_tokens;     // [layers]
+  std::vector<size_t> pages;             // [layers]
+  std::vector<int64_t> ring_first;       // [layers]: the first grid block saved
+  std::vector<std::vector<char>> ring_k; // [layers], owner only (else empty): blocks ring_first.., each [Hkv, C, D]
+  std::vector<std::vector<char>> ring_v;
+};
+
 class KvStore {
  public:
   static constexpr int64_t kBlocksPerPage = 256;
@@ -51,7 +66,16 @@ class KvStore {
   // OutOfOrder otherwise), or to `only_layer` alone (a layer step; the caller checked the
   // order rule). Fails with kCapacity, changing nothing, when any rank would exceed
   // capacity.tokens_per_rank (checked identically on every rank).
-  Status append(ContextId id, const KvSource& source, int only_layer = -1);
+  // `series_end`: the length every layer reaches once a series of appends ends (a bulk load's
+  // slices; the context is not read before then), so blocks that will be out of the owner's
+  // ring by then are not copied into it; 0: this append's own end.
+  Status append(ContextId id, const KvSource& source, int only_layer = -1, int64_t series_end = 0);
+
+  // A checkpoint of a context for restore (NotFound for an unknown one).
+  Expected<KvCheckpoint> checkpoint(ContextId id) const;
+  // Puts the context back as it was at `checkpoint`, after any appends since: lengths, the
+  // owner's ring, and home pages allocated since freed.
+  Status restore(const KvCheckpoint& checkpoint);
 
   // Tokens charged to `rank` over all contexts (capacity and metrics).
   int64_t tokens_charged_to(int rank) const;
@@ -63,7 +87,10 @@ class KvStore {
 
  private:
   Status ensure_pages(LayerShard& shard, int64_t slots);
-  Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1);
+  // The backend's page tables of `shard` from its pages.
+  Status upload_page_tables(LayerShard& shard);
+  // ring_end: the length whose ring floor decides which blocks go to the owner's ring (>= n1).
+  Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1, int64_t ring_end);
   Status write_block_range(LayerShard& shard, ContextShard& ctx, const KvSource& source, int layer,
                            int64_t n0, int64_t begin, int64_t end);
 

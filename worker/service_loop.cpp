@@ -20,6 +20,7 @@ ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator&
     : control_(control),
       config_(config),
       store_(backend, config, control.rank(), control.world()),
+      loads_(store_, config),
       runner_(backend, comm, config, store_, step_options) {}
 
 Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
@@ -63,6 +64,7 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
         if constexpr (std::is_same_v<T, StepPlan>) return apply_step(o, result);
         if constexpr (std::is_same_v<T, Shutdown>) return Status::ok();
         if constexpr (std::is_same_v<T, LayerStep>) return apply_layer_step(o, result);
+        if constexpr (std::is_same_v<T, LoadKv>) return apply_load(o, result);
       },
       op);
 }
@@ -196,6 +198,23 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
   result->tokens = tokens;
   result->timing.append_ms = append_ms;
   if (control_.rank() == plan.reply_rank && !result->queries.empty()) result->status = result->queries[0].status;
+  return Status::ok();
+}
+
+Status ServiceLoop::apply_load(const LoadKv& op, OperationResult* result) {
+  Status local = Status::ok();
+  switch (op.phase) {
+    case LoadPhase::kBegin: local = loads_.begin(op); break;
+    case LoadPhase::kSlice: local = loads_.slice(op); break;
+    case LoadPhase::kCommit: loads_.commit(op.context_id); break;
+    case LoadPhase::kAbort: local = loads_.abort(op.context_id); break;
+  }
+  const Status agreed = control_.agree(local);
+  if (is_fault(agreed)) return agreed;
+  // A begin that failed somewhere is undone where it went through (it changed nothing there).
+  if (op.phase == LoadPhase::kBegin && !agreed.is_ok()) (void)loads_.abort(op.context_id);
+  result->status = agreed;
+  if (const ContextShard* ctx = store_.find(op.context_id)) result->tokens = ctx->tokens;
   return Status::ok();
 }
 
