@@ -269,24 +269,32 @@ std::vector<std::string> SafetensorsFile::names() const {
   return out;
 }
 
-std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
+std::string safetensors_header(const std::vector<TensorLayout>& tensors) {
   // ordered_json keeps the given order in the header.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype_label ? t.dtype_label : dtype_name(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.data.size()}}};
-    offset += t.data.size();
+    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes}}};
+    offset += t.bytes;
   }
   // replace: a name that is not UTF-8 must not throw.
   std::string json = header.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
   // Pad to 8 bytes so the data section starts aligned, as the reference writer does.
   json.append((8 - json.size() % 8) % 8, ' ');
   std::string out;
-  out.reserve(8 + json.size() + offset);
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((json.size() >> (8 * i)) & 0xff));
-  out += json;
+  return out + json;
+}
+
+std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorLayout> layout;
+  uint64_t data_bytes = 0;
+  for (const auto& t : tensors) {
+    layout.push_back({t.name, t.dtype_label ? t.dtype_label : dtype_name(t.dtype), t.shape, t.data.size()});
+    data_bytes += t.data.size();
+  }
+  std::string out = safetensors_header(layout);
+  out.reserve(out.size() + data_bytes);
   for (const auto& t : tensors) out += t.data;
   return out;
 }

@@ -67,6 +67,17 @@ struct TensorToWrite {
   const char* dtype_label = nullptr;
 };
 
+// Where one tensor of a file being written goes: its bytes follow the header separately.
+struct TensorLayout {
+  std::string name;
+  std::string dtype;            // "F32", "BF16", ...
+  std::vector<int64_t> shape;
+  uint64_t bytes = 0;
+};
+// A file's first bytes: the 8-byte header length and the JSON header (padded to 8 bytes) for
+// tensors stored back to back after it, in the given order.
+std::string safetensors_header(const std::vector<TensorLayout>& tensors);
+
 // Serialises tensors (in the given order) to a safetensors blob.
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
 // Convenience: an fp32 vector converted to `dtype`.

@@ -1,0 +1,79 @@
+// A rank's snapshot file: writing this rank's blocks of a context, and reading a snapshot's
+// files back as a KvSource on any number of ranks.
+//
+// File layout (safetensors, tensors in this order, in the storage dtype):
+//   layers.<l>.k, layers.<l>.v        [blocks, Hkv, C, D]: home blocks rank, rank + world, ...
+//                                     of layer l in slot order (absent when it holds none)
+//   layers.<l>.sink_k, .sink_v        [Hkv, S, D]: the owner's file only (absent when S = 0)
+// Token rows past a layer's length (the tail of its last block or of the sinks) are zero.
+// The crc32 (zlib) of the whole file is computed while it is written.
+// Call only from the step loop's thread (the writer reads backend memory).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/safetensors.h"
+#include "common/snapshot_manifest.h"
+#include "worker/kv_source.h"
+#include "worker/kv_store.h"
+
+namespace reattn {
+
+// "layers.<l>.<what>" (what: k, v, sink_k, sink_v).
+std::string snapshot_tensor_name(int layer, const char* what);
+
+// Writes this rank's blocks of `ctx` (every layer resident) to `<dir>/rank-<rank>.safetensors`
+// (created, never overwritten), copying backend memory to the host through a staging buffer of
+// at most `staging_bytes`, and fsyncs it. On failure the file is removed and the Status names
+// the file and the system error (e.g. "File too large", "No space left on device").
+Expected<SnapshotFile> write_snapshot_file(const KvStore& store, Backend& backend, const Config& config,
+                                           const ContextShard& ctx, const std::string& dir, int rank, int world,
+                                           size_t staging_bytes = size_t{64} << 20);
+
+// Crash-safe publication on the rank that writes the manifest: writes `manifest.json` into
+// `tmp_dir`, fsyncs it and the directory, renames `tmp_dir` to `final_dir` (which must not
+// exist) and fsyncs their parent.
+Status publish_snapshot(const std::string& tmp_dir, const std::string& final_dir, const SnapshotManifest& manifest);
+
+// Reads a whole file and checks its size and crc32 against the manifest's entry; the error
+// names the file (missing, truncated, or corrupt).
+Status verify_snapshot_file(const std::string& dir, const SnapshotFile& file);
+
+// A complete snapshot's files, mapped read-only, their tensors checked against the manifest
+// (shapes and dtype). read() is const and thread-safe.
+class SnapshotReader {
+ public:
+  static Expected<SnapshotReader> open(const std::string& dir, SnapshotManifest manifest);
+  const SnapshotManifest& manifest() const { return manifest_; }
+  // K and V of tokens [first, first + count) of `layer`, KV head `kv_head`, in `dtype`:
+  // [count, D] each. The range lies within the layer's length.
+  void read(int layer, int kv_head, int64_t first, int64_t count, DType dtype, void* k, void* v) const;
+
+ private:
+  struct LayerTensors {
+    const unsigned char* k = nullptr;  // [blocks, Hkv, C, D] or [Hkv, S, D]
+    const unsigned char* v = nullptr;
+  };
+  SnapshotManifest manifest_;
+  std::vector<SafetensorsFile> files_;           // [world at snapshot]
+  std::vector<std::vector<LayerTensors>> blocks_;  // [file][layer]
+  std::vector<LayerTensors> sinks_;              // [layer], from the owner's file
+};
+
+// One layer of a snapshot, as appended to an empty context (offset = token).
+class SnapshotKvSource final : public KvSource {
+ public:
+  SnapshotKvSource(const SnapshotReader& reader, int layer) : reader_(reader), layer_(layer) {}
+  int64_t tokens() const override { return reader_.manifest().layer_tokens[layer_]; }
+  void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override {
+    reader_.read(layer, kv_head, offset, count, dtype, k, v);
+  }
+
+ private:
+  const SnapshotReader& reader_;
+  int layer_;
+};
+
+}  // namespace reattn
