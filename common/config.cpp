@@ -308,6 +308,7 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("queue_deadline_s", &c.server.queue_deadline_s);
   server.read("drain_deadline_s", &c.server.drain_deadline_s);
   server.read("max_connections", &c.server.max_connections);
+  server.read("snapshot_dir", &c.server.snapshot_dir);
   REATTN_RETURN_IF_ERROR(server.finish());
 
   REATTN_RETURN_IF_ERROR(c.validate());
@@ -527,6 +528,7 @@ std::string Config::to_yaml() const {
   put("queue_deadline_s", format_number(server.queue_deadline_s));
   put("drain_deadline_s", format_number(server.drain_deadline_s));
   put("max_connections", server.max_connections);
+  put_string("snapshot_dir", server.snapshot_dir);
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -88,6 +88,7 @@ struct ServerConfig {
   double queue_deadline_s = 60;        // a request not started this long after arrival gets 503
   double drain_deadline_s = 60;        // SIGTERM: the job ends by then, drained or not
   int max_connections = 1024;          // open HTTP connections; more are refused
+  std::string snapshot_dir;            // where snapshots are written and read; empty: snapshots are off
 };
 
 // A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and

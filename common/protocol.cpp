@@ -125,9 +125,9 @@ void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floa
 }
 
 const char* operation_name(const Operation& op) {
-  static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic",
-                                       "query_step", "shutdown", "layer_step"};
-  static_assert(std::variant_size<Operation>::value == 7, "a name per operation");
+  static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic", "query_step",
+                                       "shutdown",   "layer_step", "snapshot", "restore"};
+  static_assert(std::variant_size<Operation>::value == 9, "a name per operation");
   return kNames[op.index()];
 }
 
@@ -138,7 +138,9 @@ ContextId operation_context(const Operation& op) {
                                [](const AppendSynthetic& o) { return o.context_id; },
                                [](const StepPlan&) { return ContextId{0}; },
                                [](const Shutdown&) { return ContextId{0}; },
-                               [](const LayerStep& o) { return o.context_id; }},
+                               [](const LayerStep& o) { return o.context_id; },
+                               [](const SnapshotContext& o) { return o.context_id; },
+                               [](const RestoreContext& o) { return o.context_id; }},
                     op);
 }
 
@@ -172,6 +174,18 @@ std::string encode_operation(const Operation& op) {
                           w.put(static_cast<int32_t>(o.kv_dtype));
                           w.put_bytes(o.k);
                           w.put_bytes(o.v);
+                        },
+                        [&](const SnapshotContext& o) {
+                          w.put(o.context_id);
+                          w.put_bytes(o.name);
+                          w.put_bytes(o.tmp);
+                          w.put_bytes(o.created);
+                        },
+                        [&](const RestoreContext& o) {
+                          w.put(o.context_id);
+                          w.put(o.owner_rank);
+                          w.put_bytes(o.name);
+                          w.put_bytes(o.manifest);
                         }},
              op);
   return w.take();
@@ -223,6 +237,18 @@ Expected<Operation> decode_operation(const std::string& bytes) {
       LayerStep o;
       r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) && r.get_vector(&o.q) &&
           r.get_enum(&o.kv_dtype, DType::kF32, DType::kBF16) && r.get_bytes(&o.k) && r.get_bytes(&o.v);
+      op = std::move(o);
+      break;
+    }
+    case 7: {
+      SnapshotContext o;
+      r.get(&o.context_id) && r.get_bytes(&o.name) && r.get_bytes(&o.tmp) && r.get_bytes(&o.created);
+      op = std::move(o);
+      break;
+    }
+    case 8: {
+      RestoreContext o;
+      r.get(&o.context_id) && r.get(&o.owner_rank) && r.get_bytes(&o.name) && r.get_bytes(&o.manifest);
       op = std::move(o);
       break;
     }

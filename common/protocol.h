@@ -95,9 +95,29 @@ struct LayerStep {
   std::string v;             // each value is converted once, into the storage dtype
 };
 
-using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep>;
+// Snapshot: every rank writes its blocks of the context into <snapshot_dir>/<tmp>/; rank 0
+// then writes the manifest and renames the directory to <snapshot_dir>/<name>
+// (worker/snapshot_files.h). `created` is the manifest's UTC time.
+struct SnapshotContext {
+  ContextId context_id = 0;
+  std::string name;
+  std::string tmp;
+  std::string created;
+};
+// Restore: a new context `context_id` owned by `owner_rank` from the snapshot <snapshot_dir>/<name>,
+// whose manifest rank 0 read (its text, so every rank restores the same one).
+struct RestoreContext {
+  ContextId context_id = 0;
+  int32_t owner_rank = 0;
+  std::string name;
+  std::string manifest;
+};
 
-// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step".
+using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep,
+                               SnapshotContext, RestoreContext>;
+
+// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step",
+// "snapshot", "restore".
 const char* operation_name(const Operation& op);
 // The context an operation names (0 for a step or shutdown).
 ContextId operation_context(const Operation& op);
@@ -115,6 +135,8 @@ struct OperationResult {
   bool context_dropped = false;       // an append failed on some ranks only: the context was erased everywhere
   std::vector<QueryResult> queries;   // a step or layer step, on its reply rank: one per query
   StepTiming timing;                  // a step
+  std::vector<int64_t> layer_tokens;  // a restore: each layer's length
+  std::string manifest;               // a snapshot, on rank 0: the manifest it published
 };
 
 // Runs operations on every rank (rank 0 side). The step loop depends on this, not on MPI,

@@ -17,6 +17,7 @@
 #include "coordinator/requests.h"
 #include "coordinator/router.h"
 #include "coordinator/service_state.h"
+#include "coordinator/snapshot_catalog.h"
 #include "coordinator/task_queue.h"
 
 namespace reattn {
@@ -40,6 +41,8 @@ class Handlers {
   HttpResponse reject(const HttpRequest& head, int status, const std::string& code, const std::string& message);
 
   void set_info(ServiceInfo info);
+  // Before serving: the snapshot directory's catalog (snapshot routes answer 404 without one).
+  void set_snapshots(SnapshotCatalog* snapshots) { snapshots_ = snapshots; }
 
  private:
   // Wraps `done`: adds X-Request-Id, counts, logs.
@@ -58,6 +61,11 @@ class Handlers {
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
   void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
+  // Snapshots (snapshot_handlers.cpp).
+  void snapshot_context(const HttpRequest& req, const RouteMatch& m, Responder done);
+  void restore_context(const HttpRequest& req, const std::string& name, Responder done);
+  HttpResponse list_snapshots() const;
+  HttpResponse delete_snapshot(const RouteMatch& m);
   // Pushes a task whose result `respond` turns into the response; 503 when the queue is full.
   void enqueue(Task task, std::function<HttpResponse(const TaskResult&)> respond, Responder done);
 
@@ -69,6 +77,7 @@ class Handlers {
   TaskQueue& queue_;
   Metrics& metrics_;
   ServiceState& state_;
+  SnapshotCatalog* snapshots_ = nullptr;
   std::string id_prefix_;
   std::atomic<uint64_t> next_request_{1};
 };

@@ -63,7 +63,8 @@ JsonBudget json_budget(Route route, const Config& config) {
   // Room for the fixed keys of each body next to its arrays.
   constexpr uint64_t kKeys = 64;
   switch (route) {
-    case Route::kCreateContext: b.max_values = kKeys; break;
+    case Route::kCreateContext:
+    case Route::kSnapshotContext: b.max_values = kKeys; break;
     case Route::kSynthetic: b.max_values = kKeys + (uint64_t{1} << 20); break;  // needles: one per token at most
     case Route::kQuery: {
       const ModelConfig& m = config.model;

@@ -60,8 +60,12 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body);
 // place; returns the tokens it appends.
 Expected<int64_t> check_kv_body(std::shared_ptr<const std::string> body, const Config& config);
 
-// POST /v1/contexts: an empty body or a JSON object (no fields are read yet).
-Status check_create_body(const std::string& body);
+// POST /v1/contexts: an empty body or a JSON object, with an optional "from_snapshot": NAME
+// (the new context is restored from that snapshot). Returns NAME, "" for an empty context.
+Expected<std::string> parse_create_request(const std::string& body);
+
+// POST /v1/contexts/{id}/snapshot: {"name": NAME}, NAME by check_snapshot_name.
+Expected<std::string> parse_snapshot_request(const std::string& body);
 
 // Whether a body should be read as JSON (by content type, else by its first byte).
 bool is_json_body(const std::string& body, const std::string& content_type);

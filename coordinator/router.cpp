@@ -29,6 +29,9 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
     {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+    {"POST", "/v1/contexts/{id}/snapshot", Route::kSnapshotContext},
+    {"GET", "/v1/snapshots", Route::kListSnapshots},
+    {"DELETE", "/v1/snapshots/{name}", Route::kDeleteSnapshot},
 };
 
 std::vector<std::string> split(const std::string& path) {
@@ -42,12 +45,12 @@ std::vector<std::string> split(const std::string& path) {
   return parts;
 }
 
-// Whether `path` fits `pattern`; the {id} segment goes to *id.
+// Whether `path` fits `pattern`; the {id} (or {name}) segment goes to *id.
 bool fits(const std::string& pattern, const std::vector<std::string>& parts, std::string* id) {
   const std::vector<std::string> want = split(pattern);
   if (want.size() != parts.size()) return false;
   for (size_t i = 0; i < want.size(); ++i) {
-    if (want[i] == "{id}") {
+    if (want[i] == "{id}" || want[i] == "{name}") {
       if (parts[i].empty()) return false;
       *id = parts[i];
     } else if (want[i] != parts[i]) {
@@ -118,7 +121,8 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       if (body_bytes == 0) return "";
       want = "application/json";
       break;
-    case Route::kSynthetic: want = "application/json"; break;
+    case Route::kSynthetic:
+    case Route::kSnapshotContext: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
     case Route::kQuery:
     case Route::kLayerStep: want = "application/json or application/octet-stream"; break;

@@ -34,6 +34,7 @@
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
+#include "coordinator/snapshot_catalog.h"
 #include "coordinator/step_loop.h"
 #include "coordinator/task_queue.h"
 #include "kernels/make_backend.h"
@@ -50,6 +51,8 @@ struct ServerOptions {
   int64_t max_body_bytes = 0;
   std::string backend;
   std::string log_level = "info";
+  std::string snapshot_dir;
+  bool restore = false;  // restore every complete snapshot at start-up
 };
 
 // The config file with the command line's overrides, validated.
@@ -60,6 +63,10 @@ Expected<Config> effective_config(const ServerOptions& opt) {
   if (opt.max_body_bytes != 0) c.server.max_body_bytes = opt.max_body_bytes;
   if (!opt.backend.empty()) {
     REATTN_ASSIGN_OR_RETURN(c.backend.kind, parse_backend_kind(opt.backend));
+  }
+  if (!opt.snapshot_dir.empty()) c.server.snapshot_dir = opt.snapshot_dir;
+  if (opt.restore && c.server.snapshot_dir.empty()) {
+    return invalid_argument("--restore: no snapshot directory to restore from (server.snapshot_dir, --snapshot-dir)");
   }
   if (Status s = c.validate(); !s.is_ok()) return invalid_argument("after command-line overrides: " + s.message());
   return c;
@@ -98,6 +105,7 @@ class Coordinator {
   Coordinator(const Config& config, const std::string& api_key, int world)
       : config_(config),
         registry_(config, world),
+        snapshots_(config.server.snapshot_dir),
         queue_(static_cast<size_t>(config.server.queue_depth)),
         handlers_(config, ServiceInfo{world, "", ""}, api_key, registry_, queue_, metrics_, state_),
         server_(ioc_,
@@ -109,11 +117,18 @@ class Coordinator {
                 }),
         signals_(ioc_, SIGTERM, SIGINT),
         drain_timer_(ioc_),
-        work_(boost::asio::make_work_guard(ioc_)) {}
+        work_(boost::asio::make_work_guard(ioc_)) {
+    handlers_.set_snapshots(&snapshots_);
+  }
 
   ~Coordinator() { stop(); }
 
   Status start() {
+    if (snapshots_.enabled()) {
+      // Temporary directories left by a crash mid-snapshot are never complete: removed.
+      REATTN_ASSIGN_OR_RETURN(const int stale, snapshots_.prepare());
+      log_event(LogLevel::kInfo, "snapshot directory", {{"path", snapshots_.dir()}, {"stale_removed", stale}});
+    }
     REATTN_ASSIGN_OR_RETURN(const ListenAddress address, parse_listen(config_.server.listen));
     const std::string& host = address.host;
     REATTN_ASSIGN_OR_RETURN(const int bound, server_.listen(host, address.port));
@@ -129,6 +144,43 @@ class Coordinator {
     handlers_.set_info(info);
     state_.set_ready();
     if (state_.ready()) log_event(LogLevel::kInfo, "ready", {{"ranks", info.world}, {"backend", info.backend}});
+  }
+
+  // --restore, before readiness: every complete snapshot becomes a context again, under its
+  // original id where that is free (two snapshots of one context: the later gets a new id).
+  // A snapshot that cannot be restored is logged and skipped; a fault is returned.
+  Status restore_snapshots(OperationRunner& ranks) {
+    std::vector<std::string> problems;
+    const std::vector<StoredSnapshot> all = snapshots_.list(&problems);
+    for (const std::string& p : problems) log_event(LogLevel::kError, "snapshot not restored", {{"error", p}});
+    log_event(LogLevel::kInfo, "restoring snapshots", {{"snapshots", all.size()}, {"path", snapshots_.dir()}});
+    size_t restored = 0;
+    for (size_t i = 0; i < all.size(); ++i) {
+      const SnapshotManifest& m = all[i].manifest;
+      const auto t0 = std::chrono::steady_clock::now();
+      Expected<ContextInfo> planned = registry_.plan_create(m.context_id);
+      if (!planned && planned.status().code() == ErrorCode::kInvalidArgument) planned = registry_.plan_create();
+      Status outcome = planned.status();
+      OperationResult result;
+      if (planned) {
+        REATTN_RETURN_IF_ERROR(ranks.submit(RestoreContext{planned->id, planned->owner_rank, m.name, all[i].text}, &result));
+        outcome = result.status;
+      }
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      nlohmann::json fields = {{"snapshot", m.name}, {"done", i + 1}, {"of", all.size()}, {"seconds", seconds}};
+      if (!outcome.is_ok()) {
+        fields["error"] = outcome.to_string();
+        log_event(LogLevel::kError, "snapshot not restored", fields);
+        continue;
+      }
+      registry_.insert(restored_context(*planned, result.layer_tokens));
+      ++restored;
+      fields.update({{"context_id", planned->id}, {"snapshot_context_id", m.context_id}, {"tokens", m.tokens()},
+                     {"bytes", m.total_bytes()}, {"gb_per_s", seconds > 0 ? m.total_bytes() / seconds / 1e9 : 0.0}});
+      log_event(LogLevel::kInfo, "snapshot restored", fields);
+    }
+    log_event(LogLevel::kInfo, "snapshots restored", {{"restored", restored}, {"of", all.size()}});
+    return Status::ok();
   }
 
   // The step loop; returns when draining is done or on a fault.
@@ -190,6 +242,7 @@ class Coordinator {
   Metrics metrics_;
   ServiceState state_;
   Registry registry_;
+  SnapshotCatalog snapshots_;
   TaskQueue queue_;
   Handlers handlers_;
   HttpServer server_;
@@ -273,6 +326,13 @@ int serve(Control& control, const ServerOptions& opt) {
     return 0;
   }
 
+  if (opt.restore) {
+    if (s = coordinator->restore_snapshots(loop); !s.is_ok()) {
+      log_event(LogLevel::kError, "fault while restoring snapshots; ending the job", {{"error", s.to_string()}, {"exit_code", 3}});
+      flush_logs(0.5);
+      control.abort(3);
+    }
+  }
   coordinator->set_ready(ServiceInfo{control.world(), (*backend)->name(), (*comm)->name()});
   const Status ran = coordinator->run(loop);
   if (!ran.is_ok()) {
@@ -329,6 +389,10 @@ int run_server(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--snapshot-dir", opt.snapshot_dir,
+                 "directory snapshots are written to and restored from (server.snapshot_dir; shared storage in a cluster)");
+  app.add_flag("--restore", opt.restore,
+               "at start-up, restore every complete snapshot in the snapshot directory (readiness 503 until done)");
   app.add_option("--log-level", opt.log_level, "debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
   try {
@@ -338,6 +402,9 @@ int run_server(int argc, char** argv) {
     return e.get_exit_code();
   }
   init_logging(control->rank(), opt.log_level);
+  // A write past the file-size limit (ulimit -f) then fails with EFBIG, which a snapshot
+  // reports, instead of killing the rank.
+  std::signal(SIGXFSZ, SIG_IGN);
   return serve(*control, opt);
 }
 

@@ -1,6 +1,8 @@
 #include "coordinator/step_loop.h"
 
+#include <algorithm>
 #include <chrono>
+#include <tuple>
 #include <utility>
 
 #include "coordinator/logging.h"
@@ -13,6 +15,16 @@ double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_c
 }
 
 Status missing(ContextId id) { return not_found("context " + std::to_string(id) + " not found"); }
+
+}  // namespace
+
+ContextInfo restored_context(ContextInfo planned, const std::vector<int64_t>& layer_tokens) {
+  planned.layer_tokens = layer_tokens;
+  planned.tokens = layer_tokens.empty() ? 0 : *std::min_element(layer_tokens.begin(), layer_tokens.end());
+  return planned;
+}
+
+namespace {
 
 }  // namespace
 
@@ -169,7 +181,9 @@ Status StepLoop::run_operation(Task& task) {
   TaskResult r;
   r.queue_ms = ms_between(task.enqueued, start);
   std::optional<ContextInfo> ctx;
-  if (auto* create = std::get_if<CreateContext>(&task.op)) {
+  auto* create = std::get_if<CreateContext>(&task.op);
+  auto* restore = std::get_if<RestoreContext>(&task.op);
+  if (create || restore) {
     Expected<ContextInfo> planned = registry_.plan_create();
     if (!planned) {
       r.status = planned.status();
@@ -177,7 +191,8 @@ Status StepLoop::run_operation(Task& task) {
       return Status::ok();
     }
     ctx = *planned;
-    *create = CreateContext{ctx->id, ctx->owner_rank};
+    if (create) *create = CreateContext{ctx->id, ctx->owner_rank};
+    if (restore) std::tie(restore->context_id, restore->owner_rank) = std::make_pair(ctx->id, ctx->owner_rank);
   } else {
     const ContextId id = operation_context(task.op);
     ctx = registry_.find(id);
@@ -205,6 +220,13 @@ Status StepLoop::run_operation(Task& task) {
       registry_.insert(*ctx);
       r.context = *registry_.find(ctx->id);
     }
+  } else if (restore) {
+    if (result.status.is_ok()) {
+      registry_.insert(restored_context(*ctx, result.layer_tokens));
+      r.context = *registry_.find(ctx->id);
+    }
+  } else if (std::holds_alternative<SnapshotContext>(task.op)) {
+    r.manifest = std::move(result.manifest);
   } else if (std::holds_alternative<EraseContext>(task.op)) {
     if (result.status.is_ok() || result.status.code() == ErrorCode::kNotFound) registry_.erase(ctx->id);
   } else if (const auto* step = std::get_if<LayerStep>(&task.op)) {

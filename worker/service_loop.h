@@ -1,7 +1,7 @@
 // The per-rank loop of the service. Rank 0 (the coordinator) submits each Operation
 // (common/protocol.h): it is broadcast, and every rank applies it to its KV shard in the same
 // order: create or erase a context, append K/V (a safetensors body, or synthetic tokens), run
-// a step of queries, or shut down. Outcomes are agreed across ranks (Control::agree), so every
+// a step of queries, snapshot a context to files or restore one from them, or shut down. Outcomes are agreed across ranks (Control::agree), so every
 // rank reports the same Status and a failed operation changes nothing on any rank.
 // Ranks other than 0 only loop on the broadcast (serve) until the shutdown operation.
 // Thread-safety: a ServiceLoop is used by one thread only, the one that makes MPI calls
@@ -44,11 +44,14 @@ class ServiceLoop final : public OperationRunner {
   Status apply_synthetic(const AppendSynthetic& op, OperationResult* result);
   Status apply_step(const StepPlan& plan, OperationResult* result);
   Status apply_layer_step(const LayerStep& op, OperationResult* result);
+  Status apply_snapshot(const SnapshotContext& op, OperationResult* result);
+  Status apply_restore(const RestoreContext& op, OperationResult* result);
   // only_layer < 0: every layer.
   Status apply_append(ContextId id, const KvSource* source, const Status& source_status, OperationResult* result,
                       int only_layer = -1);
 
   const Control& control_;
+  Backend& backend_;
   Config config_;
   KvStore store_;
   StepRunner runner_;
