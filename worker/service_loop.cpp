@@ -251,7 +251,7 @@ Status ServiceLoop::apply_snapshot(const SnapshotContext& op, OperationResult* r
   if (local.is_ok()) {
     std::error_code ec;
     std::filesystem::create_directories(tmp, ec);
-    if (ec) local = invalid_argument("cannot create '" + tmp + "': " + ec.message());
+    if (ec) local = internal_error("cannot create '" + tmp + "': " + ec.message());
   }
   if (local.is_ok()) {
     Expected<SnapshotFile> file =

@@ -27,8 +27,12 @@ uint32_t crc32_update(uint32_t crc, const void* data, size_t bytes) {
   return crc;
 }
 
+// A disk or quota that is full, or the file-size limit, is a capacity problem (507); other
+// failures to write the server's own directory are the server's (500).
 Status system_error(const std::string& what, const std::string& path, int err) {
-  return invalid_argument("cannot " + what + " '" + path + "': " + std::strerror(err));
+  const bool full = err == ENOSPC || err == EFBIG || err == EDQUOT;
+  return Status(full ? ErrorCode::kCapacity : ErrorCode::kInternal,
+                "cannot " + what + " '" + path + "': " + std::strerror(err));
 }
 
 Status fsync_path(const std::string& path, bool directory) {
