@@ -10,6 +10,7 @@
 #include <fstream>
 #include <memory>
 
+#include "common/protocol.h"
 #include "common/semantics.h"
 #include "common/snapshot_manifest.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -122,6 +123,31 @@ TEST(SnapshotManifest, FitsNamesEveryDifference) {
                            "reattention.chunk_tokens 8 (this service: 16)"}) {
     EXPECT_NE(s.message().find(want), std::string::npos) << s.message();
   }
+}
+
+TEST(SnapshotOperations, RoundTripThroughTheCodec) {
+  const SnapshotContext snap{9, "name.1", ".tmp-name.1-77-3", "2026-11-30T19:00:00Z"};
+  Expected<Operation> back = decode_operation(encode_operation(snap));
+  ASSERT_TRUE(back.is_ok());
+  const auto* s = std::get_if<SnapshotContext>(&*back);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->context_id, 9u);
+  EXPECT_EQ(s->name, snap.name);
+  EXPECT_EQ(s->tmp, snap.tmp);
+  EXPECT_EQ(s->created, snap.created);
+  EXPECT_STREQ(operation_name(*back), "snapshot");
+  const RestoreContext restore{4, 1, "name.1", encode_manifest(sample_manifest())};
+  const std::string bytes = encode_operation(restore);
+  back = decode_operation(bytes);
+  ASSERT_TRUE(back.is_ok());
+  const auto* r = std::get_if<RestoreContext>(&*back);
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->context_id, 4u);
+  EXPECT_EQ(r->owner_rank, 1);
+  EXPECT_EQ(r->manifest, restore.manifest);
+  EXPECT_EQ(operation_context(*back), 4u);
+  EXPECT_STREQ(operation_name(*back), "restore");
+  for (size_t cut : {size_t{5}, size_t{20}, bytes.size() - 1}) EXPECT_FALSE(decode_operation(bytes.substr(0, cut)).is_ok());
 }
 
 // A context of `layer_tokens` synthetic tokens per layer on rank `rank` of `world`.
