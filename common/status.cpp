@@ -10,6 +10,8 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kCapacity: return "capacity_exhausted";
     case ErrorCode::kOutOfOrder: return "out_of_order";
     case ErrorCode::kUnavailable: return "unavailable";
+    case ErrorCode::kConflict: return "conflict";
+    case ErrorCode::kForbidden: return "forbidden";
     case ErrorCode::kInternal: return "internal";
     case ErrorCode::kFatal: return "fatal";
   }

@@ -18,6 +18,8 @@ enum class ErrorCode {
   kUnavailable,       // not ready, queue full, shutting down
   kInternal,          // a bug or an unexpected library failure
   kFatal,             // a device, communicator or protocol fault: ends the job
+  kConflict,          // the target is busy with a long-running operation, or that operation has finished
+  kForbidden,         // a path outside the configured roots, or a feature the server has disabled
 };
 
 const char* error_code_name(ErrorCode code);

@@ -145,6 +145,9 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kSynthetic: return synthetic(request, m, std::move(reply));
     case Route::kQuery: return query(request, m, std::move(reply));
     case Route::kLayerStep: return layer_step(request, m, std::move(reply));
+    case Route::kListOperations: return reply(list_operations());
+    case Route::kGetOperation: return reply(get_operation(m));
+    case Route::kCancelOperation: return reply(cancel_operation(m));
     case Route::kSnapshotContext: return snapshot_context(request, m, std::move(reply));
     case Route::kListSnapshots: return reply(list_snapshots());
     case Route::kDeleteSnapshot: return reply(delete_snapshot(m));
@@ -164,6 +167,9 @@ HttpResponse Handlers::metrics_page() const {
   g.queue_depth = queue_.depth();
   g.contexts = registry_.size();
   g.ready = state_.ready();
+  for (const auto& [key, count] : registry_.operations().unfinished()) {
+    g.operations[{operation_kind_name(key.first), operation_state_name(key.second)}] = count;
+  }
   HttpResponse r;
   r.content_type = "text/plain; version=0.0.4; charset=utf-8";
   r.body = metrics_.render(g);
@@ -255,7 +261,7 @@ void Handlers::create_context(const HttpRequest& req, Responder done) {
 }
 
 void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Task task;
   task.op = EraseContext{m.id};
   task.request_id = req.request_id;
@@ -266,7 +272,7 @@ void Handlers::delete_context(const HttpRequest& req, const RouteMatch& m, Respo
 }
 
 void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   // Up to max_body_bytes: moved, never copied, from here to the ranks.
   auto body = std::make_shared<std::string>(std::move(req.body));
   Expected<int64_t> tokens = check_kv_body(body, config_);
@@ -286,7 +292,7 @@ void Handlers::append_kv(HttpRequest& req, const RouteMatch& m, Responder done) 
 }
 
 void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Expected<SyntheticRequest> spec = parse_synthetic_request(req.body);
   if (!spec) return done(body_error(spec.status()));
   if (Status s = registry_.check_append(m.id, spec->tokens); !s.is_ok()) return done(status_response(s));
@@ -305,7 +311,7 @@ void Handlers::synthetic(const HttpRequest& req, const RouteMatch& m, Responder 
 }
 
 void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, true)) return done(std::move(*problem));
   Expected<QueryRequest> q = parse_query_request(req.body, req.content_type, req.query_string, config_);
   if (!q) return done(body_error(q.status()));
   if (Status s = registry_.check_query(m.id, q->qlen, q->mode, q->layer); !s.is_ok()) return done(status_response(s));
@@ -336,7 +342,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
 }
 
 void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder done) {
-  if (!m.id_valid || !registry_.find(m.id)) return done(error_response(404, "not_found", unknown_context(m)));
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
   Expected<StepRequest> step = parse_step_request(req.body, req.content_type, req.query_string, config_);
   if (!step) return done(body_error(step.status()));
   if (Status s = registry_.check_layer_step(m.id, step->layer, step->qlen); !s.is_ok()) {
@@ -357,6 +363,33 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
                                       r, qlen, config_, binary);
           },
           std::move(done));
+}
+
+std::optional<HttpResponse> Handlers::context_problem(const RouteMatch& m, bool query) const {
+  if (!m.id_valid || !registry_.find(m.id)) return error_response(404, "not_found", unknown_context(m));
+  if (Status s = registry_.operations().check_not_busy(m.id, query); !s.is_ok()) return status_response(s);
+  return std::nullopt;
+}
+
+HttpResponse Handlers::list_operations() const {
+  json list = json::array();
+  for (const OperationRecord& r : registry_.operations().list()) list.push_back(operation_json(r));
+  return json_response(200, {{"operations", list}});
+}
+
+HttpResponse Handlers::get_operation(const RouteMatch& m) const {
+  const std::optional<OperationRecord> r = registry_.operations().get(m.id_text);
+  if (!r) return error_response(404, "not_found", "operation '" + m.id_text + "' not found");
+  return json_response(200, operation_json(*r));
+}
+
+HttpResponse Handlers::cancel_operation(const RouteMatch& m) {
+  // id_text is capped: an id longer than the cap is no operation's.
+  if (Status s = registry_.operations().request_cancel(m.id_text); !s.is_ok()) return status_response(s);
+  const std::optional<OperationRecord> r = registry_.operations().get(m.id_text);
+  if (!r) return error_response(404, "not_found", "operation '" + m.id_text + "' not found");
+  // The step loop ends it before its next slice; the record says when.
+  return json_response(202, operation_json(*r));
 }
 
 }  // namespace reattn

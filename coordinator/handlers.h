@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "common/config.h"
@@ -61,6 +62,12 @@ class Handlers {
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
   void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
+  // The long-running operations' table (/v1/operations).
+  HttpResponse list_operations() const;
+  HttpResponse get_operation(const RouteMatch& m) const;
+  HttpResponse cancel_operation(const RouteMatch& m);
+  // 404 unknown context or 409 busy with a long-running operation; nullopt when neither.
+  std::optional<HttpResponse> context_problem(const RouteMatch& m, bool query) const;
   // Snapshots (snapshot_handlers.cpp).
   void snapshot_context(const HttpRequest& req, const RouteMatch& m, Responder done);
   void restore_context(const HttpRequest& req, const std::string& name, Responder done);

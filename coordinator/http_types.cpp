@@ -24,6 +24,8 @@ int http_status_of(ErrorCode code) {
     case ErrorCode::kCapacity: return 507;
     case ErrorCode::kOutOfOrder: return 409;
     case ErrorCode::kUnavailable: return 503;
+    case ErrorCode::kConflict: return 409;
+    case ErrorCode::kForbidden: return 403;
     case ErrorCode::kInternal: return 500;
     case ErrorCode::kFatal: return 500;
   }

@@ -86,6 +86,16 @@ void Metrics::observe_batch(size_t queries) {
   batch_queries_.observe(static_cast<double>(queries));
 }
 
+void Metrics::count_operation(const std::string& kind, const std::string& state) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++operations_[{kind, state}];
+}
+
+void Metrics::add_operation_bytes(const std::string& kind, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  operation_bytes_[kind] += bytes;
+}
+
 void Metrics::render_histogram(std::string& out, const std::string& name, const std::string& labels,
                                const Histogram& h) {
   const std::string sep = labels.empty() ? "" : ",";
@@ -141,6 +151,23 @@ std::string Metrics::render(const MetricsSnapshot& g) const {
   out += "# HELP reattn_log_lines_dropped_total Log lines dropped because stderr did not keep up.\n";
   out += "# TYPE reattn_log_lines_dropped_total counter\n";
   out += "reattn_log_lines_dropped_total " + std::to_string(dropped_log_lines()) + "\n";
+  out += "# HELP reattn_operations_total Long-running operations finished, by kind and final state.\n";
+  out += "# TYPE reattn_operations_total counter\n";
+  for (const auto& [key, count] : operations_) {
+    out += "reattn_operations_total{kind=\"" + escape_label(key.first) + "\",state=\"" + escape_label(key.second) +
+           "\"} " + std::to_string(count) + "\n";
+  }
+  out += "# HELP reattn_operations Long-running operations not finished, by kind and state.\n";
+  out += "# TYPE reattn_operations gauge\n";
+  for (const auto& [key, count] : g.operations) {
+    out += "reattn_operations{kind=\"" + escape_label(key.first) + "\",state=\"" + escape_label(key.second) + "\"} " +
+           std::to_string(count) + "\n";
+  }
+  out += "# HELP reattn_operation_bytes_total Bytes moved by long-running operations (all ranks), by kind.\n";
+  out += "# TYPE reattn_operation_bytes_total counter\n";
+  for (const auto& [kind, bytes] : operation_bytes_) {
+    out += "reattn_operation_bytes_total{kind=\"" + escape_label(kind) + "\"} " + std::to_string(bytes) + "\n";
+  }
   out += "# HELP reattn_ranks Ranks in the job.\n";
   out += "# TYPE reattn_ranks gauge\n";
   out += "reattn_ranks " + std::to_string(g.tokens_per_rank.size()) + "\n";

@@ -8,6 +8,9 @@
 //   reattn_step_phase_seconds{phase=score|merge|attention|total|queue}  histogram
 //   reattn_step_batch_queries                                histogram (queries per step)
 //   reattn_kv_tokens{rank}, reattn_queue_depth, reattn_contexts, reattn_ready, reattn_ranks  gauges
+//   reattn_operations_total{kind,state}    counter: long-running operations finished (succeeded|failed|cancelled)
+//   reattn_operations{kind,state}          gauge: unfinished ones (queued|running)
+//   reattn_operation_bytes_total{kind}     counter: bytes loaded, written or read by them, all ranks
 // Thread-safety: every method is safe from any thread.
 #pragma once
 
@@ -16,6 +19,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace reattn {
@@ -26,6 +30,7 @@ struct MetricsSnapshot {
   size_t queue_depth = 0;
   size_t contexts = 0;
   bool ready = false;
+  std::map<std::pair<std::string, std::string>, int64_t> operations;  // unfinished, by (kind, state)
 };
 
 // The method label: a standard method's name, else "other".
@@ -40,6 +45,9 @@ class Metrics {
   // phase: "score", "merge", "attention", "total" (per step) or "queue" (per query).
   void observe_phase(const std::string& phase, double seconds);
   void observe_batch(size_t queries);
+  // A long-running operation finished in `state`; `bytes` more moved by one (kind, state: fixed words).
+  void count_operation(const std::string& kind, const std::string& state);
+  void add_operation_bytes(const std::string& kind, int64_t bytes);
 
   std::string render(const MetricsSnapshot& gauges) const;
 
@@ -60,6 +68,8 @@ class Metrics {
   std::map<std::string, Histogram> request_seconds_;                         // by route
   std::map<std::string, Histogram> phase_seconds_;                           // by phase
   Histogram batch_queries_;
+  std::map<std::pair<std::string, std::string>, uint64_t> operations_;  // (kind, state) finished
+  std::map<std::string, int64_t> operation_bytes_;                      // by kind
 };
 
 }  // namespace reattn

@@ -14,6 +14,7 @@
 
 #include "common/config.h"
 #include "common/protocol.h"
+#include "coordinator/operations.h"
 
 namespace reattn {
 
@@ -38,6 +39,9 @@ class Registry {
   // KV tokens charged to each rank, [world].
   std::vector<int64_t> tokens_per_rank() const;
   int world() const { return world_; }
+  // The long-running operations; a context with an unfinished one is busy (check_not_busy).
+  OperationTable& operations() { return operations_; }
+  const OperationTable& operations() const { return operations_; }
 
   // NotFound for an unknown context.
   Status check_exists(ContextId id) const;
@@ -72,6 +76,7 @@ class Registry {
   mutable std::mutex mu_;
   std::vector<ContextInfo> contexts_;  // by id, ascending
   ContextId next_id_ = 1;
+  OperationTable operations_;
 };
 
 }  // namespace reattn

@@ -1,6 +1,9 @@
 #include "coordinator/responses.h"
 
 #include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -71,6 +74,41 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
   fields["out"] = nested_output<nlohmann::json>(r.query.out, qlen, m.q_heads, m.head_dim);
   fields["timing"] = std::move(t);
   return json_response(200, fields);
+}
+
+namespace {
+
+nlohmann::json rfc3339(std::chrono::system_clock::time_point t) {
+  if (t == std::chrono::system_clock::time_point{}) return nullptr;
+  const std::time_t seconds = std::chrono::system_clock::to_time_t(t);
+  const auto millis = std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count() % 1000;
+  std::tm utc{};
+  gmtime_r(&seconds, &utc);
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", utc.tm_year + 1900, utc.tm_mon + 1,
+                utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, static_cast<int>(millis));
+  return buf;
+}
+
+}  // namespace
+
+nlohmann::json operation_json(const OperationRecord& r) {
+  const OperationProgress& p = r.progress;
+  const bool done = r.state == OperationState::kSucceeded;
+  return {{"id", r.id},
+          {"kind", operation_kind_name(r.kind)},
+          {"context_id", r.context_id},
+          {"state", operation_state_name(r.state)},
+          {"tokens_done", p.tokens_done},
+          {"tokens_total", p.tokens_total},
+          {"bytes_done", p.bytes_done},
+          {"bytes_per_s", r.bytes_per_s},
+          {"progress", done ? 1.0 : p.tokens_total > 0 ? static_cast<double>(p.tokens_done) / p.tokens_total : 0.0},
+          {"created", rfc3339(r.created)},
+          {"started", rfc3339(r.started)},
+          {"finished", rfc3339(r.finished)},
+          {"error", r.error.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.error)},
+          {"cancel_requested", r.cancel_requested}};
 }
 
 }  // namespace reattn

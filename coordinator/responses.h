@@ -9,6 +9,7 @@
 
 #include "common/config.h"
 #include "coordinator/http_types.h"
+#include "coordinator/operations.h"
 #include "coordinator/task_queue.h"
 
 namespace reattn {
@@ -19,5 +20,11 @@ bool wants_binary(const std::string& accept);
 // `fields`: what the route reports besides the output (context_id, layer, tokens, ...).
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
                                 bool binary);
+
+// JSON of a long-running operation: {"id", "kind", "context_id", "state", "tokens_done",
+// "tokens_total", "bytes_done", "bytes_per_s", "progress" (0..1), "created", "started",
+// "finished" (RFC 3339 UTC, null until then), "error" (null unless failed or cancelled),
+// "cancel_requested"}.
+nlohmann::json operation_json(const OperationRecord& r);
 
 }  // namespace reattn

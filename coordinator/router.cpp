@@ -29,6 +29,9 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
     {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+    {"GET", "/v1/operations", Route::kListOperations},
+    {"GET", "/v1/operations/{op}", Route::kGetOperation},
+    {"DELETE", "/v1/operations/{op}", Route::kCancelOperation},
     {"POST", "/v1/contexts/{id}/snapshot", Route::kSnapshotContext},
     {"GET", "/v1/snapshots", Route::kListSnapshots},
     {"DELETE", "/v1/snapshots/{name}", Route::kDeleteSnapshot},
@@ -45,12 +48,12 @@ std::vector<std::string> split(const std::string& path) {
   return parts;
 }
 
-// Whether `path` fits `pattern`; the {id} (or {name}) segment goes to *id.
+// Whether `path` fits `pattern`; the {id}, {op} or {name} segment goes to *id.
 bool fits(const std::string& pattern, const std::vector<std::string>& parts, std::string* id) {
   const std::vector<std::string> want = split(pattern);
   if (want.size() != parts.size()) return false;
   for (size_t i = 0; i < want.size(); ++i) {
-    if (want[i] == "{id}" || want[i] == "{name}") {
+    if (want[i] == "{id}" || want[i] == "{op}" || want[i] == "{name}") {
       if (parts[i].empty()) return false;
       *id = parts[i];
     } else if (want[i] != parts[i]) {

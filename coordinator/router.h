@@ -23,6 +23,9 @@ enum class Route {
   kSynthetic,         // POST /v1/contexts/{id}/synthetic
   kQuery,             // POST /v1/contexts/{id}/query
   kLayerStep,         // POST /v1/contexts/{id}/step
+  kListOperations,    // GET /v1/operations
+  kGetOperation,      // GET /v1/operations/{op}
+  kCancelOperation,   // DELETE /v1/operations/{op}
   kSnapshotContext,   // POST /v1/contexts/{id}/snapshot
   kListSnapshots,     // GET /v1/snapshots
   kDeleteSnapshot,    // DELETE /v1/snapshots/{name}
@@ -33,7 +36,7 @@ struct RouteMatch {
   std::string pattern;        // the route template, for metrics and logs ("unmatched" when none)
   int error_status = 0;       // 0 matched; 404 no such path; 405 path known, method not
   std::string allow;          // 405: the allowed methods, "GET, DELETE"
-  std::string id_text;        // the {id} or {name} segment as given, capped for echoing
+  std::string id_text;        // the {id} (or {op}, {name}) segment as given, capped for echoing
   bool id_valid = false;      // {id} is a context id in canonical form (decimal, no sign or leading 0)
   ContextId id = 0;
 };

@@ -5,6 +5,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/excerpt.h"
 #include "coordinator/logging.h"
 
 namespace reattn {
@@ -67,6 +68,8 @@ void StepLoop::fail_all(std::vector<Task>& held, const Status& fault) {
   state_.set_faulted(fault.message());
   log_event(LogLevel::kError, "fault in the step loop", {{"error", fault.to_string()}});
   const Status unavailable(ErrorCode::kUnavailable, "the service hit a fault: " + fault.message());
+  for (const ActiveOperation& a : active_) registry_.operations().finish(a.id, OperationState::kFailed, unavailable.message());
+  active_.clear();
   for (Task& t : held) {
     TaskResult r;
     r.status = unavailable;
@@ -96,8 +99,10 @@ Status StepLoop::run() {
   const auto heartbeat_every = std::chrono::duration<double>(config_.server.heartbeat_s);
   auto last_contact = std::chrono::steady_clock::now();
   for (;;) {
-    std::vector<Task> tasks = queue_.pop_batch(max_batch, std::chrono::milliseconds(100));
-    if (tasks.empty()) {
+    // While a long operation runs, the queue is only looked at, not waited on.
+    const auto wait = std::chrono::milliseconds(active_.empty() ? 100 : 0);
+    std::vector<Task> tasks = queue_.pop_batch(max_batch, wait);
+    if (tasks.empty() && active_.empty()) {
       if (queue_.closed() && queue_.depth() == 0) return Status::ok();
       if (std::chrono::steady_clock::now() - last_contact < heartbeat_every) continue;
       if (const Status fault = ranks_.heartbeat(); !fault.is_ok()) {
@@ -107,7 +112,17 @@ Status StepLoop::run() {
       last_contact = std::chrono::steady_clock::now();
       continue;
     }
-    const Status fault = is_query(tasks.front()) ? run_queries(tasks) : run_operation(tasks.front());
+    Status fault = Status::ok();
+    if (!tasks.empty()) {
+      if (tasks.front().long_operation) {
+        start_long(tasks.front());
+      } else {
+        fault = is_query(tasks.front()) ? run_queries(tasks) : run_operation(tasks.front());
+      }
+    }
+    if (fault.is_ok() && !active_.empty()) {
+      fault = queue_.closed() ? cancel_all_long("the service is shutting down") : run_slice();
+    }
     last_contact = std::chrono::steady_clock::now();
     if (!fault.is_ok()) {
       fail_all(tasks, fault);
@@ -134,6 +149,7 @@ Status StepLoop::run_queries(std::vector<Task>& tasks) {
                : !ctx ? missing(asked.queries[0].context_id)
                       : registry_.check_query(ctx->id, asked.queries[0].qlen, asked.queries[0].mode,
                                               asked.queries[0].layer);
+    if (s.is_ok()) s = check_idle(ctx->id, true);
     if (!s.is_ok()) {
       TaskResult r;
       r.status = s;
@@ -198,6 +214,8 @@ Status StepLoop::run_operation(Task& task) {
     ctx = registry_.find(id);
     if (!ctx) {
       r.status = missing(id);
+    } else if (Status busy = check_idle(id, false); !busy.is_ok()) {
+      r.status = busy;
     } else if (const auto* append = std::get_if<AppendKv>(&task.op)) {
       r.status = registry_.check_append(id, append->tokens);
     } else if (const auto* synthetic = std::get_if<AppendSynthetic>(&task.op)) {
@@ -255,6 +273,120 @@ Status StepLoop::run_operation(Task& task) {
              {"status", result.status.to_string()},
              {"ms", ms_between(start, std::chrono::steady_clock::now())}});
   complete(task, std::move(r));
+  return Status::ok();
+}
+
+// ---- Long-running operations ----
+
+Status StepLoop::check_idle(ContextId id, bool query) const {
+  for (const ActiveOperation& a : active_) {
+    const std::optional<OperationRecord> r = registry_.operations().get(a.id);
+    if (!r || r->context_id != id || (query && !a.op->refuses_queries())) continue;
+    return Status(ErrorCode::kConflict, "context " + std::to_string(id) + " is busy with " +
+                                            operation_kind_name(a.op->kind()) + " operation " + a.id);
+  }
+  return Status::ok();
+}
+
+void StepLoop::start_long(Task& task) {
+  OperationTable& table = registry_.operations();
+  const std::string& id = task.operation_id;
+  const char* kind = operation_kind_name(task.long_operation->kind());
+  if (table.cancel_requested(id)) {
+    table.finish(id, OperationState::kCancelled, "cancelled before it started");
+    metrics_.count_operation(kind, "cancelled");
+    return;
+  }
+  if (const Status s = task.long_operation->start(registry_); !s.is_ok()) {
+    table.finish(id, OperationState::kFailed, s.message());
+    metrics_.count_operation(kind, "failed");
+    log_event(LogLevel::kWarn, "operation failed", {{"operation", id}, {"kind", kind}, {"error", s.to_string()}});
+    return;
+  }
+  table.set_running(id);
+  table.set_progress(id, task.long_operation->progress());
+  log_event(LogLevel::kInfo, "operation started",
+            {{"operation", id}, {"kind", kind}, {"request_id", task.request_id},
+             {"tokens_total", task.long_operation->progress().tokens_total}});
+  active_.push_back({id, std::move(task.long_operation), std::chrono::steady_clock::now(), 0});
+}
+
+void StepLoop::log_progress(ActiveOperation& a, bool force) {
+  // One line per tenth of the work, or every few seconds on a slow one.
+  const OperationProgress p = a.op->progress();
+  const int tenths = p.tokens_total > 0 ? static_cast<int>(10 * p.tokens_done / p.tokens_total) : 0;
+  const auto now = std::chrono::steady_clock::now();
+  if (!force && tenths <= a.logged_tenths && now - a.last_log < std::chrono::seconds(5)) return;
+  a.logged_tenths = tenths;
+  a.last_log = now;
+  const std::optional<OperationRecord> r = registry_.operations().get(a.id);
+  log_event(LogLevel::kInfo, "operation progress",
+            {{"operation", a.id},
+             {"kind", operation_kind_name(a.op->kind())},
+             {"tokens_done", p.tokens_done},
+             {"tokens_total", p.tokens_total},
+             {"percent", p.tokens_total > 0 ? 100.0 * p.tokens_done / p.tokens_total : 0.0},
+             {"bytes_done", p.bytes_done},
+             {"bytes_per_s", r ? r->bytes_per_s : 0.0}});
+}
+
+Status StepLoop::run_slice() {
+  ActiveOperation a = std::move(active_.front());
+  active_.pop_front();
+  OperationTable& table = registry_.operations();
+  if (table.cancel_requested(a.id)) return end_long(a, OperationState::kCancelled, "cancelled by request");
+  const std::optional<Operation> slice = a.op->next_slice();
+  if (!slice) return end_long(a, OperationState::kSucceeded, "");
+  OperationResult result;
+  REATTN_RETURN_IF_ERROR(ranks_.submit(*slice, &result));
+  const int64_t bytes_before = a.op->progress().bytes_done;
+  const Status s = a.op->on_slice_done(*slice, result, registry_);
+  const OperationProgress p = a.op->progress();
+  table.set_progress(a.id, p);
+  metrics_.add_operation_bytes(operation_kind_name(a.op->kind()), p.bytes_done - bytes_before);
+  if (!s.is_ok()) return end_long(a, OperationState::kFailed, s.message());
+  log_progress(a, false);
+  active_.push_back(std::move(a));
+  return Status::ok();
+}
+
+Status StepLoop::end_long(ActiveOperation& a, OperationState state, const std::string& error) {
+  OperationTable& table = registry_.operations();
+  std::string why = error;
+  if (state != OperationState::kSucceeded) {
+    for (const Operation& undo : a.op->rollback()) {
+      OperationResult result;
+      REATTN_RETURN_IF_ERROR(ranks_.submit(undo, &result));
+      if (result.status.is_ok()) continue;
+      // The ranks could not put the context back: it is dropped rather than left inconsistent.
+      const ContextId id = operation_context(undo);
+      OperationResult erased;
+      REATTN_RETURN_IF_ERROR(ranks_.submit(EraseContext{id}, &erased));
+      registry_.erase(id);
+      why += "; the rollback failed (" + result.status.message() + "), so context " + std::to_string(id) +
+             " was dropped";
+      break;
+    }
+    a.op->on_rolled_back(registry_);
+  }
+  table.set_progress(a.id, a.op->progress());
+  table.finish(a.id, state, why);
+  metrics_.count_operation(operation_kind_name(a.op->kind()), operation_state_name(state));
+  log_progress(a, true);
+  log_event(state == OperationState::kSucceeded ? LogLevel::kInfo : LogLevel::kWarn, "operation finished",
+            {{"operation", a.id},
+             {"kind", operation_kind_name(a.op->kind())},
+             {"state", operation_state_name(state)},
+             {"error", capped(why, OperationTable::kErrorBytes)}});
+  return Status::ok();
+}
+
+Status StepLoop::cancel_all_long(const std::string& why) {
+  while (!active_.empty()) {
+    ActiveOperation a = std::move(active_.front());
+    active_.pop_front();
+    REATTN_RETURN_IF_ERROR(end_long(a, OperationState::kCancelled, why));
+  }
   return Status::ok();
 }
 

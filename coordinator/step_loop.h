@@ -4,14 +4,22 @@
 // phase); other tasks go one at a time, in arrival order. Each task is checked again against
 // the registry as it is now (a context may have been deleted or grown since the request was
 // read). The registry is updated only after the ranks have applied an operation.
+// Long-running operations (coordinator/long_operation.h) start when their task is popped and
+// then run one slice after each batch of tasks, or whenever the queue is empty, so queries on
+// other contexts are answered between slices; tasks on a context whose operation is running
+// get 409 naming it.
 // Thread-safety: run() on the thread that makes MPI calls; nothing else is called on it.
 #pragma once
 
+#include <deque>
 #include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "common/config.h"
 #include "common/protocol.h"
+#include "coordinator/long_operation.h"
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
@@ -48,6 +56,24 @@ class StepLoop {
   // answered 503 and never run.
   bool drop_if_expired(Task& task, std::chrono::steady_clock::time_point now);
 
+  // Long-running operations, in the order they started; slices go round-robin.
+  struct ActiveOperation {
+    std::string id;
+    std::shared_ptr<LongOperation> op;
+    std::chrono::steady_clock::time_point last_log;
+    int logged_tenths = 0;  // progress logged up to this many tenths
+  };
+  void start_long(Task& task);
+  // One slice of the operation at the front (which then goes to the back). A fault is returned.
+  Status run_slice();
+  // Ends `a` (not yet removed from active_): rolls back unless it succeeded, records it.
+  Status end_long(ActiveOperation& a, OperationState state, const std::string& error);
+  void log_progress(ActiveOperation& a, bool force);
+  // Conflict when a running long operation holds `id` (for a query: one that refuses queries).
+  Status check_idle(ContextId id, bool query) const;
+  // At shutdown: every running operation is cancelled and rolled back.
+  Status cancel_all_long(const std::string& why);
+
   OperationRunner& ranks_;
   TaskQueue& queue_;
   Registry& registry_;
@@ -55,6 +81,7 @@ class StepLoop {
   ServiceState& state_;
   const Config config_;
   Post post_;
+  std::deque<ActiveOperation> active_;
 };
 
 }  // namespace reattn

@@ -20,6 +20,10 @@
 #include "coordinator/registry.h"
 
 namespace reattn {
+class LongOperation;  // coordinator/long_operation.h
+}
+
+namespace reattn {
 
 struct TaskResult {
   Status status;
@@ -42,10 +46,16 @@ struct Task {
   std::shared_ptr<const std::atomic<bool>> client_gone;
   // Called once with the result, on an HTTP thread (the step loop posts it there).
   std::function<void(TaskResult)> done;
+  // Set: the task starts this long-running operation (`op` is unused); its record is
+  // `operation_id` in the registry's OperationTable. Its client was answered 202 already.
+  std::shared_ptr<LongOperation> long_operation;
+  std::string operation_id;
 };
 
 // Whether a task is a query (batched with its neighbours) rather than an operation alone.
-inline bool is_query(const Task& task) { return std::holds_alternative<StepPlan>(task.op); }
+inline bool is_query(const Task& task) {
+  return !task.long_operation && std::holds_alternative<StepPlan>(task.op);
+}
 
 class TaskQueue {
  public:

@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <functional>
 #include <optional>
+#include <thread>
 
+#include "coordinator/long_operation.h"
 #include "coordinator/step_loop.h"
 #include "tests/http/tiny_service_config.h"
 
@@ -180,6 +183,224 @@ TEST_F(StepLoopTest, AFatalFaultFailsTheBatchAndEveryQueuedTask) {
   }
   EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
   EXPECT_TRUE(registry_.find(1).has_value());  // the erase did not go through
+}
+
+}  // namespace
+}  // namespace reattn
+
+namespace reattn {
+namespace {
+
+// A long operation of `slices` slices, each appending 10 synthetic tokens to its context;
+// its rollback is one append of 0 tokens with seed 777 (a marker the fake ranks record).
+class FakeLoad final : public LongOperation {
+ public:
+  FakeLoad(ContextId id, int slices) : id_(id), slices_(slices) {}
+  OperationKind kind() const override { return OperationKind::kLoad; }
+  Status start(Registry& registry) override {
+    const std::optional<ContextInfo> ctx = registry.find(id_);
+    if (!ctx) return not_found("no context");
+    before_ = ctx->tokens;
+    return Status::ok();
+  }
+  std::optional<Operation> next_slice() override {
+    if (done_ == slices_) return std::nullopt;
+    return AppendSynthetic{id_, 10, 0, {}};
+  }
+  Status on_slice_done(const Operation&, const OperationResult& result, Registry& registry) override {
+    if (!result.status.is_ok()) return result.status;
+    ++done_;
+    registry.set_tokens(id_, before_ + 10 * done_);
+    return Status::ok();
+  }
+  OperationProgress progress() const override { return {10 * done_, 10 * slices_, 100 * done_}; }
+  std::vector<Operation> rollback() override { return {AppendSynthetic{id_, 0, 777, {}}}; }
+  void on_rolled_back(Registry& registry) override { registry.set_tokens(id_, before_); }
+
+ private:
+  ContextId id_;
+  int64_t slices_;
+  int64_t done_ = 0;
+  int64_t before_ = 0;
+};
+
+bool is_undo(const Operation& op) {
+  const auto* a = std::get_if<AppendSynthetic>(&op);
+  return a && a->seed == 777;
+}
+bool is_slice(const Operation& op) {
+  const auto* a = std::get_if<AppendSynthetic>(&op);
+  return a && a->seed == 0 && a->tokens == 10;
+}
+
+class LongOperationTest : public StepLoopTest {
+ protected:
+  // Queues the operation's task; returns its id.
+  std::string push_long(ContextId id, int slices) {
+    Task t;
+    t.operation_id = registry_.operations().create(OperationKind::kLoad, id, 10 * slices);
+    t.long_operation = std::make_shared<FakeLoad>(id, slices);
+    const std::string op = t.operation_id;
+    EXPECT_TRUE(queue_.push(std::move(t)).is_ok());
+    return op;
+  }
+  // Runs the loop on a thread until operation `op` finishes, then closes the queue.
+  Status run_until_finished(const std::string& op) {
+    Status result;
+    std::thread loop_thread([&] {
+      StepLoop loop(ranks_, queue_, registry_, metrics_, state_, config_, [](std::function<void()> f) { f(); });
+      result = loop.run();
+    });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!is_finished(registry_.operations().get(op)->state) && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    queue_.close();
+    loop_thread.join();
+    return result;
+  }
+  static StepPlan answered(const Operation& op, OperationResult* r) {
+    const StepPlan& plan = std::get<StepPlan>(op);
+    for (size_t i = 0; i < plan.queries.size(); ++i) r->queries.push_back(QueryResult{});
+    return plan;
+  }
+};
+
+TEST_F(LongOperationTest, SlicesInterleaveWithTasksAndTheContextIsBusyMeanwhile) {
+  registry_.insert({1, 0, 40});
+  registry_.insert({2, 1, 100});
+  const std::string op = push_long(1, 3);
+  push(query(2, 1), 0);
+  push(query(1, 1), 1);                   // the context is being loaded: refused
+  push(AppendSynthetic{1, 5, 0, {}}, 2);  // likewise
+  push(EraseContext{1}, 3);               // likewise
+  ranks_.answer = [](const Operation& op, OperationResult* r) {
+    if (std::holds_alternative<StepPlan>(op)) answered(op, r);
+    return Status::ok();
+  };
+  // At request time the table already names the operation.
+  const Status busy = registry_.operations().check_not_busy(1);
+  EXPECT_EQ(busy.code(), ErrorCode::kConflict);
+  EXPECT_NE(busy.message().find(op), std::string::npos) << busy.message();
+  EXPECT_TRUE(registry_.operations().check_not_busy(2).is_ok());
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+
+  ASSERT_EQ(ranks_.seen.size(), 4u);
+  EXPECT_TRUE(is_slice(ranks_.seen[0]));
+  ASSERT_TRUE(std::holds_alternative<StepPlan>(ranks_.seen[1]));  // the query on context 2, between slices
+  EXPECT_EQ(std::get<StepPlan>(ranks_.seen[1]).queries.size(), 1u);
+  EXPECT_EQ(std::get<StepPlan>(ranks_.seen[1]).queries[0].context_id, 2u);
+  EXPECT_TRUE(is_slice(ranks_.seen[2]));
+  EXPECT_TRUE(is_slice(ranks_.seen[3]));
+  EXPECT_TRUE(results_[0]->status.is_ok());
+  for (size_t i = 1; i <= 3; ++i) {
+    EXPECT_EQ(results_[i]->status.code(), ErrorCode::kConflict) << i;
+    EXPECT_NE(results_[i]->status.message().find(op), std::string::npos) << results_[i]->status.message();
+  }
+  const OperationRecord r = *registry_.operations().get(op);
+  EXPECT_EQ(r.state, OperationState::kSucceeded);
+  EXPECT_EQ(r.progress.tokens_done, 30);
+  EXPECT_EQ(r.progress.bytes_done, 300);
+  EXPECT_TRUE(r.error.empty());
+  EXPECT_EQ(registry_.find(1)->tokens, 70);
+  EXPECT_TRUE(registry_.operations().check_not_busy(1).is_ok());
+  EXPECT_EQ(registry_.operations().request_cancel(op).code(), ErrorCode::kConflict);  // already finished
+  EXPECT_NE(metrics_.render({}).find("reattn_operations_total{kind=\"load\",state=\"succeeded\"} 1"), std::string::npos);
+}
+
+TEST_F(LongOperationTest, ACancelMidwayRollsBackAndRestoresTheRegistry) {
+  registry_.insert({1, 0, 40});
+  const std::string op = push_long(1, 5);
+  int slices = 0;
+  ranks_.answer = [&](const Operation& o, OperationResult*) {
+    if (is_slice(o) && ++slices == 2) {
+      EXPECT_TRUE(registry_.operations().request_cancel(op).is_ok());
+    }
+    return Status::ok();
+  };
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+  ASSERT_EQ(ranks_.seen.size(), 3u);  // two slices, then the undo
+  EXPECT_TRUE(is_undo(ranks_.seen[2]));
+  const OperationRecord r = *registry_.operations().get(op);
+  EXPECT_EQ(r.state, OperationState::kCancelled);
+  EXPECT_EQ(r.progress.tokens_done, 20);
+  EXPECT_EQ(registry_.find(1)->tokens, 40);
+}
+
+TEST_F(LongOperationTest, AFailedSliceFailsTheOperationWithItsErrorAndRollsBack) {
+  registry_.insert({1, 0, 40});
+  const std::string op = push_long(1, 5);
+  int slices = 0;
+  ranks_.answer = [&](const Operation& o, OperationResult* r) {
+    if (is_slice(o) && ++slices == 3) r->status = invalid_argument("tensor 'k': NaN at index 12345");
+    return Status::ok();
+  };
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+  ASSERT_EQ(ranks_.seen.size(), 4u);
+  EXPECT_TRUE(is_undo(ranks_.seen[3]));
+  const OperationRecord r = *registry_.operations().get(op);
+  EXPECT_EQ(r.state, OperationState::kFailed);
+  EXPECT_NE(r.error.find("NaN at index 12345"), std::string::npos) << r.error;
+  EXPECT_EQ(registry_.find(1)->tokens, 40);
+}
+
+TEST_F(LongOperationTest, AFailedRollbackDropsTheContextRatherThanLeaveItInconsistent) {
+  registry_.insert({1, 0, 40});
+  const std::string op = push_long(1, 5);
+  ranks_.answer = [&](const Operation& o, OperationResult* r) {
+    if (is_slice(o)) r->status = invalid_argument("bad slice");
+    if (is_undo(o)) r->status = internal_error("could not restore");
+    return Status::ok();
+  };
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+  ASSERT_EQ(ranks_.seen.size(), 3u);
+  EXPECT_TRUE(std::holds_alternative<EraseContext>(ranks_.seen[2]));
+  EXPECT_FALSE(registry_.find(1).has_value());
+  EXPECT_NE(registry_.operations().get(op)->error.find("dropped"), std::string::npos);
+}
+
+TEST_F(LongOperationTest, CancelledBeforeItStartsRunsNothingAndStartFailuresAreRecorded) {
+  registry_.insert({1, 0, 40});
+  const std::string cancelled = push_long(1, 5);
+  EXPECT_TRUE(registry_.operations().request_cancel(cancelled).is_ok());
+  const std::string orphan = push_long(9, 5);  // no such context by the time it starts
+  ASSERT_TRUE(run_until_finished(orphan).is_ok());
+  EXPECT_TRUE(ranks_.seen.empty());
+  EXPECT_EQ(registry_.operations().get(cancelled)->state, OperationState::kCancelled);
+  EXPECT_EQ(registry_.operations().get(orphan)->state, OperationState::kFailed);
+  EXPECT_EQ(registry_.operations().request_cancel("op-999").code(), ErrorCode::kNotFound);
+}
+
+TEST_F(LongOperationTest, ShuttingDownCancelsARunningOperation) {
+  registry_.insert({1, 0, 40});
+  const std::string op = push_long(1, 1000);
+  ranks_.answer = [&](const Operation& o, OperationResult*) {
+    if (is_slice(o)) queue_.close();
+    return Status::ok();
+  };
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+  EXPECT_EQ(registry_.operations().get(op)->state, OperationState::kCancelled);
+  EXPECT_TRUE(is_undo(ranks_.seen.back()));
+  EXPECT_EQ(registry_.find(1)->tokens, 40);
+}
+
+TEST(OperationTable, KeepsABoundedNumberOfFinishedRecordsOldestDropped) {
+  OperationTable table;
+  const std::string running = table.create(OperationKind::kSnapshot, 5, 0);
+  table.set_running(running);
+  std::string first;
+  for (size_t i = 0; i < OperationTable::kKeptFinished + 10; ++i) {
+    const std::string id = table.create(OperationKind::kLoad, 1, 10);
+    if (i == 0) first = id;
+    table.finish(id, OperationState::kFailed, std::string(5000, 'x'));
+  }
+  EXPECT_EQ(table.list().size(), OperationTable::kKeptFinished + 1);
+  EXPECT_FALSE(table.get(first).has_value());
+  EXPECT_TRUE(table.get(running).has_value());  // unfinished records are never dropped
+  EXPECT_LE(table.list().back().error.size(), OperationTable::kErrorBytes + 4);
+  // A snapshot leaves queries alone; other requests on its context are refused.
+  EXPECT_TRUE(table.check_not_busy(5, /*queries_too=*/true).is_ok());
+  EXPECT_EQ(table.check_not_busy(5).code(), ErrorCode::kConflict);
 }
 
 }  // namespace
