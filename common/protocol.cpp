@@ -177,15 +177,20 @@ std::string encode_operation(const Operation& op) {
                         },
                         [&](const SnapshotContext& o) {
                           w.put(o.context_id);
+                          w.put(static_cast<int32_t>(o.phase));
                           w.put_bytes(o.name);
                           w.put_bytes(o.tmp);
                           w.put_bytes(o.created);
+                          w.put(o.first_layer);
+                          w.put(o.end_layer);
                         },
                         [&](const RestoreContext& o) {
                           w.put(o.context_id);
+                          w.put(static_cast<int32_t>(o.phase));
                           w.put(o.owner_rank);
                           w.put_bytes(o.name);
                           w.put_bytes(o.manifest);
+                          w.put(o.layer);
                         }},
              op);
   return w.take();
@@ -242,13 +247,16 @@ Expected<Operation> decode_operation(const std::string& bytes) {
     }
     case 7: {
       SnapshotContext o;
-      r.get(&o.context_id) && r.get_bytes(&o.name) && r.get_bytes(&o.tmp) && r.get_bytes(&o.created);
+      r.get(&o.context_id) && r.get_enum(&o.phase, SnapshotPhase::kWrite, SnapshotPhase::kAbort) &&
+          r.get_bytes(&o.name) && r.get_bytes(&o.tmp) && r.get_bytes(&o.created) && r.get(&o.first_layer) &&
+          r.get(&o.end_layer);
       op = std::move(o);
       break;
     }
     case 8: {
       RestoreContext o;
-      r.get(&o.context_id) && r.get(&o.owner_rank) && r.get_bytes(&o.name) && r.get_bytes(&o.manifest);
+      r.get(&o.context_id) && r.get_enum(&o.phase, RestorePhase::kOpen, RestorePhase::kClose) &&
+          r.get(&o.owner_rank) && r.get_bytes(&o.name) && r.get_bytes(&o.manifest) && r.get(&o.layer);
       op = std::move(o);
       break;
     }

@@ -95,22 +95,33 @@ struct LayerStep {
   std::string v;             // each value is converted once, into the storage dtype
 };
 
-// Snapshot: every rank writes its blocks of the context into <snapshot_dir>/<tmp>/; rank 0
-// then writes the manifest and renames the directory to <snapshot_dir>/<name>
-// (worker/snapshot_files.h). `created` is the manifest's UTC time.
+// A snapshot runs as slices (coordinator/snapshot_operations.h): kWrite slices append layers
+// [first_layer, end_layer) of the context to every rank's file in <snapshot_dir>/<tmp>/ (the
+// first one creates it); kPublish closes the files, and rank 0 writes the manifest (`created`
+// its UTC time) and renames the directory to <snapshot_dir>/<name>; kAbort (the rollback)
+// drops the files. The context is only read (worker/snapshot_worker.h).
+enum class SnapshotPhase : int32_t { kWrite, kPublish, kAbort };
 struct SnapshotContext {
   ContextId context_id = 0;
+  SnapshotPhase phase = SnapshotPhase::kWrite;
   std::string name;
   std::string tmp;
   std::string created;
+  int32_t first_layer = 0;
+  int32_t end_layer = 0;
 };
-// Restore: a new context `context_id` owned by `owner_rank` from the snapshot <snapshot_dir>/<name>,
-// whose manifest rank 0 read (its text, so every rank restores the same one).
+// A restore into the new context `context_id`, as slices: kOpen checks the snapshot
+// <snapshot_dir>/<name> (its manifest text, as rank 0 read it) on every rank, verifies the
+// files' checksums and makes the empty context owned by `owner_rank`; kLayer appends layer
+// `layer` from the files; kClose lets the files go (last, and in a rollback before the erase).
+enum class RestorePhase : int32_t { kOpen, kLayer, kClose };
 struct RestoreContext {
   ContextId context_id = 0;
+  RestorePhase phase = RestorePhase::kOpen;
   int32_t owner_rank = 0;
   std::string name;
-  std::string manifest;
+  std::string manifest;  // kOpen only
+  int32_t layer = 0;     // kLayer
 };
 
 using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep,
@@ -135,8 +146,9 @@ struct OperationResult {
   bool context_dropped = false;       // an append failed on some ranks only: the context was erased everywhere
   std::vector<QueryResult> queries;   // a step or layer step, on its reply rank: one per query
   StepTiming timing;                  // a step
-  std::vector<int64_t> layer_tokens;  // a restore: each layer's length
-  std::string manifest;               // a snapshot, on rank 0: the manifest it published
+  std::vector<int64_t> layer_tokens;  // a restore slice: each layer's length afterwards
+  std::string manifest;               // a snapshot's kPublish, on rank 0: the manifest it published
+  int64_t bytes = 0;                  // a snapshot's kWrite, on rank 0: bytes all ranks wrote
 };
 
 // Runs operations on every rank (rank 0 side). The step loop depends on this, not on MPI,

@@ -110,6 +110,11 @@ Expected<ContextInfo> Registry::plan_create(ContextId id) {
   return ContextInfo{id != 0 ? id : next_id_++, best, 0};
 }
 
+ContextId Registry::reserve_id() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_id_++;
+}
+
 void Registry::insert(const ContextInfo& given) {
   ContextInfo info = given;
   if (info.layer_tokens.empty()) info.layer_tokens.assign(config_.model.layers, info.tokens);

@@ -59,6 +59,9 @@ class Registry {
   // `id` non-zero: that id (a context restored at start-up keeps its own), InvalidArgument
   // when it is held.
   Expected<ContextInfo> plan_create(ContextId id = 0);
+  // An id no other context will get, for a context an operation makes later (a restore
+  // answers with its id at once): plan_create(id) then uses it.
+  ContextId reserve_id();
   // `info.layer_tokens` empty: every layer at info.tokens. Later ids are above info.id.
   void insert(const ContextInfo& info);
   void erase(ContextId id);

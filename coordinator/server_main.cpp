@@ -35,6 +35,7 @@
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
 #include "coordinator/snapshot_catalog.h"
+#include "coordinator/snapshot_operations.h"
 #include "coordinator/step_loop.h"
 #include "coordinator/task_queue.h"
 #include "kernels/make_backend.h"
@@ -158,14 +159,12 @@ class Coordinator {
     for (size_t i = 0; i < all.size(); ++i) {
       const SnapshotManifest& m = all[i].manifest;
       const auto t0 = std::chrono::steady_clock::now();
-      Expected<ContextInfo> planned = registry_.plan_create(m.context_id);
-      if (!planned && planned.status().code() == ErrorCode::kInvalidArgument) planned = registry_.plan_create();
-      Status outcome = planned.status();
-      OperationResult result;
-      if (planned) {
-        REATTN_RETURN_IF_ERROR(ranks.submit(RestoreContext{planned->id, planned->owner_rank, m.name, all[i].text}, &result));
-        outcome = result.status;
-      }
+      // Its own id where that is free, else a new one.
+      const ContextId id = registry_.find(m.context_id) ? registry_.reserve_id() : m.context_id;
+      snapshots_.hold_existing(m.name);
+      RestoreOperation op(snapshots_, all[i], id);
+      Status outcome;
+      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome));
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json fields = {{"snapshot", m.name}, {"done", i + 1}, {"of", all.size()}, {"seconds", seconds}};
       if (!outcome.is_ok()) {
@@ -173,9 +172,8 @@ class Coordinator {
         log_event(LogLevel::kError, "snapshot not restored", fields);
         continue;
       }
-      registry_.insert(restored_context(*planned, result.layer_tokens));
       ++restored;
-      fields.update({{"context_id", planned->id}, {"snapshot_context_id", m.context_id}, {"tokens", m.tokens()},
+      fields.update({{"context_id", id}, {"snapshot_context_id", m.context_id}, {"tokens", m.tokens()},
                      {"bytes", m.total_bytes()}, {"gb_per_s", seconds > 0 ? m.total_bytes() / seconds / 1e9 : 0.0}});
       log_event(LogLevel::kInfo, "snapshot restored", fields);
     }

@@ -110,14 +110,12 @@ void SnapshotCatalog::release(const std::string& name) {
   if (it != held_.end() && --it->second <= 0) held_.erase(it);
 }
 
-Status SnapshotCatalog::remove(const std::string& name, bool* busy) {
-  *busy = false;
+Status SnapshotCatalog::remove(const std::string& name) {
   REATTN_RETURN_IF_ERROR(check_enabled());
   REATTN_RETURN_IF_ERROR(check_snapshot_name(name));
   std::lock_guard<std::mutex> lock(mu_);
   if (held_.count(name)) {
-    *busy = true;
-    return invalid_argument("snapshot '" + name + "' is in use by an operation (being written or restored)");
+    return Status(ErrorCode::kConflict, "snapshot '" + name + "' is in use by an operation (being written or restored)");
   }
   const fs::path path = fs::path(dir_) / name;
   std::error_code ec;

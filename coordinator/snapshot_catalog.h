@@ -50,8 +50,8 @@ class SnapshotCatalog {
   void release(const std::string& name);
 
   // Removes a complete snapshot: renamed away at once (no longer complete), then deleted.
-  // NotFound, or Busy (busy = true) while an operation holds it.
-  Status remove(const std::string& name, bool* busy);
+  // NotFound, or Conflict while an operation holds it.
+  Status remove(const std::string& name);
 
  private:
   bool exists_locked(const std::string& name) const;

@@ -1,8 +1,6 @@
 #include "coordinator/step_loop.h"
 
-#include <algorithm>
 #include <chrono>
-#include <tuple>
 #include <utility>
 
 #include "common/excerpt.h"
@@ -16,16 +14,6 @@ double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_c
 }
 
 Status missing(ContextId id) { return not_found("context " + std::to_string(id) + " not found"); }
-
-}  // namespace
-
-ContextInfo restored_context(ContextInfo planned, const std::vector<int64_t>& layer_tokens) {
-  planned.layer_tokens = layer_tokens;
-  planned.tokens = layer_tokens.empty() ? 0 : *std::min_element(layer_tokens.begin(), layer_tokens.end());
-  return planned;
-}
-
-namespace {
 
 }  // namespace
 
@@ -197,9 +185,7 @@ Status StepLoop::run_operation(Task& task) {
   TaskResult r;
   r.queue_ms = ms_between(task.enqueued, start);
   std::optional<ContextInfo> ctx;
-  auto* create = std::get_if<CreateContext>(&task.op);
-  auto* restore = std::get_if<RestoreContext>(&task.op);
-  if (create || restore) {
+  if (auto* create = std::get_if<CreateContext>(&task.op)) {
     Expected<ContextInfo> planned = registry_.plan_create();
     if (!planned) {
       r.status = planned.status();
@@ -207,8 +193,7 @@ Status StepLoop::run_operation(Task& task) {
       return Status::ok();
     }
     ctx = *planned;
-    if (create) *create = CreateContext{ctx->id, ctx->owner_rank};
-    if (restore) std::tie(restore->context_id, restore->owner_rank) = std::make_pair(ctx->id, ctx->owner_rank);
+    *create = CreateContext{ctx->id, ctx->owner_rank};
   } else {
     const ContextId id = operation_context(task.op);
     ctx = registry_.find(id);
@@ -238,13 +223,6 @@ Status StepLoop::run_operation(Task& task) {
       registry_.insert(*ctx);
       r.context = *registry_.find(ctx->id);
     }
-  } else if (restore) {
-    if (result.status.is_ok()) {
-      registry_.insert(restored_context(*ctx, result.layer_tokens));
-      r.context = *registry_.find(ctx->id);
-    }
-  } else if (std::holds_alternative<SnapshotContext>(task.op)) {
-    r.manifest = std::move(result.manifest);
   } else if (std::holds_alternative<EraseContext>(task.op)) {
     if (result.status.is_ok() || result.status.code() == ErrorCode::kNotFound) registry_.erase(ctx->id);
   } else if (const auto* step = std::get_if<LayerStep>(&task.op)) {
@@ -297,7 +275,10 @@ void StepLoop::start_long(Task& task) {
     metrics_.count_operation(kind, "cancelled");
     return;
   }
-  if (const Status s = task.long_operation->start(registry_); !s.is_ok()) {
+  const std::optional<OperationRecord> record = table.get(id);
+  Status s = record && record->context_id != 0 ? check_idle(record->context_id, false) : Status::ok();
+  if (s.is_ok()) s = task.long_operation->start(registry_);
+  if (!s.is_ok()) {
     table.finish(id, OperationState::kFailed, s.message());
     metrics_.count_operation(kind, "failed");
     log_event(LogLevel::kWarn, "operation failed", {{"operation", id}, {"kind", kind}, {"error", s.to_string()}});

@@ -27,10 +27,6 @@
 
 namespace reattn {
 
-// The registry's entry for a context restored from a snapshot: `planned` (id, owner) with
-// the restored layer lengths.
-ContextInfo restored_context(ContextInfo planned, const std::vector<int64_t>& layer_tokens);
-
 class StepLoop {
  public:
   // `post` runs a completion on an HTTP thread, so the step loop never formats responses.

@@ -32,7 +32,6 @@ struct TaskResult {
   StepTiming timing;          // a query: the step it ran in
   double queue_ms = 0;        // from push to the start of its step
   size_t batch_size = 0;      // a query: queries in its step
-  std::string manifest;       // a snapshot: the manifest it published
 };
 
 struct Task {

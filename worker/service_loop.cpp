@@ -1,16 +1,12 @@
 #include "worker/service_loop.h"
 
 #include <chrono>
-#include <cstring>
-#include <filesystem>
 #include <string>
 #include <type_traits>
 #include <utility>
 
 #include "common/safetensors.h"
-#include "common/snapshot_manifest.h"
 #include "common/synthetic.h"
-#include "worker/snapshot_files.h"
 
 namespace reattn {
 namespace {
@@ -22,9 +18,9 @@ bool is_fault(const Status& s) { return s.code() == ErrorCode::kFatal; }
 ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator& comm, const Config& config,
                          StepOptions step_options)
     : control_(control),
-      backend_(backend),
       config_(config),
       store_(backend, config, control.rank(), control.world()),
+      snapshots_(control, backend, store_, config),
       runner_(backend, comm, config, store_, step_options) {}
 
 Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
@@ -68,8 +64,8 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
         if constexpr (std::is_same_v<T, StepPlan>) return apply_step(o, result);
         if constexpr (std::is_same_v<T, Shutdown>) return Status::ok();
         if constexpr (std::is_same_v<T, LayerStep>) return apply_layer_step(o, result);
-        if constexpr (std::is_same_v<T, SnapshotContext>) return apply_snapshot(o, result);
-        if constexpr (std::is_same_v<T, RestoreContext>) return apply_restore(o, result);
+        if constexpr (std::is_same_v<T, SnapshotContext>) return snapshots_.apply(o, result);
+        if constexpr (std::is_same_v<T, RestoreContext>) return snapshots_.apply(o, result);
       },
       op);
 }
@@ -214,136 +210,3 @@ Status ServiceLoop::apply_step(const StepPlan& plan, OperationResult* result) {
 
 }  // namespace reattn
 
-namespace reattn {
-namespace {
-
-// What each rank sends rank 0 about its snapshot file: its size and crc32.
-struct FileSummary {
-  uint64_t bytes = 0;
-  uint32_t crc32 = 0;
-};
-
-std::string snapshot_path(const Config& config, const std::string& leaf) {
-  return (std::filesystem::path(config.server.snapshot_dir) / leaf).string();
-}
-
-// The name and tmp leaf of a snapshot operation: rank 0 made them; checked again, as paths.
-Status check_snapshot_leaves(const SnapshotContext& op) {
-  REATTN_RETURN_IF_ERROR(check_snapshot_name(op.name));
-  if (op.tmp.rfind(kSnapshotTmpPrefix, 0) != 0 || op.tmp.find('/') != std::string::npos) {
-    return internal_error("snapshot: bad temporary directory name");
-  }
-  return Status::ok();
-}
-
-}  // namespace
-
-// Every rank writes its file into the temporary directory; rank 0 gathers their sizes and
-// checksums, writes the manifest and publishes the directory. Any failure removes the
-// temporary directory (rank 0) and changes nothing else: the context is only read.
-Status ServiceLoop::apply_snapshot(const SnapshotContext& op, OperationResult* result) {
-  const std::string tmp = snapshot_path(config_, op.tmp);
-  const ContextShard* ctx = store_.find(op.context_id);
-  Status local = config_.server.snapshot_dir.empty() ? invalid_argument("snapshots are off: no server.snapshot_dir")
-                                                     : check_snapshot_leaves(op);
-  if (local.is_ok() && !ctx) local = not_found("context " + std::to_string(op.context_id) + " not found");
-  FileSummary mine;
-  if (local.is_ok()) {
-    std::error_code ec;
-    std::filesystem::create_directories(tmp, ec);
-    if (ec) local = internal_error("cannot create '" + tmp + "': " + ec.message());
-  }
-  if (local.is_ok()) {
-    Expected<SnapshotFile> file =
-        write_snapshot_file(store_, backend_, config_, *ctx, tmp, control_.rank(), control_.world());
-    local = file.status();
-    if (file) mine = FileSummary{file->bytes, file->crc32};
-  }
-  const auto discard = [&] {
-    std::error_code ec;
-    if (control_.rank() == 0 && !tmp.empty()) std::filesystem::remove_all(tmp, ec);
-  };
-  const Status written = control_.agree(local);
-  if (is_fault(written)) return written;
-  if (!written.is_ok()) {
-    discard();
-    result->status = written;
-    return Status::ok();
-  }
-  std::vector<std::string> summaries;
-  REATTN_RETURN_IF_ERROR(control_.gather(std::string(reinterpret_cast<const char*>(&mine), sizeof(mine)), &summaries));
-  Status published = Status::ok();
-  if (control_.rank() == 0) {
-    SnapshotManifest m;
-    m.name = op.name;
-    m.created = op.created;
-    m.layers = config_.model.layers;
-    m.kv_heads = config_.model.kv_heads;
-    m.head_dim = config_.model.head_dim;
-    m.dtype = backend_.storage_dtype();
-    m.sink_tokens = config_.reattention.sink_tokens;
-    m.chunk_tokens = config_.reattention.chunk_tokens;
-    m.local_window = config_.reattention.local_window;
-    m.world = control_.world();
-    m.owner_rank = ctx->owner_rank;
-    m.context_id = op.context_id;
-    m.layer_tokens = ctx->layer_tokens;
-    for (int r = 0; r < m.world; ++r) {
-      SnapshotFile f = expected_snapshot_file(m, r);
-      FileSummary s;
-      if (summaries[r].size() != sizeof(s)) return Status(ErrorCode::kFatal, "snapshot: malformed file summary");
-      std::memcpy(&s, summaries[r].data(), sizeof(s));
-      f.bytes = s.bytes;
-      f.crc32 = s.crc32;
-      m.files.push_back(std::move(f));
-    }
-    published = publish_snapshot(tmp, snapshot_path(config_, op.name), m);
-    if (published.is_ok()) result->manifest = encode_manifest(m);
-  }
-  const Status agreed = control_.agree(published);
-  if (is_fault(agreed)) return agreed;
-  if (!agreed.is_ok()) discard();
-  result->status = agreed;
-  result->tokens = ctx->tokens;
-  return Status::ok();
-}
-
-// Every rank checks the manifest against its config and storage dtype, verifies the checksums
-// of its share of the files (file f on rank f mod world: the files are read once in all, in
-// parallel) and maps them all; only when every rank is ready does it make the context and
-// append every layer from the files (KvStore places home blocks, sinks and ring as for any
-// append). A failure anywhere erases the half-made context everywhere.
-Status ServiceLoop::apply_restore(const RestoreContext& op, OperationResult* result) {
-  const std::string dir = snapshot_path(config_, op.name);
-  Status local = config_.server.snapshot_dir.empty() ? invalid_argument("snapshots are off: no server.snapshot_dir")
-                                                     : check_snapshot_name(op.name);
-  Expected<SnapshotManifest> manifest = decode_manifest(op.manifest, "snapshot '" + op.name + "' manifest");
-  if (local.is_ok()) local = manifest.status();
-  if (local.is_ok()) local = check_manifest_fits(*manifest, config_, backend_.storage_dtype());
-  for (size_t f = control_.rank(); local.is_ok() && f < manifest->files.size(); f += control_.world()) {
-    local = verify_snapshot_file(dir, manifest->files[f]);
-  }
-  Expected<SnapshotReader> reader = local.is_ok() ? SnapshotReader::open(dir, *manifest) : Expected<SnapshotReader>(local);
-  const Status ready = control_.agree(reader.status());
-  if (is_fault(ready)) return ready;
-  if (!ready.is_ok()) {
-    result->status = ready;
-    return Status::ok();
-  }
-  const bool existed = store_.find(op.context_id) != nullptr;
-  Status made = store_.create(op.context_id, op.owner_rank);
-  for (int layer = 0; made.is_ok() && layer < config_.model.layers; ++layer) {
-    made = store_.append(op.context_id, SnapshotKvSource(*reader, layer), layer);
-  }
-  const Status agreed = control_.agree(made);
-  if (is_fault(agreed)) return agreed;
-  if (!agreed.is_ok() && !existed && store_.find(op.context_id)) (void)store_.erase(op.context_id);
-  result->status = agreed;
-  if (agreed.is_ok()) {
-    result->tokens = store_.find(op.context_id)->tokens;
-    result->layer_tokens = store_.find(op.context_id)->layer_tokens;
-  }
-  return Status::ok();
-}
-
-}  // namespace reattn

@@ -12,6 +12,7 @@
 #include "comm/control.h"
 #include "common/protocol.h"
 #include "worker/kv_store.h"
+#include "worker/snapshot_worker.h"
 #include "worker/step.h"
 
 namespace reattn {
@@ -44,16 +45,14 @@ class ServiceLoop final : public OperationRunner {
   Status apply_synthetic(const AppendSynthetic& op, OperationResult* result);
   Status apply_step(const StepPlan& plan, OperationResult* result);
   Status apply_layer_step(const LayerStep& op, OperationResult* result);
-  Status apply_snapshot(const SnapshotContext& op, OperationResult* result);
-  Status apply_restore(const RestoreContext& op, OperationResult* result);
   // only_layer < 0: every layer.
   Status apply_append(ContextId id, const KvSource* source, const Status& source_status, OperationResult* result,
                       int only_layer = -1);
 
   const Control& control_;
-  Backend& backend_;
   Config config_;
   KvStore store_;
+  SnapshotWorker snapshots_;  // snapshot and restore slices
   StepRunner runner_;
 };
 

@@ -102,19 +102,27 @@ std::string snapshot_tensor_name(int layer, const char* what) {
   return "layers." + std::to_string(layer) + "." + what;
 }
 
-Expected<SnapshotFile> write_snapshot_file(const KvStore& store, Backend& backend, const Config& config,
-                                           const ContextShard& ctx, const std::string& dir, int rank, int world,
-                                           size_t staging_bytes) {
+struct SnapshotFileWriter::File : FileWriter {
+  using FileWriter::FileWriter;
+};
+
+SnapshotFileWriter::SnapshotFileWriter(const KvStore& store, Backend& backend, const Config& config, int rank,
+                                       int world)
+    : store_(store), backend_(backend), config_(config), rank_(rank), world_(world) {}
+
+SnapshotFileWriter::~SnapshotFileWriter() = default;
+
+Expected<std::unique_ptr<SnapshotFileWriter>> SnapshotFileWriter::create(const KvStore& store, Backend& backend,
+                                                                         const Config& config, const ContextShard& ctx,
+                                                                         const std::string& dir, int rank, int world,
+                                                                         size_t staging_bytes) {
   const ModelConfig& m = config.model;
   const ReattentionConfig& rc = config.reattention;
   const DType dtype = backend.storage_dtype();
-  const size_t esize = dtype_size(dtype);
   const size_t block_bytes = store.block_bytes();
-  const size_t row_bytes = static_cast<size_t>(m.head_dim) * esize;
-  const size_t sink_bytes = static_cast<size_t>(m.kv_heads) * rc.sink_tokens * row_bytes;
-  const bool sinks = ctx.owner_rank == rank && rc.sink_tokens > 0;
-
-  SnapshotFile entry;
+  const size_t sink_bytes = static_cast<size_t>(m.kv_heads) * rc.sink_tokens * m.head_dim * dtype_size(dtype);
+  std::unique_ptr<SnapshotFileWriter> w(new SnapshotFileWriter(store, backend, config, rank, world));
+  SnapshotFile& entry = w->entry_;
   entry.file = snapshot_file_name(rank);
   entry.rank = rank;
   entry.sinks = ctx.owner_rank == rank;
@@ -131,54 +139,88 @@ Expected<SnapshotFile> write_snapshot_file(const KvStore& store, Backend& backen
       layout.push_back({snapshot_tensor_name(layer, "k"), dtype_name(dtype), block_shape, blocks * block_bytes});
       layout.push_back({snapshot_tensor_name(layer, "v"), dtype_name(dtype), block_shape, blocks * block_bytes});
     }
-    if (sinks) {
+    if (entry.sinks && rc.sink_tokens > 0) {
       const std::vector<int64_t> sink_shape = {m.kv_heads, rc.sink_tokens, m.head_dim};
       layout.push_back({snapshot_tensor_name(layer, "sink_k"), dtype_name(dtype), sink_shape, sink_bytes});
       layout.push_back({snapshot_tensor_name(layer, "sink_v"), dtype_name(dtype), sink_shape, sink_bytes});
     }
   }
-
-  const std::string path = (std::filesystem::path(dir) / entry.file).string();
-  FileWriter out(path);
-  REATTN_RETURN_IF_ERROR(out.open());
-  const std::string header = safetensors_header(layout);
-  REATTN_RETURN_IF_ERROR(out.write(header.data(), header.size()));
   // Host staging: whole blocks, at least one block and the sinks.
-  const size_t staging_blocks = std::max<size_t>(1, staging_bytes / block_bytes);
-  std::vector<char> staging(std::max(staging_blocks * block_bytes, sink_bytes));
-  for (int layer = 0; layer < m.layers; ++layer) {
+  w->staging_blocks_ = std::max<size_t>(1, staging_bytes / block_bytes);
+  w->staging_.resize(std::max(w->staging_blocks_ * block_bytes, sink_bytes));
+  w->file_ = std::make_unique<File>((std::filesystem::path(dir) / entry.file).string());
+  REATTN_RETURN_IF_ERROR(w->file_->open());
+  const std::string header = safetensors_header(layout);
+  REATTN_RETURN_IF_ERROR(w->file_->write(header.data(), header.size()));
+  return w;
+}
+
+Expected<uint64_t> SnapshotFileWriter::write_layers(const ContextShard& ctx, int first, int end) {
+  if (first != next_layer_ || end < first || end > config_.model.layers) {
+    return internal_error("snapshot: layers [" + std::to_string(first) + ", " + std::to_string(end) +
+                          ") do not continue the file at layer " + std::to_string(next_layer_));
+  }
+  const ModelConfig& m = config_.model;
+  const ReattentionConfig& rc = config_.reattention;
+  const size_t esize = dtype_size(backend_.storage_dtype());
+  const size_t block_bytes = store_.block_bytes();
+  const size_t row_bytes = static_cast<size_t>(m.head_dim) * esize;
+  const size_t sink_bytes = static_cast<size_t>(m.kv_heads) * rc.sink_tokens * row_bytes;
+  const uint64_t before = file_->written();
+  char* staging = staging_.data();
+  for (int layer = first; layer < end; ++layer) {
     const LayerShard& shard = ctx.layers[layer];
     const int64_t n = ctx.layer_tokens[layer];
-    const int64_t blocks = entry.layer_blocks[layer];
+    const int64_t blocks = entry_.layer_blocks[layer];
+    if (home_blocks_held(n, rc.sink_tokens, rc.chunk_tokens, rank_, world_) != blocks) {
+      return internal_error("snapshot: layer " + std::to_string(layer) + " changed while it was written");
+    }
     for (bool values : {false, true}) {
       // Slots in runs that stay within one page (consecutive there) and fit the staging.
       for (int64_t slot = 0; slot < blocks;) {
         const int64_t page_left = KvStore::kBlocksPerPage - slot % KvStore::kBlocksPerPage;
-        const int64_t run = std::min({blocks - slot, page_left, static_cast<int64_t>(staging_blocks)});
-        const int64_t first_block = slot * world + rank;
-        REATTN_RETURN_IF_ERROR(backend.download(staging.data(), store.home_block(shard, values, first_block),
-                                                run * block_bytes));
+        const int64_t run = std::min({blocks - slot, page_left, static_cast<int64_t>(staging_blocks_)});
+        const int64_t first_block = slot * world_ + rank_;
+        REATTN_RETURN_IF_ERROR(backend_.download(staging, store_.home_block(shard, values, first_block), run * block_bytes));
         if (slot + run == blocks) {
           // The layer's last block of this rank may be partial.
-          const int64_t last_block = (slot + run - 1) * world + rank;
+          const int64_t last_block = (slot + run - 1) * world_ + rank_;
           const int64_t valid = std::min(rc.chunk_tokens, n - (rc.sink_tokens + last_block * rc.chunk_tokens));
-          zero_tail(staging.data() + (run - 1) * block_bytes, m.kv_heads, rc.chunk_tokens, valid, row_bytes);
+          zero_tail(staging + (run - 1) * block_bytes, m.kv_heads, rc.chunk_tokens, valid, row_bytes);
         }
-        REATTN_RETURN_IF_ERROR(out.write(staging.data(), run * block_bytes));
+        REATTN_RETURN_IF_ERROR(file_->write(staging, run * block_bytes));
         slot += run;
       }
     }
-    if (!sinks) continue;
+    if (!entry_.sinks || rc.sink_tokens == 0) continue;
     for (const Buffer* sink : {&shard.sink_k, &shard.sink_v}) {
-      REATTN_RETURN_IF_ERROR(backend.download(staging.data(), sink->data(), sink_bytes));
-      zero_tail(staging.data(), m.kv_heads, rc.sink_tokens, std::min(n, rc.sink_tokens), row_bytes);
-      REATTN_RETURN_IF_ERROR(out.write(staging.data(), sink_bytes));
+      REATTN_RETURN_IF_ERROR(backend_.download(staging, sink->data(), sink_bytes));
+      zero_tail(staging, m.kv_heads, rc.sink_tokens, std::min(n, rc.sink_tokens), row_bytes);
+      REATTN_RETURN_IF_ERROR(file_->write(staging, sink_bytes));
     }
   }
-  REATTN_RETURN_IF_ERROR(out.finish());
-  entry.bytes = out.written();
-  entry.crc32 = out.crc();
-  return entry;
+  next_layer_ = end;
+  return file_->written() - before;
+}
+
+Expected<SnapshotFile> SnapshotFileWriter::finish() {
+  if (next_layer_ != config_.model.layers) {
+    return internal_error("snapshot: finished after " + std::to_string(next_layer_) + " of " +
+                          std::to_string(config_.model.layers) + " layers");
+  }
+  REATTN_RETURN_IF_ERROR(file_->finish());
+  entry_.bytes = file_->written();
+  entry_.crc32 = file_->crc();
+  return entry_;
+}
+
+Expected<SnapshotFile> write_snapshot_file(const KvStore& store, Backend& backend, const Config& config,
+                                           const ContextShard& ctx, const std::string& dir, int rank, int world,
+                                           size_t staging_bytes) {
+  REATTN_ASSIGN_OR_RETURN(std::unique_ptr<SnapshotFileWriter> writer,
+                          SnapshotFileWriter::create(store, backend, config, ctx, dir, rank, world, staging_bytes));
+  REATTN_RETURN_IF_ERROR(writer->write_layers(ctx, 0, config.model.layers).status());
+  return writer->finish();
 }
 
 Status publish_snapshot(const std::string& tmp_dir, const std::string& final_dir, const SnapshotManifest& manifest) {

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,10 +25,41 @@ namespace reattn {
 // "layers.<l>.<what>" (what: k, v, sink_k, sink_v).
 std::string snapshot_tensor_name(int layer, const char* what);
 
-// Writes this rank's blocks of `ctx` (every layer resident) to `<dir>/rank-<rank>.safetensors`
-// (created, never overwritten), copying backend memory to the host through a staging buffer of
-// at most `staging_bytes`, and fsyncs it. On failure the file is removed and the Status names
-// the file and the system error (e.g. "File too large", "No space left on device").
+// Writes this rank's blocks of one context to `<dir>/rank-<rank>.safetensors` (created, never
+// overwritten) a few layers at a time, so a snapshot runs in slices between query steps; the
+// context must not change in between (its operation keeps it busy). Backend memory goes to
+// the host through a staging buffer of at most `staging_bytes`. Errors name the file and the
+// system error ("File too large", "No space left on device": kCapacity). The file is removed
+// unless finish() succeeded.
+class SnapshotFileWriter {
+ public:
+  // Creates the file and writes its header (the layout of every layer, from `ctx` as it is).
+  static Expected<std::unique_ptr<SnapshotFileWriter>> create(const KvStore& store, Backend& backend,
+                                                              const Config& config, const ContextShard& ctx,
+                                                              const std::string& dir, int rank, int world,
+                                                              size_t staging_bytes = size_t{64} << 20);
+  ~SnapshotFileWriter();
+  // Layers [first, end), in order, continuing where the last call stopped. Returns bytes written.
+  Expected<uint64_t> write_layers(const ContextShard& ctx, int first, int end);
+  // After the last layer: fsync and close; the file's entry for the manifest.
+  Expected<SnapshotFile> finish();
+
+ private:
+  struct File;
+  SnapshotFileWriter(const KvStore& store, Backend& backend, const Config& config, int rank, int world);
+  const KvStore& store_;
+  Backend& backend_;
+  const Config config_;
+  int rank_;
+  int world_;
+  int next_layer_ = 0;
+  SnapshotFile entry_;
+  std::vector<char> staging_;
+  size_t staging_blocks_ = 0;
+  std::unique_ptr<File> file_;
+};
+
+// The whole file at once (create, every layer, finish).
 Expected<SnapshotFile> write_snapshot_file(const KvStore& store, Backend& backend, const Config& config,
                                            const ContextShard& ctx, const std::string& dir, int rank, int world,
                                            size_t staging_bytes = size_t{64} << 20);
