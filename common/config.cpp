@@ -308,6 +308,8 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("queue_deadline_s", &c.server.queue_deadline_s);
   server.read("drain_deadline_s", &c.server.drain_deadline_s);
   server.read("max_connections", &c.server.max_connections);
+  server.read("load_root", &c.server.load_root);
+  server.read("load_slice_bytes", &c.server.load_slice_bytes);
   server.read("snapshot_dir", &c.server.snapshot_dir);
   REATTN_RETURN_IF_ERROR(server.finish());
 
@@ -372,6 +374,7 @@ Status Config::validate() const {
       {"server.http_threads", server.http_threads, 1},
       {"server.request_timeout_s", server.request_timeout_s, 1},
       {"server.max_connections", server.max_connections, 1},
+      {"server.load_slice_bytes", server.load_slice_bytes, 1},
   };
   // Capacity sums over ranks; keep it far from int64 overflow.
   if (capacity.tokens_per_rank > (int64_t{1} << 40)) {
@@ -528,6 +531,8 @@ std::string Config::to_yaml() const {
   put("queue_deadline_s", format_number(server.queue_deadline_s));
   put("drain_deadline_s", format_number(server.drain_deadline_s));
   put("max_connections", server.max_connections);
+  put_string("load_root", server.load_root);
+  put("load_slice_bytes", server.load_slice_bytes);
   put_string("snapshot_dir", server.snapshot_dir);
   out << YAML::EndMap;
   out << YAML::EndMap;

@@ -95,6 +95,23 @@ struct LayerStep {
   std::string v;             // each value is converted once, into the storage dtype
 };
 
+// One step of a bulk load from a safetensors file that every rank maps and reads itself (k and
+// v [layers, Hkv, tokens, D], as /kv takes them), run by rank 0 as a long-running operation:
+// kBegin opens and checks the file and keeps what a rollback needs, each kSlice appends file
+// tokens [offset, offset + count) to every layer (each rank reads only the blocks it holds and
+// checks their values), kCommit forgets the kept state, kAbort puts the context back exactly as
+// it was at kBegin (after any slices, on every rank).
+enum class LoadPhase : int32_t { kBegin, kSlice, kCommit, kAbort };
+struct LoadKv {
+  ContextId context_id = 0;
+  LoadPhase phase = LoadPhase::kBegin;
+  std::string path;            // kBegin: the file's real path; each rank checks it is under server.load_root
+  int64_t file_tokens = 0;     // kBegin: tokens the file holds, as rank 0 read its header
+  int64_t context_tokens = 0;  // kBegin: the context's length before the load; every rank checks it
+  int64_t offset = 0;          // kSlice
+  int64_t count = 0;           // kSlice
+};
+
 // A snapshot runs as slices (coordinator/snapshot_operations.h): kWrite slices append layers
 // [first_layer, end_layer) of the context to every rank's file in <snapshot_dir>/<tmp>/ (the
 // first one creates it); kPublish closes the files, and rank 0 writes the manifest (`created`
@@ -125,9 +142,9 @@ struct RestoreContext {
 };
 
 using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep,
-                               SnapshotContext, RestoreContext>;
+                               LoadKv, SnapshotContext, RestoreContext>;
 
-// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step",
+// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step", "load_kv",
 // "snapshot", "restore".
 const char* operation_name(const Operation& op);
 // The context an operation names (0 for a step or shutdown).

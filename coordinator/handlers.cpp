@@ -6,8 +6,12 @@
 #include <utility>
 
 #include "common/excerpt.h"
+#include "common/file_roots.h"
+#include "common/safetensors.h"
+#include "common/tensor_checks.h"
 #include "common/semantics.h"
 #include "coordinator/json_budget.h"
+#include "coordinator/load_operation.h"
 #include "coordinator/logging.h"
 #include "coordinator/responses.h"
 
@@ -145,6 +149,7 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kSynthetic: return synthetic(request, m, std::move(reply));
     case Route::kQuery: return query(request, m, std::move(reply));
     case Route::kLayerStep: return layer_step(request, m, std::move(reply));
+    case Route::kLoad: return load(request, m, std::move(reply));
     case Route::kListOperations: return reply(list_operations());
     case Route::kGetOperation: return reply(get_operation(m));
     case Route::kCancelOperation: return reply(cancel_operation(m));
@@ -369,6 +374,42 @@ std::optional<HttpResponse> Handlers::context_problem(const RouteMatch& m, bool 
   if (!m.id_valid || !registry_.find(m.id)) return error_response(404, "not_found", unknown_context(m));
   if (Status s = registry_.operations().check_not_busy(m.id, query); !s.is_ok()) return status_response(s);
   return std::nullopt;
+}
+
+void Handlers::load(const HttpRequest& req, const RouteMatch& m, Responder done) {
+  if (auto problem = context_problem(m, false)) return done(std::move(*problem));
+  Expected<LoadRequest> asked = parse_load_request(req.body);
+  if (!asked) return done(body_error(asked.status()));
+  Expected<std::string> path = resolve_under_root(config_.server.load_root, asked->path, "server.load_root (--load-root)");
+  if (!path) return done(status_response(path.status()));
+  // The header only: the file is mapped, and its data is read by the ranks, slice by slice.
+  Expected<SafetensorsFile> file = SafetensorsFile::open(*path);
+  if (!file) {
+    // Named as the client named it: the server's directories are not echoed.
+    std::string why = file.status().message();
+    for (size_t at = why.find(*path); at != std::string::npos; at = why.find(*path)) why.replace(at, path->size(), "file");
+    return done(body_error(invalid_argument("file '" + capped(asked->path) + "': " + why)));
+  }
+  Expected<KvTensors> kv = kv_tensors(*file, config_.model);
+  if (!kv) return done(body_error(Status(kv.status().code(), "file '" + capped(asked->path) + "': " + kv.status().message())));
+  if (kv->tokens < 1) return done(body_error(invalid_argument("file '" + capped(asked->path) + "' holds no tokens")));
+  if (Status s = registry_.check_append(m.id, kv->tokens); !s.is_ok()) return done(status_response(s));
+  const int64_t bytes_per_token = static_cast<int64_t>(kv->k.bytes + kv->v.bytes) / kv->tokens;
+  OperationTable& table = registry_.operations();
+  const std::string id = table.create(OperationKind::kLoad, m.id, kv->tokens);
+  Task task;
+  task.request_id = req.request_id;
+  task.operation_id = id;
+  task.long_operation = std::make_shared<LoadOperation>(config_, m.id, *path, kv->tokens, bytes_per_token);
+  if (Expected<uint64_t> pushed = queue_.push(std::move(task)); !pushed) {
+    table.finish(id, OperationState::kFailed, pushed.status().message());
+    return done(status_response(pushed.status()));
+  }
+  json body = operation_json(*table.get(id));
+  body["operation"] = id;
+  HttpResponse r = json_response(202, body);
+  r.headers.emplace_back("Location", "/v1/operations/" + id);
+  done(std::move(r));
 }
 
 HttpResponse Handlers::list_operations() const {

@@ -62,6 +62,8 @@ class Handlers {
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
   void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
+  // A bulk load: checks the file's header at once, answers 202 with the operation.
+  void load(const HttpRequest& req, const RouteMatch& m, Responder done);
   // The long-running operations' table (/v1/operations).
   HttpResponse list_operations() const;
   HttpResponse get_operation(const RouteMatch& m) const;

@@ -359,6 +359,26 @@ Expected<int64_t> check_kv_body(std::shared_ptr<const std::string> body, const C
   return kv.tokens;
 }
 
+Expected<LoadRequest> parse_load_request(const std::string& body) {
+  REATTN_ASSIGN_OR_RETURN(json doc, parse_json_object(body));
+  REATTN_RETURN_IF_ERROR(check_keys(doc, {"path", "format"}));
+  if (!doc.contains("path")) return invalid_argument("path: missing");
+  const json& path = doc["path"];
+  if (!path.is_string()) return invalid_argument("path: expected a string, got " + type_of(path));
+  LoadRequest req;
+  req.path = path.get<std::string>();
+  if (req.path.empty() || req.path.size() > 4096) {
+    return invalid_argument("path: expected 1 to 4096 bytes, got " + std::to_string(req.path.size()));
+  }
+  if (doc.contains("format")) {
+    const json& f = doc["format"];
+    if (!f.is_string() || f.get<std::string>() != "safetensors") {
+      return invalid_argument("format: the only format is \"safetensors\", got " + json_excerpt(f));
+    }
+  }
+  return req;
+}
+
 Expected<std::string> parse_create_request(const std::string& body) {
   bool blank = true;
   for (char c : body) blank = blank && std::isspace(static_cast<unsigned char>(c));

@@ -60,6 +60,13 @@ Expected<SyntheticRequest> parse_synthetic_request(const std::string& body);
 // place; returns the tokens it appends.
 Expected<int64_t> check_kv_body(std::shared_ptr<const std::string> body, const Config& config);
 
+// POST /v1/contexts/{id}/load: {"path": a file under server.load_root (at most 4096 bytes),
+// "format": "safetensors" (the default, and the only one)}.
+struct LoadRequest {
+  std::string path;
+};
+Expected<LoadRequest> parse_load_request(const std::string& body);
+
 // POST /v1/contexts: an empty body or a JSON object, with an optional "from_snapshot": NAME
 // (the new context is restored from that snapshot). Returns NAME, "" for an empty context.
 Expected<std::string> parse_create_request(const std::string& body);

@@ -29,6 +29,7 @@ const Entry kRoutes[] = {
     {"POST", "/v1/contexts/{id}/synthetic", Route::kSynthetic},
     {"POST", "/v1/contexts/{id}/query", Route::kQuery},
     {"POST", "/v1/contexts/{id}/step", Route::kLayerStep},
+    {"POST", "/v1/contexts/{id}/load", Route::kLoad},
     {"GET", "/v1/operations", Route::kListOperations},
     {"GET", "/v1/operations/{op}", Route::kGetOperation},
     {"DELETE", "/v1/operations/{op}", Route::kCancelOperation},
@@ -125,6 +126,7 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       want = "application/json";
       break;
     case Route::kSynthetic:
+    case Route::kLoad:
     case Route::kSnapshotContext: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
     case Route::kQuery:

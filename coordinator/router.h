@@ -23,6 +23,7 @@ enum class Route {
   kSynthetic,         // POST /v1/contexts/{id}/synthetic
   kQuery,             // POST /v1/contexts/{id}/query
   kLayerStep,         // POST /v1/contexts/{id}/step
+  kLoad,              // POST /v1/contexts/{id}/load
   kListOperations,    // GET /v1/operations
   kGetOperation,      // GET /v1/operations/{op}
   kCancelOperation,   // DELETE /v1/operations/{op}

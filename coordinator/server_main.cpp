@@ -49,6 +49,7 @@ struct ServerOptions {
   std::string config_path;
   std::string listen;
   std::string api_key_file;
+  std::string load_root;
   int64_t max_body_bytes = 0;
   std::string backend;
   std::string log_level = "info";
@@ -61,6 +62,7 @@ Expected<Config> effective_config(const ServerOptions& opt) {
   REATTN_ASSIGN_OR_RETURN(Config c, load_config_file(opt.config_path));
   if (!opt.listen.empty()) c.server.listen = opt.listen;
   if (!opt.api_key_file.empty()) c.server.api_key_file = opt.api_key_file;
+  if (!opt.load_root.empty()) c.server.load_root = opt.load_root;
   if (opt.max_body_bytes != 0) c.server.max_body_bytes = opt.max_body_bytes;
   if (!opt.backend.empty()) {
     REATTN_ASSIGN_OR_RETURN(c.backend.kind, parse_backend_kind(opt.backend));
@@ -383,6 +385,8 @@ int run_server(int argc, char** argv) {
   app.add_option("--listen", opt.listen, "address:port to serve HTTP on (default 127.0.0.1:8080)");
   app.add_option("--api-key-file", opt.api_key_file,
                  "file whose first line is the API key; /v1 requests then need Authorization: Bearer <key>");
+  app.add_option("--load-root", opt.load_root,
+                 "directory bulk loads may read files from (server.load_root; default: loads disabled)");
   app.add_option("--max-body-bytes", opt.max_body_bytes, "largest request body accepted (413 above)")
       ->check(CLI::PositiveNumber);
   app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")

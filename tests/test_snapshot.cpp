@@ -126,28 +126,51 @@ TEST(SnapshotManifest, FitsNamesEveryDifference) {
 }
 
 TEST(SnapshotOperations, RoundTripThroughTheCodec) {
-  const SnapshotContext snap{9, "name.1", ".tmp-name.1-77-3", "2026-11-30T19:00:00Z"};
+  SnapshotContext snap;
+  snap.context_id = 9;
+  snap.phase = SnapshotPhase::kPublish;
+  snap.name = "name.1";
+  snap.tmp = ".tmp-name.1-77-3";
+  snap.created = "2026-11-30T19:00:00Z";
+  snap.first_layer = 3;
+  snap.end_layer = 5;
   Expected<Operation> back = decode_operation(encode_operation(snap));
   ASSERT_TRUE(back.is_ok());
   const auto* s = std::get_if<SnapshotContext>(&*back);
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(s->context_id, 9u);
+  EXPECT_EQ(s->phase, SnapshotPhase::kPublish);
   EXPECT_EQ(s->name, snap.name);
   EXPECT_EQ(s->tmp, snap.tmp);
   EXPECT_EQ(s->created, snap.created);
+  EXPECT_EQ(s->first_layer, 3);
+  EXPECT_EQ(s->end_layer, 5);
   EXPECT_STREQ(operation_name(*back), "snapshot");
-  const RestoreContext restore{4, 1, "name.1", encode_manifest(sample_manifest())};
+  RestoreContext restore;
+  restore.context_id = 4;
+  restore.phase = RestorePhase::kLayer;
+  restore.owner_rank = 1;
+  restore.name = "name.1";
+  restore.manifest = encode_manifest(sample_manifest());
+  restore.layer = 1;
   const std::string bytes = encode_operation(restore);
   back = decode_operation(bytes);
   ASSERT_TRUE(back.is_ok());
   const auto* r = std::get_if<RestoreContext>(&*back);
   ASSERT_NE(r, nullptr);
   EXPECT_EQ(r->context_id, 4u);
+  EXPECT_EQ(r->phase, RestorePhase::kLayer);
   EXPECT_EQ(r->owner_rank, 1);
   EXPECT_EQ(r->manifest, restore.manifest);
+  EXPECT_EQ(r->layer, 1);
   EXPECT_EQ(operation_context(*back), 4u);
   EXPECT_STREQ(operation_name(*back), "restore");
   for (size_t cut : {size_t{5}, size_t{20}, bytes.size() - 1}) EXPECT_FALSE(decode_operation(bytes.substr(0, cut)).is_ok());
+  // A phase out of range is malformed.
+  std::string bad = encode_operation(restore);
+  const int32_t phase = 7;
+  std::memcpy(&bad[4 + 4 + 8], &phase, sizeof(phase));
+  EXPECT_FALSE(decode_operation(bad).is_ok());
 }
 
 // A context of `layer_tokens` synthetic tokens per layer on rank `rank` of `world`.

@@ -143,16 +143,83 @@ Status KvStore::ensure_pages(LayerShard& shard, int64_t slots) {
     shard.k_pages.push_back(std::move(k));
     shard.v_pages.push_back(std::move(v));
   }
+  return upload_page_tables(shard);
+}
+
+Status KvStore::upload_page_tables(LayerShard& shard) {
+  const size_t pages = shard.k_pages.size();
   std::vector<const void*> k_ptrs, v_ptrs;
   for (size_t p = 0; p < pages; ++p) {
     k_ptrs.push_back(shard.k_pages[p].data());
     v_ptrs.push_back(shard.v_pages[p].data());
+  }
+  if (pages == 0) {
+    shard.k_page_table = Buffer();
+    shard.v_page_table = Buffer();
+    return Status::ok();
   }
   const size_t table_bytes = pages * sizeof(void*);
   REATTN_ASSIGN_OR_RETURN(shard.k_page_table, backend_.allocate(table_bytes));
   REATTN_ASSIGN_OR_RETURN(shard.v_page_table, backend_.allocate(table_bytes));
   REATTN_RETURN_IF_ERROR(backend_.upload(shard.k_page_table.data(), k_ptrs.data(), table_bytes));
   return backend_.upload(shard.v_page_table.data(), v_ptrs.data(), table_bytes);
+}
+
+Expected<KvCheckpoint> KvStore::checkpoint(ContextId id) const {
+  const ContextShard* ctx = find(id);
+  if (!ctx) return not_found("context " + std::to_string(id) + " not found");
+  const ReattentionConfig& rc = config_.reattention;
+  KvCheckpoint cp;
+  cp.id = id;
+  cp.tokens = ctx->tokens;
+  cp.layer_tokens = ctx->layer_tokens;
+  const bool owner = ctx->owner_rank == rank_;
+  for (size_t layer = 0; layer < ctx->layers.size(); ++layer) {
+    const LayerShard& shard = ctx->layers[layer];
+    cp.pages.push_back(shard.k_pages.size());
+    // The grid blocks the ring holds now: the latest ring_blocks of those written.
+    const int64_t n = ctx->layer_tokens[layer];
+    const int64_t written = n > rc.sink_tokens ? (n - rc.sink_tokens + rc.chunk_tokens - 1) / rc.chunk_tokens : 0;
+    const int64_t first = std::max<int64_t>(0, written - ring_blocks(rc));
+    const bool saved = owner && shard.ring_k.data() && written > 0;
+    cp.ring_first.push_back(first);
+    cp.ring_k.emplace_back(saved ? (written - first) * block_bytes() : 0);
+    cp.ring_v.emplace_back(cp.ring_k.back().size());
+    for (int64_t b = first; saved && b < written; ++b) {
+      const size_t at = (b - first) * block_bytes();
+      REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_k.back().data() + at, ring_block(shard, false, b), block_bytes()));
+      REATTN_RETURN_IF_ERROR(backend_.download(cp.ring_v.back().data() + at, ring_block(shard, true, b), block_bytes()));
+    }
+  }
+  return cp;
+}
+
+Status KvStore::restore(const KvCheckpoint& cp) {
+  auto it = contexts_.find(cp.id);
+  if (it == contexts_.end()) return not_found("context " + std::to_string(cp.id) + " not found");
+  ContextShard& ctx = it->second;
+  if (cp.layer_tokens.size() != ctx.layers.size() || cp.pages.size() != ctx.layers.size()) {
+    return internal_error("checkpoint of context " + std::to_string(cp.id) + " does not match its layers");
+  }
+  for (size_t layer = 0; layer < ctx.layers.size(); ++layer) {
+    LayerShard& shard = ctx.layers[layer];
+    const int64_t saved = static_cast<int64_t>(cp.ring_k[layer].size() / block_bytes());
+    for (int64_t i = 0; i < saved; ++i) {
+      const int64_t b = cp.ring_first[layer] + i;
+      REATTN_RETURN_IF_ERROR(backend_.upload(const_cast<void*>(ring_block(shard, false, b)),
+                                             cp.ring_k[layer].data() + i * block_bytes(), block_bytes()));
+      REATTN_RETURN_IF_ERROR(backend_.upload(const_cast<void*>(ring_block(shard, true, b)),
+                                             cp.ring_v[layer].data() + i * block_bytes(), block_bytes()));
+    }
+    if (shard.k_pages.size() > cp.pages[layer]) {
+      shard.k_pages.resize(cp.pages[layer]);
+      shard.v_pages.resize(cp.pages[layer]);
+      REATTN_RETURN_IF_ERROR(upload_page_tables(shard));
+    }
+  }
+  ctx.layer_tokens = cp.layer_tokens;
+  ctx.tokens = cp.tokens;
+  return Status::ok();
 }
 
 // Writes tokens [begin, end) (absolute, within one block or the sinks) of one layer to every

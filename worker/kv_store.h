@@ -35,6 +35,21 @@ struct ContextShard {
   std::vector<LayerShard> layers;  // [layers]
 };
 
+// What KvStore::restore needs to put a context back as it was before appends (a failed or
+// cancelled bulk load): its lengths, how many home pages each layer held, and on the owner a
+// host copy of the ring blocks that hold data, which later appends overwrite (at most
+// ring_blocks blocks per layer; home blocks and sinks below the old length are never written
+// by an append).
+struct KvCheckpoint {
+  ContextId id = 0;
+  int64_t tokens = 0;
+  std::vector<int64_t> layer_tokens;     // [layers]
+  std::vector<size_t> pages;             // [layers]
+  std::vector<int64_t> ring_first;       // [layers]: the first grid block saved
+  std::vector<std::vector<char>> ring_k; // [layers], owner only (else empty): blocks ring_first.., each [Hkv, C, D]
+  std::vector<std::vector<char>> ring_v;
+};
+
 class KvStore {
  public:
   static constexpr int64_t kBlocksPerPage = 256;
@@ -53,6 +68,12 @@ class KvStore {
   // capacity.tokens_per_rank (checked identically on every rank).
   Status append(ContextId id, const KvSource& source, int only_layer = -1);
 
+  // A checkpoint of a context for restore (NotFound for an unknown one).
+  Expected<KvCheckpoint> checkpoint(ContextId id) const;
+  // Puts the context back as it was at `checkpoint`, after any appends since: lengths, the
+  // owner's ring, and home pages allocated since freed.
+  Status restore(const KvCheckpoint& checkpoint);
+
   // Tokens charged to `rank` over all contexts (capacity and metrics).
   int64_t tokens_charged_to(int rank) const;
   // Bytes of one block [Hkv, C, D] in storage dtype.
@@ -63,6 +84,8 @@ class KvStore {
 
  private:
   Status ensure_pages(LayerShard& shard, int64_t slots);
+  // The backend's page tables of `shard` from its pages.
+  Status upload_page_tables(LayerShard& shard);
   Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1);
   Status write_block_range(LayerShard& shard, ContextShard& ctx, const KvSource& source, int layer,
                            int64_t n0, int64_t begin, int64_t end);

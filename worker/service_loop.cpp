@@ -20,6 +20,7 @@ ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator&
     : control_(control),
       config_(config),
       store_(backend, config, control.rank(), control.world()),
+      loads_(store_, config),
       snapshots_(control, backend, store_, config),
       runner_(backend, comm, config, store_, step_options) {}
 
@@ -64,6 +65,7 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
         if constexpr (std::is_same_v<T, StepPlan>) return apply_step(o, result);
         if constexpr (std::is_same_v<T, Shutdown>) return Status::ok();
         if constexpr (std::is_same_v<T, LayerStep>) return apply_layer_step(o, result);
+        if constexpr (std::is_same_v<T, LoadKv>) return apply_load(o, result);
         if constexpr (std::is_same_v<T, SnapshotContext>) return snapshots_.apply(o, result);
         if constexpr (std::is_same_v<T, RestoreContext>) return snapshots_.apply(o, result);
       },
@@ -202,6 +204,23 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
   return Status::ok();
 }
 
+Status ServiceLoop::apply_load(const LoadKv& op, OperationResult* result) {
+  Status local = Status::ok();
+  switch (op.phase) {
+    case LoadPhase::kBegin: local = loads_.begin(op); break;
+    case LoadPhase::kSlice: local = loads_.slice(op); break;
+    case LoadPhase::kCommit: loads_.commit(op.context_id); break;
+    case LoadPhase::kAbort: local = loads_.abort(op.context_id); break;
+  }
+  const Status agreed = control_.agree(local);
+  if (is_fault(agreed)) return agreed;
+  // A begin that failed somewhere is undone where it went through (it changed nothing there).
+  if (op.phase == LoadPhase::kBegin && !agreed.is_ok()) (void)loads_.abort(op.context_id);
+  result->status = agreed;
+  if (const ContextShard* ctx = store_.find(op.context_id)) result->tokens = ctx->tokens;
+  return Status::ok();
+}
+
 Status ServiceLoop::apply_step(const StepPlan& plan, OperationResult* result) {
   const Status step = runner_.run(plan, &result->queries, &result->timing);
   if (!step.is_ok()) return Status(ErrorCode::kFatal, "query step failed: " + step.to_string());
@@ -209,4 +228,3 @@ Status ServiceLoop::apply_step(const StepPlan& plan, OperationResult* result) {
 }
 
 }  // namespace reattn
-

@@ -1,7 +1,8 @@
 // The per-rank loop of the service. Rank 0 (the coordinator) submits each Operation
 // (common/protocol.h): it is broadcast, and every rank applies it to its KV shard in the same
 // order: create or erase a context, append K/V (a safetensors body, or synthetic tokens), run
-// a step of queries, snapshot a context to files or restore one from them, or shut down. Outcomes are agreed across ranks (Control::agree), so every
+// a step of queries, a phase of a bulk load (worker/kv_load.h), a slice of a snapshot or restore
+// (worker/snapshot_worker.h), or shut down. Outcomes are agreed across ranks (Control::agree), so every
 // rank reports the same Status and a failed operation changes nothing on any rank.
 // Ranks other than 0 only loop on the broadcast (serve) until the shutdown operation.
 // Thread-safety: a ServiceLoop is used by one thread only, the one that makes MPI calls
@@ -11,6 +12,7 @@
 #include "comm/communicator.h"
 #include "comm/control.h"
 #include "common/protocol.h"
+#include "worker/kv_load.h"
 #include "worker/kv_store.h"
 #include "worker/snapshot_worker.h"
 #include "worker/step.h"
@@ -45,6 +47,7 @@ class ServiceLoop final : public OperationRunner {
   Status apply_synthetic(const AppendSynthetic& op, OperationResult* result);
   Status apply_step(const StepPlan& plan, OperationResult* result);
   Status apply_layer_step(const LayerStep& op, OperationResult* result);
+  Status apply_load(const LoadKv& op, OperationResult* result);
   // only_layer < 0: every layer.
   Status apply_append(ContextId id, const KvSource* source, const Status& source_status, OperationResult* result,
                       int only_layer = -1);
@@ -52,6 +55,7 @@ class ServiceLoop final : public OperationRunner {
   const Control& control_;
   Config config_;
   KvStore store_;
+  KvLoads loads_;
   SnapshotWorker snapshots_;  // snapshot and restore slices
   StepRunner runner_;
 };

@@ -3,11 +3,15 @@
 // the operation wire format, metrics text, and the handlers' status codes without a socket.
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 
+#include "common/file_roots.h"
 #include "common/safetensors.h"
 #include "common/semantics.h"
 #include "common/synthetic.h"
@@ -315,6 +319,22 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
     EXPECT_EQ(again->index(), k.index());
     EXPECT_EQ(operation_context(*again), operation_context(k));
   }
+  // A bulk load's phase, path and ranges survive; a phase out of range does not decode.
+  LoadKv load{7, LoadPhase::kSlice, "/data/kv.safetensors", 5000, 300, 128, 64};
+  Expected<Operation> load_back = decode_operation(encode_operation(load));
+  ASSERT_TRUE(load_back.is_ok());
+  const auto* l = std::get_if<LoadKv>(&*load_back);
+  ASSERT_NE(l, nullptr);
+  EXPECT_EQ(std::string(operation_name(*load_back)), "load_kv");
+  EXPECT_EQ(l->context_id, 7u);
+  EXPECT_EQ(l->phase, LoadPhase::kSlice);
+  EXPECT_EQ(l->path, "/data/kv.safetensors");
+  EXPECT_EQ(l->file_tokens, 5000);
+  EXPECT_EQ(l->context_tokens, 300);
+  EXPECT_EQ(l->offset, 128);
+  EXPECT_EQ(l->count, 64);
+  load.phase = static_cast<LoadPhase>(9);
+  EXPECT_FALSE(decode_operation(encode_operation(load)).is_ok());
   Expected<Operation> step_op = decode_operation(encode_operation(kinds[5]));
   ASSERT_TRUE(step_op.is_ok());
   const auto* step = std::get_if<LayerStep>(&*step_op);
@@ -484,6 +504,64 @@ TEST_F(HandlersTest, WorkGoesToTheQueueAndFullQueueIs503) {
   failed.status = Status(ErrorCode::kCapacity, "full");
   batch[1].done(failed);
   EXPECT_EQ(answers[1]->status, 507);
+}
+
+}  // namespace
+
+}  // namespace reattn
+
+namespace reattn {
+namespace {
+
+// Paths clients name resolve only to regular files under the root.
+TEST(FileRoots, ResolvesUnderTheRootAndRefusesEscapes) {
+  char tmpl[] = "/tmp/reattn-roots-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string base = tmpl;
+  const std::string root = base + "/root";
+  ASSERT_EQ(mkdir(root.c_str(), 0755), 0);
+  ASSERT_EQ(mkdir((root + "/sub").c_str(), 0755), 0);
+  ASSERT_TRUE(write_file(root + "/sub/a.bin", "x").is_ok());
+  ASSERT_TRUE(write_file(base + "/secret", "x").is_ok());
+  ASSERT_EQ(symlink((base + "/secret").c_str(), (root + "/out").c_str()), 0);
+  ASSERT_EQ(symlink("sub/a.bin", (root + "/in").c_str()), 0);
+  const std::string key = "server.load_root";
+
+  Expected<std::string> ok = resolve_under_root(root, "sub/a.bin", key);
+  ASSERT_TRUE(ok.is_ok()) << ok.status().to_string();
+  EXPECT_EQ(*ok, root + "/sub/a.bin");
+  EXPECT_EQ(*resolve_under_root(root, "in", key), root + "/sub/a.bin");          // a link inside is fine
+  EXPECT_EQ(*resolve_under_root(root, root + "/sub/a.bin", key), root + "/sub/a.bin");  // absolute, inside
+  EXPECT_EQ(*resolve_under_root(root + "/", "./sub//a.bin", key), root + "/sub/a.bin");
+
+  const struct {
+    std::string root, path;
+    ErrorCode code;
+    const char* words;
+  } bad[] = {
+      {"", "sub/a.bin", ErrorCode::kForbidden, "disabled"},
+      {root, "../secret", ErrorCode::kForbidden, "'..'"},
+      {root, "sub/../sub/a.bin", ErrorCode::kForbidden, "'..'"},
+      {root, "out", ErrorCode::kForbidden, "outside"},
+      {root, base + "/secret", ErrorCode::kForbidden, "outside"},
+      {root, "missing", ErrorCode::kInvalidArgument, "no such file"},
+      {root, "sub/a.bin/x", ErrorCode::kInvalidArgument, "no such file"},
+      {root, "sub", ErrorCode::kInvalidArgument, "not a regular file"},
+      {root, "", ErrorCode::kInvalidArgument, "empty"},
+      {root, std::string("a\0b", 3), ErrorCode::kInvalidArgument, "NUL"},
+      {base + "/nope", "a", ErrorCode::kInvalidArgument, "cannot be resolved"},
+  };
+  for (const auto& b : bad) {
+    const Expected<std::string> r = resolve_under_root(b.root, b.path, key);
+    ASSERT_FALSE(r.is_ok()) << b.path;
+    EXPECT_EQ(r.status().code(), b.code) << b.path << ": " << r.status().to_string();
+    EXPECT_NE(r.status().message().find(b.words), std::string::npos) << r.status().message();
+  }
+  // A path of any length is echoed capped.
+  const Expected<std::string> long_path = resolve_under_root(root, std::string(5000, 'a'), key);
+  ASSERT_FALSE(long_path.is_ok());
+  EXPECT_LT(long_path.status().message().size(), 400u);
+  std::filesystem::remove_all(base);
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import http11, safetensors
+from . import http11, operations, safetensors
 from .tensors import to_nested, to_wire
 
 _BINARY = "application/octet-stream"
@@ -206,6 +206,34 @@ class Client:
         """Fills `tokens` synthetic tokens generated on the ranks (needles: token positions)."""
         return self._json("POST", "/v1/contexts/%d/synthetic" % int(context_id),
                           {"tokens": int(tokens), "seed": int(seed), "needles": [int(t) for t in needles]})
+
+    # ------------------------------------------------------------ long-running operations
+
+    def load(self, context_id, path, format="safetensors"):
+        """Starts a bulk load into a context: the ranks read `path`, a safetensors file with k
+        and v [layers, kv_heads, tokens, head_dim] under the server's --load-root, themselves.
+        Returns the operation's record ({"id": "op-N", "state", "tokens_total", ...}); wait on
+        it with wait_operation."""
+        return self._json("POST", "/v1/contexts/%d/load" % int(context_id), {"path": str(path), "format": format})
+
+    def operation(self, op_id):
+        """GET /v1/operations/{op}: state, tokens_done/total, bytes_done, bytes_per_s, error."""
+        return self._json("GET", "/v1/operations/%s" % urllib.parse.quote(str(op_id), safe=""))
+
+    def operations(self):
+        """GET /v1/operations: every operation the service still reports, oldest first."""
+        return self._json("GET", "/v1/operations")["operations"]
+
+    def cancel_operation(self, op_id):
+        """DELETE /v1/operations/{op}: asks the service to cancel (a load is rolled back).
+        Returns the record; 409 (ReattnError) once it has finished."""
+        return self._json("DELETE", "/v1/operations/%s" % urllib.parse.quote(str(op_id), safe=""))
+
+    def wait_operation(self, op_id, progress=False, timeout=None, interval=0.2):
+        """Polls until the operation finishes and returns its final record; raises
+        OperationError if it failed or was cancelled. progress=True shows a tqdm bar when tqdm
+        is installed (plain lines on stderr otherwise)."""
+        return operations.wait(self, op_id, progress=progress, timeout=timeout, interval=interval)
 
     # ------------------------------------------------------------ attention
 

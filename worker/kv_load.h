@@ -1,0 +1,45 @@
+// A rank's side of bulk loads (LoadKv, common/protocol.h): each rank maps the safetensors file
+// itself and reads only the blocks it holds, slice by slice, checking their values as they
+// are read; a checkpoint taken at the start puts the context back on abort.
+// Call only from the step loop's thread (like the KvStore it writes to).
+#pragma once
+
+#include <map>
+#include <memory>
+
+#include "common/config.h"
+#include "common/protocol.h"
+#include "worker/kv_source.h"
+#include "worker/kv_store.h"
+
+namespace reattn {
+
+class KvLoads {
+ public:
+  KvLoads(KvStore& store, const Config& config) : store_(store), config_(config) {}
+
+  // Each returns this rank's outcome; the caller agrees it across ranks.
+  // kBegin: resolves the path under server.load_root, maps the file, checks its header against
+  // the model and op.file_tokens, the context's length against op.context_tokens, and takes
+  // the checkpoint.
+  Status begin(const LoadKv& op);
+  // kSlice: appends file tokens [op.offset, op.offset + op.count) to every layer. A value that
+  // cannot be stored fails it (the context is then left for abort to put back).
+  Status slice(const LoadKv& op);
+  // kCommit: the load stays; its file and checkpoint are released.
+  void commit(ContextId id) { loads_.erase(id); }
+  // kAbort: the context as it was at kBegin (nothing to do where kBegin did not get as far).
+  Status abort(ContextId id);
+
+ private:
+  struct Load {
+    std::unique_ptr<SafetensorsKvSource> file;
+    KvCheckpoint checkpoint;
+  };
+
+  KvStore& store_;
+  const Config config_;
+  std::map<ContextId, Load> loads_;
+};
+
+}  // namespace reattn
