@@ -47,6 +47,21 @@ def answers(cl, ctx):
     return out
 
 
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def wait_operation(cl, r, timeout=120):
+    """r: a 202 answer naming an operation; polls it until it finishes; its last record."""
+    op = r.json()["operation"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rec = cl.request("GET", "/v1/operations/%s" % op).json()
+        if rec["state"] in FINISHED:
+            return rec
+        time.sleep(0.01)
+    raise RuntimeError("operation %s not finished after %ds" % (op, timeout))
+
+
 def same_answers(got, want, tol=1e-5):
     """(ok, why): the same recalled chunks and spans, out within tol."""
     if len(got) != len(want):
@@ -73,16 +88,45 @@ class Suite:
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def config(self, name, recall="chunk", snapdir=None):
+    def config(self, name, recall="chunk", snapdir=None, layers=None):
         path = make_config(self.args.config, self.path(name + ".yaml"),
                            {"tokens_per_rank": 400000, "max_contexts": 16},
                            {"request_timeout_s": 30, "snapshot_dir": snapdir or self.snapdir})
+        with open(path) as f:
+            text = f.read()
         if recall != "chunk":
-            with open(path) as f:
-                text = f.read().replace("reattention: {", "reattention: {recall: %s, " % recall)
-            with open(path, "w") as f:
-                f.write(text)
+            text = text.replace("reattention: {", "reattention: {recall: %s, " % recall)
+        if layers:
+            text = text.replace("layers: 2,", "layers: %d," % layers)
+        with open(path, "w") as f:
+            f.write(text)
         return path
+
+    def snapshot(self, cl, ctx, name, want_state="succeeded"):
+        """POST a snapshot: 202 with an operation and Location; its final record."""
+        c = self.c
+        r = cl.request("POST", "/v1/contexts/%d/snapshot" % ctx, {"name": name})
+        if not c.check(r.status == 202, "snapshot %s: %d %s" % (name, r.status, r.body[:300])):
+            return None
+        body = r.json()
+        c.check(body["kind"] == "snapshot" and body["name"] == name and body["context_id"] == ctx and
+                r.header("Location") == "/v1/operations/" + body["operation"], "snapshot answer: %s" % body)
+        rec = wait_operation(cl, r)
+        c.check(rec["state"] == want_state, "snapshot %s: %s, want %s" % (name, rec, want_state))
+        return rec
+
+    def restore(self, cl, name, want_state="succeeded"):
+        """POST /v1/contexts {from_snapshot}: 202, the new context's id; (id, final record)."""
+        c = self.c
+        r = cl.request("POST", "/v1/contexts", {"from_snapshot": name})
+        if not c.check(r.status == 202, "restore %s: %d %s" % (name, r.status, r.body[:300])):
+            return None, None
+        body = r.json()
+        c.check(body["kind"] == "restore" and body["restored_from"] == name and body["context_id"] > 0,
+                "restore answer: %s" % body)
+        rec = wait_operation(cl, r)
+        c.check(rec["state"] == want_state, "restore %s: %s, want %s" % (name, rec, want_state))
+        return body["context_id"], rec
 
     def start(self, config, log, ranks, extra=(), fsize=None):
         if fsize is None:
@@ -154,29 +198,25 @@ class Suite:
         c.check(any(ch["chunk"] for a in want[1] for ch in a["recalled_chunks"]), "queries recall chunks")
         for ctx, name in ((1, "ctx-one"), (2, "ctx.two_b")):
             t0 = time.time()
-            r = cl.request("POST", "/v1/contexts/%d/snapshot" % ctx, {"name": name})
-            ok = c.check(r.status == 201, "snapshot %s: %d %s" % (name, r.status, r.body[:300]))
-            if ok:
-                body = r.json()
-                c.check(body["name"] == name and body["context_id"] == ctx and body["ranks"] == 2 and body["bytes"] > 0,
-                        "snapshot answer: %s" % body)
-                print("snapshot %s: %d bytes in %.2fs" % (name, body["bytes"], time.time() - t0), flush=True)
+            rec = self.snapshot(cl, ctx, name)
+            if rec:
+                c.check(rec["bytes_done"] > 0 and rec["tokens_done"] == rec["tokens_total"], "progress: %s" % rec)
+                print("snapshot %s: %d bytes in %.2fs" % (name, rec["bytes_done"], time.time() - t0), flush=True)
         listed = cl.request("GET", "/v1/snapshots").json()["snapshots"]
         c.check([s["name"] for s in listed] == ["ctx-one", "ctx.two_b"], "listed: %s" % listed)
-        c.check(listed[0]["tokens"] == 3000 and listed[0]["layers"] == 2 and listed[1]["tokens"] == 300,
-                "listed tokens: %s" % listed)
+        c.check(listed[0]["tokens"] == 3000 and listed[0]["layers"] == 2 and listed[1]["tokens"] == 300 and
+                listed[0]["ranks"] == 2 and listed[0]["context_id"] == 1, "listed: %s" % listed)
         files = sorted(os.listdir(os.path.join(self.snapdir, "ctx-one")))
         c.check(files == ["manifest.json", "rank-0.safetensors", "rank-1.safetensors"], "snapshot files: %s" % files)
         # Snapshotting froze nothing for good: the context still takes appends and answers the same.
         c.check(same_answers(answers(cl, 1), want[1])[0], "context 1 after its snapshot")
 
         # Restore on the same ranks: a new context, identical answers.
-        r = cl.request("POST", "/v1/contexts", {"from_snapshot": "ctx-one"})
-        ok = c.check(r.status == 201, "restore: %d %s" % (r.status, r.body[:300]))
-        if ok:
-            body = r.json()
-            c.check(body["id"] == 3 and body["tokens"] == 3000 and body["restored_from"] == "ctx-one",
-                    "restore answer: %s" % body)
+        ctx, rec = self.restore(cl, "ctx-one")
+        if ctx:
+            c.check(ctx == 3 and rec["tokens_done"] == 3000 and rec["bytes_done"] > 0, "restore record: %s" % rec)
+            got = cl.request("GET", "/v1/contexts/3").json()
+            c.check(got["tokens"] == 3000 and got["layer_tokens"] == [3000, 3000], "restored context: %s" % got)
             same, why = same_answers(answers(cl, 3), want[1], tol=0.0)
             c.check(same, "restored context answers as the original (same ranks): " + why)
         self.bad_inputs(cl)
@@ -233,10 +273,16 @@ class Suite:
         refused(cl.request("DELETE", "/v1/snapshots/..%2Fx"), 400, "invalid_argument", ["snapshot name"],
                 "delete with path characters")
 
-        # Snapshots that do not fit, or whose files are damaged: 400 naming the problem.
+        # Snapshots of another model or chunk size: 400 at once, naming the difference.
+        for name, edit, words in (("othermodel", lambda m: m["model"].update(head_dim=32), ["model.head_dim 32"]),
+                                  ("otherchunk", chunk16, ["reattention.chunk_tokens 16"])):
+            d = self.copy_snapshot("ctx-one", name, edit)
+            refused(cl.request("POST", "/v1/contexts", {"from_snapshot": name}), 400, "invalid_argument", words,
+                    "restore of snapshot '%s'" % name, extra=[name])
+            shutil.rmtree(d)
+        # Another storage dtype (the ranks know theirs) or damaged files: the restore operation
+        # fails naming the problem, and its context is gone again.
         cases = [
-            ("othermodel", lambda m: m["model"].update(head_dim=32), None, ["model.head_dim 32"]),
-            ("otherchunk", chunk16, None, ["reattention.chunk_tokens 16"]),
             ("otherdtype", lambda m: m["model"].update(dtype="BF16"), None, ["storage dtype BF16"]),
             ("truncated", None, lambda d: os.truncate(os.path.join(d, "rank-1.safetensors"), 1000),
              ["rank-1.safetensors", "truncated"]),
@@ -249,8 +295,13 @@ class Suite:
             d = self.copy_snapshot("ctx-one", name, edit)
             if damage:
                 damage(d)
-            refused(cl.request("POST", "/v1/contexts", {"from_snapshot": name}), 400, "invalid_argument", words,
-                    "restore of snapshot '%s'" % name, extra=[name])
+            ctx, rec = self.restore(cl, name, want_state="failed")
+            if rec:
+                for w in words:
+                    c.check(w in (rec["error"] or ""), "restore of '%s': error %r lacks %r" % (name, rec["error"], w))
+                r = cl.request("GET", "/v1/contexts/%d" % ctx)
+                c.check(r.status == 404, "the failed restore's context %d is gone: %d" % (ctx, r.status))
+            self.unchanged(cl, contexts, sorted(snapshots + [name]), "restore of snapshot '%s'" % name)
             shutil.rmtree(d)
         # Deleted while nothing holds it: gone from the list and the disk.
         self.copy_snapshot("ctx-one", "doomed")
@@ -286,7 +337,7 @@ class Suite:
         c.check(len(restored) == 2 and all("gb_per_s" in l for l in restored), "restore progress logged: %s" % restored)
         # A new context gets an id above the restored ones.
         r = cl.request("POST", "/v1/contexts")
-        c.check(r.status == 201 and r.json()["id"] == 3, "next id after a restore: %s" % r.body[:200])
+        c.check(r.status == 201 and r.json()["id"] > 2, "next id after a restore: %s" % r.body[:200])
         shutil.rmtree(incomplete)
         svc.kill()
 
@@ -323,9 +374,9 @@ class Suite:
         c.check(r.status == 200, "synthetic: %d" % r.status)
         before = answers(cl, 1)
         contexts = cl.request("GET", "/v1/contexts").json()["contexts"]
-        r = cl.request("POST", "/v1/contexts/1/snapshot", {"name": "big"})
-        if c.error(r, 507, "capacity_exhausted", "snapshot over the file-size limit"):
-            msg = r.json()["error"]["message"]
+        rec = self.snapshot(cl, 1, "big", want_state="failed")
+        if rec:
+            msg = rec["error"] or ""
             c.check("rank-" in msg and "File too large" in msg, "disk full names the file and the error: %r" % msg)
         self.unchanged(cl, contexts, [], "after the disk filled")
         c.check(not os.path.exists(os.path.join(snapdir, "big")), "no snapshot directory after the disk filled")
@@ -333,8 +384,49 @@ class Suite:
         # The service goes on: a small context's snapshot fits.
         cl.request("POST", "/v1/contexts")
         cl.request("POST", "/v1/contexts/2/synthetic", {"tokens": 100, "seed": 2})
-        r = cl.request("POST", "/v1/contexts/2/snapshot", {"name": "small"})
-        c.check(r.status == 201, "a snapshot that fits, after a failed one: %d %s" % (r.status, r.body[:300]))
+        self.snapshot(cl, 2, "small")
+        svc.kill()
+
+    # ------------------------------------------------------------ 5: cancel, busy
+
+    def run_cancel(self):
+        """24 layers, so a snapshot and a restore each run 25+ slices: cancelled midway, they
+        leave nothing behind; while one runs, appends to its context get 409."""
+        c = self.c
+        self.snapdir = self.path("cancel-snapshots")
+        os.makedirs(self.snapdir)
+        svc = self.start(self.config("cancel", layers=24), "cancel.log", 2)
+        cl = svc.client()
+        cl.request("POST", "/v1/contexts")
+        r = cl.request("POST", "/v1/contexts/1/synthetic", {"tokens": 20000, "seed": 4})
+        c.check(r.status == 200, "synthetic: %d" % r.status)
+        before = cl.request("GET", "/v1/contexts").json()["contexts"]
+        r = cl.request("POST", "/v1/contexts/1/snapshot", {"name": "cancelled"})
+        c.check(r.status == 202, "snapshot to cancel: %d" % r.status)
+        op = r.json()["operation"]
+        busy = cl.request("POST", "/v1/contexts/1/synthetic", {"tokens": 1, "seed": 4})
+        d = cl.request("DELETE", "/v1/operations/%s" % op)
+        c.check(d.status == 202, "cancel: %d %s" % (d.status, d.body[:200]))
+        rec = wait_operation(cl, r)
+        c.check(rec["state"] == "cancelled", "snapshot cancelled midway: %s" % rec)
+        if rec["state"] == "cancelled":
+            c.check(busy.status == 409 and op in busy.json()["error"]["message"],
+                    "append while the snapshot runs: %d %s" % (busy.status, busy.body[:200]))
+        self.unchanged(cl, before, [], "after a cancelled snapshot")
+        # The whole snapshot, then a restore cancelled midway.
+        self.snapshot(cl, 1, "whole")
+        r = cl.request("POST", "/v1/contexts", {"from_snapshot": "whole"})
+        ctx = r.json().get("context_id")
+        q = cl.request("POST", "/v1/contexts/%s/query" % ctx, {"layer": 0, "synthetic_q": {"seed": 1, "qlen": 1}})
+        d = cl.request("DELETE", "/v1/operations/%s" % r.json().get("operation"))
+        rec = wait_operation(cl, r)
+        c.check(rec["state"] == "cancelled", "restore cancelled midway: %s" % rec)
+        if rec["state"] == "cancelled":
+            c.check(q.status in (404, 409), "a query on the context being restored: %d %s" % (q.status, q.body[:200]))
+        self.unchanged(cl, before, ["whole"], "after a cancelled restore")
+        c.check(cl.request("GET", "/v1/contexts/%s" % ctx).status == 404, "the cancelled restore's context is gone")
+        r = cl.request("POST", "/v1/contexts/1/synthetic", {"tokens": 8, "seed": 4})
+        c.check(r.status == 200, "the context takes appends again: %d %s" % (r.status, r.body[:200]))
         svc.kill()
 
 
@@ -367,6 +459,7 @@ def main():
         suite.run_restart()
         suite.run_span()
         suite.run_disk_full()
+        suite.run_cancel()
     except (Exception, SystemExit) as e:  # noqa: BLE001 - any crash of the test is a failure
         import traceback
         traceback.print_exc()
