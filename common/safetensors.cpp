@@ -269,12 +269,21 @@ std::vector<std::string> SafetensorsFile::names() const {
   return out;
 }
 
-std::string safetensors_header(const std::vector<TensorLayout>& tensors) {
+std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorBytes> views;
+  views.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    views.push_back({t.name, t.dtype_label ? t.dtype_label : dtype_name(t.dtype), t.shape, t.data.data(), t.data.size()});
+  }
+  return serialize_safetensors(views);
+}
+
+std::string safetensors_header(const std::vector<TensorBytes>& tensors) {
   // ordered_json keeps the given order in the header.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes}}};
+    header[t.name] = {{"dtype", t.dtype_label}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes}}};
     offset += t.bytes;
   }
   // replace: a name that is not UTF-8 must not throw.
@@ -282,20 +291,17 @@ std::string safetensors_header(const std::vector<TensorLayout>& tensors) {
   // Pad to 8 bytes so the data section starts aligned, as the reference writer does.
   json.append((8 - json.size() % 8) % 8, ' ');
   std::string out;
+  out.reserve(8 + json.size());
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((json.size() >> (8 * i)) & 0xff));
   return out + json;
 }
 
-std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
-  std::vector<TensorLayout> layout;
-  uint64_t data_bytes = 0;
-  for (const auto& t : tensors) {
-    layout.push_back({t.name, t.dtype_label ? t.dtype_label : dtype_name(t.dtype), t.shape, t.data.size()});
-    data_bytes += t.data.size();
-  }
-  std::string out = safetensors_header(layout);
+std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
+  std::string out = safetensors_header(tensors);
+  size_t data_bytes = 0;
+  for (const auto& t : tensors) data_bytes += t.bytes;
   out.reserve(out.size() + data_bytes);
-  for (const auto& t : tensors) out += t.data;
+  for (const auto& t : tensors) out.append(static_cast<const char*>(t.data), t.bytes);
   return out;
 }
 

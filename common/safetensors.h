@@ -67,19 +67,25 @@ struct TensorToWrite {
   const char* dtype_label = nullptr;
 };
 
-// Where one tensor of a file being written goes: its bytes follow the header separately.
-struct TensorLayout {
+// A tensor to write whose bytes the caller keeps (an answer's `out`, written without a copy of
+// its own before the one into the blob).
+struct TensorBytes {
   std::string name;
-  std::string dtype;            // "F32", "BF16", ...
+  const char* dtype_label = nullptr;  // "F32", "I64", ...
   std::vector<int64_t> shape;
-  uint64_t bytes = 0;
+  const void* data = nullptr;
+  size_t bytes = 0;
 };
+
 // A file's first bytes: the 8-byte header length and the JSON header (padded to 8 bytes) for
-// tensors stored back to back after it, in the given order.
-std::string safetensors_header(const std::vector<TensorLayout>& tensors);
+// tensors stored back to back after it, in the given order (their `data` is not read: a
+// writer that streams the bytes itself, e.g. a snapshot file).
+std::string safetensors_header(const std::vector<TensorBytes>& tensors);
 
 // Serialises tensors (in the given order) to a safetensors blob.
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
+// The same from borrowed bytes: each tensor's bytes are copied once, into the blob.
+std::string serialize_safetensors(const std::vector<TensorBytes>& tensors);
 // Convenience: an fp32 vector converted to `dtype`.
 TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int64_t> shape,
                           const std::vector<float>& values);

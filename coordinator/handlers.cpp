@@ -13,6 +13,7 @@
 #include "coordinator/json_budget.h"
 #include "coordinator/load_operation.h"
 #include "coordinator/logging.h"
+#include "coordinator/openapi.h"
 #include "coordinator/responses.h"
 
 namespace reattn {
@@ -38,6 +39,12 @@ bool usable_request_id(const std::string& id) {
 HttpResponse body_error(const Status& s) { return error_response(400, "invalid_argument", s.message()); }
 
 std::string unknown_context(const RouteMatch& m) { return "context '" + m.id_text + "' not found"; }
+
+HttpResponse openapi_page() {
+  HttpResponse r;  // application/json
+  r.body = std::string(openapi_document());
+  return r;
+}
 
 }  // namespace
 
@@ -140,6 +147,7 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kHealthLive: return reply(json_response(200, {{"status", "live"}}));
     case Route::kHealthReady: return reply(health_ready());
     case Route::kMetrics: return reply(metrics_page());
+    case Route::kOpenApi: return reply(openapi_page());
     case Route::kInfo: return reply(info());
     case Route::kListContexts: return reply(list_contexts());
     case Route::kGetContext: return reply(get_context(m));

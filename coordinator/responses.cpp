@@ -30,23 +30,16 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
                                                     {"queue_ms", r.queue_ms},
                                                     {"append_ms", r.timing.append_ms}};
   if (binary) {
-    TensorToWrite out{"out", DType::kF32, {qlen, m.q_heads, m.head_dim}, std::string(r.query.out.size() * 4, '\0')};
-    if (!r.query.out.empty()) std::memcpy(out.data.data(), r.query.out.data(), out.data.size());
-    TensorToWrite ids{"recalled_chunks", DType::kF32, {static_cast<int64_t>(r.query.recalled.size())},
-                      std::string(r.query.recalled.size() * 8, '\0'), "I64"};
-    if (!r.query.recalled.empty()) std::memcpy(ids.data.data(), r.query.recalled.data(), ids.data.size());
-    std::vector<TensorToWrite> tensors;  // moved in: `out` is the answer's largest buffer
-    tensors.push_back(std::move(out));
-    tensors.push_back(std::move(ids));
-    if (rc.recall == RecallMode::kSpan) {  // [spans, 2] I64: first, end (exclusive)
-      const auto& spans = r.query.recalled_spans;
-      TensorToWrite t{"recalled_spans", DType::kF32, {static_cast<int64_t>(spans.size()), 2},
-                      std::string(spans.size() * 16, '\0'), "I64"};
-      for (size_t i = 0; i < spans.size(); ++i) {
-        const int64_t pair[2] = {spans[i].first, spans[i].second};
-        std::memcpy(t.data.data() + i * 16, pair, 16);
-      }
-      tensors.push_back(std::move(t));
+    // Borrowed: the answer's bytes are copied once, into the body.
+    std::vector<int64_t> spans;  // span recall: [spans, 2] I64, first and end (exclusive)
+    for (const auto& [first, end] : r.query.recalled_spans) spans.insert(spans.end(), {first, end});
+    std::vector<TensorBytes> tensors = {
+        {"out", "F32", {qlen, m.q_heads, m.head_dim}, r.query.out.data(), r.query.out.size() * sizeof(float)},
+        {"recalled_chunks", "I64", {static_cast<int64_t>(r.query.recalled.size())}, r.query.recalled.data(),
+         r.query.recalled.size() * sizeof(int64_t)}};
+    if (rc.recall == RecallMode::kSpan) {
+      tensors.push_back({"recalled_spans", "I64", {static_cast<int64_t>(spans.size() / 2), 2}, spans.data(),
+                         spans.size() * sizeof(int64_t)});
     }
     HttpResponse resp;
     resp.content_type = "application/octet-stream";

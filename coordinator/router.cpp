@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #include "common/excerpt.h"
@@ -10,16 +11,11 @@
 namespace reattn {
 namespace {
 
-struct Entry {
-  const char* method;
-  const char* pattern;
-  Route route;
-};
-
-const Entry kRoutes[] = {
+const RouteEntry kRoutes[] = {
     {"GET", "/health/live", Route::kHealthLive},
     {"GET", "/health/ready", Route::kHealthReady},
     {"GET", "/metrics", Route::kMetrics},
+    {"GET", "/openapi.json", Route::kOpenApi},
     {"GET", "/v1/info", Route::kInfo},
     {"POST", "/v1/contexts", Route::kCreateContext},
     {"GET", "/v1/contexts", Route::kListContexts},
@@ -66,6 +62,11 @@ bool fits(const std::string& pattern, const std::vector<std::string>& parts, std
 
 }  // namespace
 
+const std::vector<RouteEntry>& route_table() {
+  static const std::vector<RouteEntry> table(std::begin(kRoutes), std::end(kRoutes));
+  return table;
+}
+
 RouteMatch match_route(const std::string& method, const std::string& path) {
   RouteMatch m;
   m.pattern = "unmatched";
@@ -77,7 +78,7 @@ RouteMatch match_route(const std::string& method, const std::string& path) {
   std::string p = path;
   if (p.size() > 1 && p.back() == '/') p.pop_back();
   const std::vector<std::string> parts = split(p);
-  for (const Entry& e : kRoutes) {
+  for (const RouteEntry& e : kRoutes) {
     std::string id;
     if (!fits(e.pattern, parts, &id)) continue;
     m.pattern = e.pattern;
@@ -148,6 +149,7 @@ bool is_api_route(Route route) {
     case Route::kHealthLive:
     case Route::kHealthReady:
     case Route::kMetrics:
+    case Route::kOpenApi:
     case Route::kNone:
       return false;
     default:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "common/protocol.h"
 
@@ -14,6 +15,7 @@ enum class Route {
   kHealthLive,        // GET /health/live
   kHealthReady,       // GET /health/ready
   kMetrics,           // GET /metrics
+  kOpenApi,           // GET /openapi.json
   kInfo,              // GET /v1/info
   kCreateContext,     // POST /v1/contexts
   kListContexts,      // GET /v1/contexts
@@ -44,7 +46,16 @@ struct RouteMatch {
 
 RouteMatch match_route(const std::string& method, const std::string& path);
 
-// Routes under /v1 (API key, readiness) versus operational ones (health, metrics).
+// One row of the route table: what match_route knows. api/openapi.json must describe exactly
+// these (tests/test_openapi.cpp checks it both ways).
+struct RouteEntry {
+  const char* method;   // "GET", "POST", "DELETE"
+  const char* pattern;  // "/v1/contexts/{id}/query"
+  Route route;
+};
+const std::vector<RouteEntry>& route_table();
+
+// Routes under /v1 (API key, readiness) versus operational ones (health, metrics, openapi).
 bool is_api_route(Route route);
 
 // Why a body's Content-Type does not fit its route ("" when it does): JSON routes take

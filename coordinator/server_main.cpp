@@ -15,6 +15,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -413,6 +414,11 @@ int run_server(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Request and answer buffers of tens of MiB (a prefill step's q and out) are allocated and
+  // freed on every call. glibc maps blocks above 32 MiB afresh each time, and every page of a
+  // fresh mapping faults and is zeroed on first touch: keep them on the heap for reuse.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   const int code = run_server(argc, argv);
   // The log writer may be blocked on a stderr nobody reads: give it a moment, then end
   // without waiting for it (static destructors would join it).

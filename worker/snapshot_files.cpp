@@ -126,7 +126,7 @@ Expected<std::unique_ptr<SnapshotFileWriter>> SnapshotFileWriter::create(const K
   entry.file = snapshot_file_name(rank);
   entry.rank = rank;
   entry.sinks = ctx.owner_rank == rank;
-  std::vector<TensorLayout> layout;
+  std::vector<TensorBytes> layout;
   for (int layer = 0; layer < m.layers; ++layer) {
     if (!ctx.resident[layer]) {
       return invalid_argument("context " + std::to_string(ctx.id) + ": layer " + std::to_string(layer) +
@@ -136,13 +136,13 @@ Expected<std::unique_ptr<SnapshotFileWriter>> SnapshotFileWriter::create(const K
     entry.layer_blocks.push_back(blocks);
     const std::vector<int64_t> block_shape = {blocks, m.kv_heads, rc.chunk_tokens, m.head_dim};
     if (blocks > 0) {
-      layout.push_back({snapshot_tensor_name(layer, "k"), dtype_name(dtype), block_shape, blocks * block_bytes});
-      layout.push_back({snapshot_tensor_name(layer, "v"), dtype_name(dtype), block_shape, blocks * block_bytes});
+      layout.push_back({snapshot_tensor_name(layer, "k"), dtype_name(dtype), block_shape, nullptr, blocks * block_bytes});
+      layout.push_back({snapshot_tensor_name(layer, "v"), dtype_name(dtype), block_shape, nullptr, blocks * block_bytes});
     }
     if (entry.sinks && rc.sink_tokens > 0) {
       const std::vector<int64_t> sink_shape = {m.kv_heads, rc.sink_tokens, m.head_dim};
-      layout.push_back({snapshot_tensor_name(layer, "sink_k"), dtype_name(dtype), sink_shape, sink_bytes});
-      layout.push_back({snapshot_tensor_name(layer, "sink_v"), dtype_name(dtype), sink_shape, sink_bytes});
+      layout.push_back({snapshot_tensor_name(layer, "sink_k"), dtype_name(dtype), sink_shape, nullptr, sink_bytes});
+      layout.push_back({snapshot_tensor_name(layer, "sink_v"), dtype_name(dtype), sink_shape, nullptr, sink_bytes});
     }
   }
   // Host staging: whole blocks, at least one block and the sinks.
