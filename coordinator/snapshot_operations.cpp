@@ -159,7 +159,9 @@ void RestoreOperation::on_rolled_back(Registry& registry) {
 }
 
 Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome) {
+  // As the step loop: an operation that cannot start ran nothing and has nothing to undo.
   *outcome = op.start(registry);
+  if (!outcome->is_ok()) return Status::ok();
   while (outcome->is_ok()) {
     const std::optional<Operation> slice = op.next_slice();
     if (!slice) return Status::ok();
