@@ -30,7 +30,7 @@ Expected<std::string> read_text(const fs::path& path) {
 SnapshotCatalog::SnapshotCatalog(std::string dir) : dir_(std::move(dir)) {}
 
 Status SnapshotCatalog::off() {
-  return not_found("snapshots are off: the server has no snapshot directory (server.snapshot_dir, --snapshot-dir)");
+  return Status(ErrorCode::kForbidden, "snapshots are off: the server has no snapshot directory (server.snapshot_dir, --snapshot-dir)");
 }
 
 Expected<int> SnapshotCatalog::prepare() {

@@ -28,7 +28,7 @@ class SnapshotCatalog {
 
   bool enabled() const { return !dir_.empty(); }
   const std::string& dir() const { return dir_; }
-  // NotFound naming the setting: what every snapshot call answers when snapshots are off.
+  // Forbidden (403) naming the setting: what every snapshot call answers when snapshots are off.
   static Status off();
   Status check_enabled() const { return enabled() ? Status::ok() : off(); }
 
@@ -39,7 +39,8 @@ class SnapshotCatalog {
   // Complete snapshots by name. A manifest that does not decode is skipped (and reported in
   // `problems`, when given).
   std::vector<StoredSnapshot> list(std::vector<std::string>* problems = nullptr) const;
-  // NotFound for no complete snapshot of that name; InvalidArgument for a bad name or manifest.
+  // NotFound for no complete snapshot of that name; InvalidArgument for a bad name or manifest;
+  // Forbidden when snapshots are off.
   Expected<StoredSnapshot> read(const std::string& name) const;
 
   // A new snapshot `name`: false when it exists or another operation holds it. Else held

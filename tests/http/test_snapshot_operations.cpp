@@ -197,3 +197,34 @@ TEST(RestoreOperation, AFailureAnywhereLeavesNoContext) {
 
 }  // namespace
 }  // namespace reattn
+
+namespace reattn {
+namespace {
+
+TEST(SnapshotCatalog, OffWithoutADirectory) {
+  SnapshotCatalog off("");
+  EXPECT_FALSE(off.enabled());
+  EXPECT_TRUE(off.list().empty());
+  EXPECT_EQ(off.read("a").status().code(), ErrorCode::kForbidden);
+  EXPECT_EQ(off.remove("a").code(), ErrorCode::kForbidden);
+  EXPECT_NE(off.check_enabled().message().find("--snapshot-dir"), std::string::npos);
+}
+
+TEST(SnapshotCatalog, NamesAreHeldOnceAndNeverPaths) {
+  SnapshotCatalog catalog("/nonexistent-snapshot-dir");
+  std::string tmp;
+  ASSERT_TRUE(catalog.hold_new("a", &tmp));
+  EXPECT_EQ(tmp.rfind(".tmp-a-", 0), 0u) << tmp;
+  std::string again;
+  EXPECT_FALSE(catalog.hold_new("a", &again));
+  catalog.release("a");
+  EXPECT_TRUE(catalog.hold_new("a", &again));
+  EXPECT_NE(again, tmp) << "every attempt writes its own temporary directory";
+  for (const char* bad : {"../x", ".tmp-a-1", "a/b", ""}) {
+    EXPECT_EQ(catalog.read(bad).status().code(), ErrorCode::kInvalidArgument) << bad;
+    EXPECT_EQ(catalog.remove(bad).code(), ErrorCode::kInvalidArgument) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace reattn
