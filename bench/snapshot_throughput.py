@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "http"))
 sys.path.insert(0, os.path.join(HERE, "..", "clients", "python"))
 import service_client as sc  # noqa: E402
+from load_throughput import drop_caches  # noqa: E402  (bench/: the same page-cache drop)
 from reattn_client import Client  # noqa: E402
 
 
@@ -47,16 +48,6 @@ def df_line(path):
     if len(out) < 2:
         return "unknown", ""
     return out[-1].split()[1], out[-1]
-
-
-def drop_caches():
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def dd_baseline(directory, total_bytes, ranks, drop):

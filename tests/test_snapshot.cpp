@@ -17,50 +17,17 @@
 #include "worker/kv_source.h"
 #include "worker/kv_store.h"
 #include "worker/snapshot_files.h"
+#include "tests/http/tiny_service_config.h"
+#include "tests/snapshot_fixture.h"
 
 namespace reattn {
 namespace {
 
 namespace fs = std::filesystem;
 
-Config tiny_config() {
-  Config c;
-  c.model.layers = 2;
-  c.model.q_heads = 4;
-  c.model.kv_heads = 2;
-  c.model.head_dim = 16;
-  c.model.scope = 1024;
-  c.reattention.sink_tokens = 4;
-  c.reattention.local_window = 32;
-  c.reattention.chunk_tokens = 8;
-  c.reattention.top_k = 2;
-  c.reattention.max_recall_chunks = 6;
-  return c;
-}
+Config tiny_config() { return test::tiny_service_config(4); }
 
-SnapshotManifest sample_manifest() {
-  SnapshotManifest m;
-  m.name = "ctx-7.v1";
-  m.created = "2026-11-30T19:00:00Z";
-  m.layers = 2;
-  m.kv_heads = 2;
-  m.head_dim = 16;
-  m.dtype = DType::kF32;
-  m.sink_tokens = 4;
-  m.chunk_tokens = 8;
-  m.local_window = 32;
-  m.world = 2;
-  m.owner_rank = 1;
-  m.context_id = 7;
-  m.layer_tokens = {301, 250};
-  for (int r = 0; r < m.world; ++r) {
-    SnapshotFile f = expected_snapshot_file(m, r);
-    f.bytes = 1000 + r;
-    f.crc32 = 0xdeadbeefu - r;
-    m.files.push_back(f);
-  }
-  return m;
-}
+SnapshotManifest sample_manifest() { return test::tiny_manifest("ctx-7.v1", {301, 250}, 2, 1); }
 
 TEST(SnapshotManifest, RoundTrips) {
   const SnapshotManifest m = sample_manifest();

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "coordinator/snapshot_operations.h"
+#include "tests/snapshot_fixture.h"
 #include "tiny_service_config.h"
 
 namespace reattn {
@@ -45,18 +46,8 @@ class FakeRanks : public OperationRunner {
 };
 
 SnapshotManifest manifest(int layers) {
-  SnapshotManifest m;
-  m.name = "snap";
-  m.layers = layers;
-  m.kv_heads = 2;
-  m.head_dim = 16;
-  m.sink_tokens = 4;
-  m.chunk_tokens = 8;
-  m.world = 2;
-  m.owner_rank = 0;
+  SnapshotManifest m = test::tiny_manifest("snap", std::vector<int64_t>(layers, 40), 2, 0);
   m.context_id = 9;
-  m.layer_tokens.assign(layers, 40);
-  for (int r = 0; r < m.world; ++r) m.files.push_back(expected_snapshot_file(m, r));
   return m;
 }
 

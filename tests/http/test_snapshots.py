@@ -453,31 +453,8 @@ def main():
     signal.signal(signal.SIGINT, stop)
     tmp = tempfile.mkdtemp(prefix="reattn-snapshots-")
     suite = Suite(args, tmp)
-    t0 = time.time()
-    try:
-        suite.run_first()
-        suite.run_restart()
-        suite.run_span()
-        suite.run_disk_full()
-        suite.run_cancel()
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - any crash of the test is a failure
-        import traceback
-        traceback.print_exc()
-        suite.c.check(False, "test crashed: %r" % e)
-    finally:
-        for s in suite.services:
-            s.kill()
-    c = suite.c
-    print("%d checks passed, %d failed in %.1fs (work dir %s)" % (c.passed, len(c.failed), time.time() - t0, tmp))
-    if c.failed:
-        for s in suite.services:
-            print("---- last lines of %s" % s.log_path)
-            with open(s.log_path, "rb") as f:
-                print(b"\n".join(f.read().splitlines()[-15:]).decode(errors="replace"))
-    elif not args.keep:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if c.failed else 0
-
+    return sc.run_suite(suite, [suite.run_first, suite.run_restart, suite.run_span, suite.run_disk_full,
+                                suite.run_cancel], tmp, args.keep)
 
 if __name__ == "__main__":
     sys.exit(main())
