@@ -90,7 +90,7 @@ struct ServerConfig {
   int max_connections = 1024;          // open HTTP connections; more are refused
   // Bulk loads (POST /v1/contexts/{id}/load): files are read only under this directory
   // (empty: loads are disabled), in slices of about this many file bytes between query steps.
-  std::string load_root;
+  std::string load_root = {};
   int64_t load_slice_bytes = 64ll << 20;
   std::string snapshot_dir;            // where snapshots are written and read; empty: snapshots are off
 };

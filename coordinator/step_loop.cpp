@@ -312,12 +312,17 @@ void StepLoop::log_progress(ActiveOperation& a, bool force) {
 }
 
 Status StepLoop::run_slice() {
-  ActiveOperation a = std::move(active_.front());
-  active_.pop_front();
+  // The operation stays in active_ until it has ended, so a fault on the way fails its record.
+  ActiveOperation& a = active_.front();
+  const auto end = [this](OperationState state, const std::string& error) {
+    REATTN_RETURN_IF_ERROR(end_long(active_.front(), state, error));
+    active_.pop_front();
+    return Status::ok();
+  };
   OperationTable& table = registry_.operations();
-  if (table.cancel_requested(a.id)) return end_long(a, OperationState::kCancelled, "cancelled by request");
+  if (table.cancel_requested(a.id)) return end(OperationState::kCancelled, "cancelled by request");
   const std::optional<Operation> slice = a.op->next_slice();
-  if (!slice) return end_long(a, OperationState::kSucceeded, "");
+  if (!slice) return end(OperationState::kSucceeded, "");
   OperationResult result;
   REATTN_RETURN_IF_ERROR(ranks_.submit(*slice, &result));
   const int64_t bytes_before = a.op->progress().bytes_done;
@@ -325,9 +330,11 @@ Status StepLoop::run_slice() {
   const OperationProgress p = a.op->progress();
   table.set_progress(a.id, p);
   metrics_.add_operation_bytes(operation_kind_name(a.op->kind()), p.bytes_done - bytes_before);
-  if (!s.is_ok()) return end_long(a, OperationState::kFailed, s.message());
+  if (!s.is_ok()) return end(OperationState::kFailed, s.message());
   log_progress(a, false);
-  active_.push_back(std::move(a));
+  // Round robin: the next slice is the next operation's.
+  active_.push_back(std::move(active_.front()));
+  active_.pop_front();
   return Status::ok();
 }
 
@@ -364,9 +371,8 @@ Status StepLoop::end_long(ActiveOperation& a, OperationState state, const std::s
 
 Status StepLoop::cancel_all_long(const std::string& why) {
   while (!active_.empty()) {
-    ActiveOperation a = std::move(active_.front());
+    REATTN_RETURN_IF_ERROR(end_long(active_.front(), OperationState::kCancelled, why));
     active_.pop_front();
-    REATTN_RETURN_IF_ERROR(end_long(a, OperationState::kCancelled, why));
   }
   return Status::ok();
 }

@@ -67,6 +67,8 @@ void expect_same(const Config& a, const Config& b) {
   EXPECT_EQ(a.server.max_batch, b.server.max_batch);
   EXPECT_EQ(a.server.http_threads, b.server.http_threads);
   EXPECT_EQ(a.server.request_timeout_s, b.server.request_timeout_s);
+  EXPECT_EQ(a.server.load_root, b.server.load_root);
+  EXPECT_EQ(a.server.load_slice_bytes, b.server.load_slice_bytes);
 }
 
 void expect_default_reattention(const ReattentionConfig& r) {
@@ -185,6 +187,8 @@ TEST(Config, ToYamlRoundTrips) {
   c.backend = {BackendKind::kCuda, DType::kF32, 5};
   c.capacity = {int64_t{1} << 40, 3};
   c.server = {"[::1]:65535", 99, "null", 1, 2, 3, 4};
+  c.server.load_root = "/data/kv: loads";
+  c.server.load_slice_bytes = 12345;
   ASSERT_TRUE(c.validate().is_ok()) << c.validate().to_string();
   const std::string yaml = c.to_yaml();
   const Expected<Config> back = load_config_string(yaml);

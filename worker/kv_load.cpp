@@ -88,7 +88,9 @@ Status KvLoads::slice(const LoadKv& op) {
                           ") is outside the file's " + std::to_string(file.tokens()) + " tokens");
   }
   const CheckedFileSlice slice(file, op.offset, op.count, config_.model.head_dim, config_.max_stored_value());
-  REATTN_RETURN_IF_ERROR(store_.append(op.context_id, slice));
+  // The owner copies into its ring only the blocks that are there at the end of the whole load.
+  const int64_t load_end = it->second.checkpoint.tokens + file.tokens();
+  REATTN_RETURN_IF_ERROR(store_.append(op.context_id, slice, -1, load_end));
   return slice.problem();
 }
 

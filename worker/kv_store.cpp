@@ -297,7 +297,7 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   return Status::ok();
 }
 
-Status KvStore::append(ContextId id, const KvSource& source, int only_layer) {
+Status KvStore::append(ContextId id, const KvSource& source, int only_layer, int64_t series_end) {
   auto it = contexts_.find(id);
   if (it == contexts_.end()) return not_found("context " + std::to_string(id) + " not found");
   ContextShard& ctx = it->second;
@@ -332,7 +332,8 @@ Status KvStore::append(ContextId id, const KvSource& source, int only_layer) {
   for (int layer : targets) {
     const int64_t n0 = ctx.layer_tokens[layer];
     if (ctx.resident[layer]) {
-      REATTN_RETURN_IF_ERROR(write_layer(ctx, layer, source, n0, n0 + source.tokens()));
+      const int64_t n1 = n0 + source.tokens();
+      REATTN_RETURN_IF_ERROR(write_layer(ctx, layer, source, n0, n1, std::max(n1, series_end)));
     }
     ctx.layer_tokens[layer] = n0 + source.tokens();
   }
@@ -341,11 +342,13 @@ Status KvStore::append(ContextId id, const KvSource& source, int only_layer) {
 }
 
 // Writes tokens [n0, n1) of one layer to every place this rank keeps them.
-Status KvStore::write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1) {
+Status KvStore::write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1,
+                            int64_t ring_end) {
   const ReattentionConfig& rc = config_.reattention;
   LayerShard& shard = ctx.layers[layer];
-  // Blocks that end below this floor are out of the owner's ring by the end of the append.
-  const int64_t last_block = n1 > rc.sink_tokens ? (n1 - 1 - rc.sink_tokens) / rc.chunk_tokens : 0;
+  // Blocks that end below this floor are out of the owner's ring by the end of the append
+  // (or of the series of appends it belongs to).
+  const int64_t last_block = ring_end > rc.sink_tokens ? (ring_end - 1 - rc.sink_tokens) / rc.chunk_tokens : 0;
   const int64_t ring_floor = rc.sink_tokens + std::max<int64_t>(0, last_block - ring_blocks(rc) + 1) * rc.chunk_tokens;
   int64_t t = n0;
   while (t < n1) {

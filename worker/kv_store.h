@@ -66,7 +66,10 @@ class KvStore {
   // OutOfOrder otherwise), or to `only_layer` alone (a layer step; the caller checked the
   // order rule). Fails with kCapacity, changing nothing, when any rank would exceed
   // capacity.tokens_per_rank (checked identically on every rank).
-  Status append(ContextId id, const KvSource& source, int only_layer = -1);
+  // `series_end`: the length every layer reaches once a series of appends ends (a bulk load's
+  // slices; the context is not read before then), so blocks that will be out of the owner's
+  // ring by then are not copied into it; 0: this append's own end.
+  Status append(ContextId id, const KvSource& source, int only_layer = -1, int64_t series_end = 0);
 
   // A checkpoint of a context for restore (NotFound for an unknown one).
   Expected<KvCheckpoint> checkpoint(ContextId id) const;
@@ -86,7 +89,8 @@ class KvStore {
   Status ensure_pages(LayerShard& shard, int64_t slots);
   // The backend's page tables of `shard` from its pages.
   Status upload_page_tables(LayerShard& shard);
-  Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1);
+  // ring_end: the length whose ring floor decides which blocks go to the owner's ring (>= n1).
+  Status write_layer(ContextShard& ctx, int layer, const KvSource& source, int64_t n0, int64_t n1, int64_t ring_end);
   Status write_block_range(LayerShard& shard, ContextShard& ctx, const KvSource& source, int layer,
                            int64_t n0, int64_t begin, int64_t end);
 

@@ -15,6 +15,7 @@ schemathesis is not importable.
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,17 @@ def fuzz_config(base_path, directory):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def write_kv_file(path, model, tokens):
+    """k and v [layers, kv_heads, tokens, head_dim] in F32, small finite values."""
+    shape = [model["layers"], model["kv_heads"], tokens, model["head_dim"]]
+    count = shape[0] * shape[1] * shape[2] * shape[3]
+    data = struct.pack("<%df" % count, *[((i * 37) % 101) / 101.0 - 0.5 for i in range(count)])
+    header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [i * len(data), (i + 1) * len(data)]}
+                         for i, name in enumerate(("k", "v"))}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data + data)
 
 
 def nested(sizes):
@@ -106,8 +118,12 @@ def main():
     with open(key_path, "w") as f:
         f.write(key + "\n")
     config = fuzz_config(args.config, work)
+    # Loads enabled, with one real file (written once the model is known), so fuzzed loads
+    # reach the path checks and the example's load runs while other requests arrive.
+    load_root = os.path.join(work, "loads")
+    os.makedirs(load_root)
     svc = service_client.Service(args, config, os.path.join(work, "server.log"), ranks=args.ranks,
-                                 extra=["--api-key-file", key_path], api_key=key)
+                                 extra=["--api-key-file", key_path, "--load-root", load_root], api_key=key)
     failed = False
     try:
         svc.wait_ready()
@@ -126,6 +142,7 @@ def main():
         c.close()
 
         info = c.request("GET", "/v1/info").json()
+        write_kv_file(os.path.join(load_root, "kv.safetensors"), info["model"], tokens=200)
         with open(args.spec) as f:
             spec_path = os.path.join(work, "openapi.model.json")
             with open(spec_path, "w") as out:

@@ -384,6 +384,19 @@ TEST_F(LongOperationTest, ShuttingDownCancelsARunningOperation) {
   EXPECT_EQ(registry_.find(1)->tokens, 40);
 }
 
+TEST_F(LongOperationTest, AFaultDuringASliceFailsTheOperationAndTheService) {
+  registry_.insert({1, 0, 40});
+  const std::string op = push_long(1, 5);
+  ranks_.answer = [&](const Operation& o, OperationResult*) {
+    return is_slice(o) ? Status(ErrorCode::kFatal, "rank 1 stopped answering") : Status::ok();
+  };
+  EXPECT_EQ(run_until_finished(op).code(), ErrorCode::kFatal);
+  const OperationRecord r = *registry_.operations().get(op);
+  EXPECT_EQ(r.state, OperationState::kFailed);
+  EXPECT_NE(r.error.find("rank 1 stopped answering"), std::string::npos) << r.error;
+  EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
+}
+
 TEST(OperationTable, KeepsABoundedNumberOfFinishedRecordsOldestDropped) {
   OperationTable table;
   const std::string running = table.create(OperationKind::kSnapshot, 5, 0);

@@ -138,6 +138,11 @@ class LoadTests(unittest.TestCase):
             self.client.cancel_operation(rec["id"])
         self.assertEqual(again.exception.status, 409)
         self.assert_unchanged(ctx, 333, before)
+        # The log tells the story too: progress lines, then the end.
+        lines = [json.loads(l) for l in open(self.server.log_path, errors="replace") if l.startswith("{")]
+        mine = [l for l in lines if l.get("operation") == rec["id"]]
+        self.assertTrue(any(l.get("msg") == "operation progress" and l.get("tokens_done", 0) > 0 for l in mine), mine[:5])
+        self.assertTrue(any(l.get("msg") == "operation finished" and l.get("state") == "cancelled" for l in mine))
 
     def test_a_nan_late_in_the_file_fails_the_load_and_leaves_the_context_as_before(self):
         k0, v0 = kv(290, 6)
@@ -241,6 +246,41 @@ class LoadTests(unittest.TestCase):
         final = self.client.wait_operation(rec["id"], progress=True, timeout=120)
         self.assertEqual(final["state"], "succeeded")
         self.assertEqual(self.client.context(ctx)["tokens"], 74)
+
+    def test_wait_operation_shows_a_tqdm_bar_when_tqdm_is_importable(self):
+        bars = []
+
+        class FakeBar:
+            def __init__(self, total, **kw):
+                self.total, self.n, self.closed = total, 0, False
+                bars.append(self)
+
+            def update(self, k):
+                self.n += k
+
+            def set_postfix_str(self, text, refresh=True):
+                self.postfix = text
+
+            def close(self):
+                self.closed = True
+
+        fake = type(sys)("tqdm")
+        fake.tqdm = FakeBar
+        saved = sys.modules.get("tqdm")
+        sys.modules["tqdm"] = fake
+        try:
+            write_kv(self.path("bar.safetensors"), *kv(96, 18))
+            ctx = self.context_with(*kv(10, 19))
+            final = self.client.wait_operation(self.client.load(ctx, "bar.safetensors")["id"], progress=True, timeout=120)
+        finally:
+            if saved is None:
+                del sys.modules["tqdm"]
+            else:
+                sys.modules["tqdm"] = saved
+        self.assertEqual(final["state"], "succeeded")
+        self.assertEqual(len(bars), 1)
+        self.assertEqual((bars[0].total, bars[0].n, bars[0].closed), (96, 96, True))
+        self.assertIn("succeeded", bars[0].postfix)
 
     # ---- helpers
 
