@@ -167,7 +167,20 @@ class Coordinator {
       snapshots_.hold_existing(m.name);
       RestoreOperation op(snapshots_, all[i], id);
       Status outcome;
-      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome));
+      // A line per tenth of the snapshot (or every 5 s): a large one takes minutes.
+      int logged_tenths = 0;
+      auto last_log = std::chrono::steady_clock::now();
+      const auto progress = [&](const OperationProgress& p) {
+        const int tenths = p.tokens_total > 0 ? static_cast<int>(10 * p.tokens_done / p.tokens_total) : 0;
+        const auto now = std::chrono::steady_clock::now();
+        if (tenths <= logged_tenths && now - last_log < std::chrono::seconds(5)) return;
+        logged_tenths = tenths;
+        last_log = now;
+        log_event(LogLevel::kInfo, "restore progress",
+                  {{"snapshot", m.name}, {"tokens_done", p.tokens_done}, {"tokens_total", p.tokens_total},
+                   {"bytes_done", p.bytes_done}, {"done", i}, {"of", all.size()}});
+      };
+      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome, progress));
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json fields = {{"snapshot", m.name}, {"done", i + 1}, {"of", all.size()}, {"seconds", seconds}};
       if (!outcome.is_ok()) {

@@ -158,7 +158,8 @@ void RestoreOperation::on_rolled_back(Registry& registry) {
   if (opened_) registry.erase(context_id_);
 }
 
-Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome) {
+Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
+                         const std::function<void(const OperationProgress&)>& after_slice) {
   // As the step loop: an operation that cannot start ran nothing and has nothing to undo.
   *outcome = op.start(registry);
   if (!outcome->is_ok()) return Status::ok();
@@ -168,6 +169,7 @@ Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& re
     OperationResult result;
     REATTN_RETURN_IF_ERROR(ranks.submit(*slice, &result));
     *outcome = op.on_slice_done(*slice, result, registry);
+    if (after_slice) after_slice(op.progress());
   }
   for (const Operation& undo : op.rollback()) {
     OperationResult result;

@@ -10,6 +10,7 @@
 // Thread-safety: as LongOperation (the step loop's thread), once queued.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -79,8 +80,9 @@ class RestoreOperation final : public LongOperation {
 };
 
 // Runs `op` to its end on the ranks now, outside the step loop (start-up --restore): its
-// slices, and its rollback on failure. A non-ok return is a fault; the outcome goes to
-// *outcome.
-Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome);
+// slices, and its rollback on failure; `after_slice` (if any) sees its progress after each
+// slice. A non-ok return is a fault; the outcome goes to *outcome.
+Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
+                         const std::function<void(const OperationProgress&)>& after_slice = {});
 
 }  // namespace reattn

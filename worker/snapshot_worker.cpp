@@ -154,14 +154,18 @@ Status SnapshotWorker::publish(const SnapshotContext& op, OperationResult* resul
   return agree_into(published, result);
 }
 
-// The rollback: every rank drops its file; rank 0 removes the temporary directory.
+// The rollback: every rank drops its file; once all have (the agreement), rank 0 removes the
+// temporary directory, so no rank unlinks a file while rank 0 walks the directory.
 Status SnapshotWorker::abort(const SnapshotContext& op, OperationResult* result) {
   writers_.erase(op.tmp);
+  REATTN_RETURN_IF_ERROR(agree_into(Status::ok(), result));
   if (control_.rank() == 0 && check_leaves(config_, op.name, &op.tmp).is_ok()) {
     std::error_code ec;
+    // A directory that cannot be removed is only a stale .tmp- one (never a snapshot, removed
+    // at the next start-up); failing the rollback would make the step loop drop the context.
     std::filesystem::remove_all(path(op.tmp), ec);
   }
-  return agree_into(Status::ok(), result);
+  return Status::ok();
 }
 
 // Every rank checks the manifest against its config and storage dtype, verifies the checksums

@@ -334,7 +334,10 @@ class Suite:
             same, why = same_answers(answers(cl, ctx), self.want[ctx])
             c.check(same, "context %d after kill -9 and --restore on 3 ranks: %s" % (ctx, why))
         restored = [l for l in svc.log_lines() if l.get("msg") == "snapshot restored"]
-        c.check(len(restored) == 2 and all("gb_per_s" in l for l in restored), "restore progress logged: %s" % restored)
+        c.check(len(restored) == 2 and all("gb_per_s" in l for l in restored), "restores logged: %s" % restored)
+        progress = [l for l in svc.log_lines() if l.get("msg") == "restore progress"]
+        c.check(len(progress) >= 2 and progress[-1]["tokens_done"] == progress[-1]["tokens_total"],
+                "restore progress logged: %s" % progress[-3:])
         # A new context gets an id above the restored ones.
         r = cl.request("POST", "/v1/contexts")
         c.check(r.status == 201 and r.json()["id"] > 2, "next id after a restore: %s" % r.body[:200])
