@@ -18,12 +18,14 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -151,11 +153,17 @@ class Coordinator {
   }
 
   // --restore, before readiness: every complete snapshot becomes a context again, under its
-  // original id where that is free (two snapshots of one context: the later gets a new id).
+  // original id where that is free (two snapshots of one context: the first by name keeps it, the
+  // others get new ids above every restored one).
   // A snapshot that cannot be restored is logged and skipped; a fault is returned.
   Status restore_snapshots(OperationRunner& ranks) {
     std::vector<std::string> problems;
-    const std::vector<StoredSnapshot> all = snapshots_.list(&problems);
+    std::vector<StoredSnapshot> all = snapshots_.list(&problems);
+    // The first snapshot (by name) of each context first, under their own ids; then the other
+    // snapshots of a context already restored, under ids above all of those.
+    std::set<ContextId> claimed;
+    std::stable_partition(all.begin(), all.end(),
+                          [&](const StoredSnapshot& s) { return claimed.insert(s.manifest.context_id).second; });
     for (const std::string& p : problems) log_event(LogLevel::kError, "snapshot not restored", {{"error", p}});
     log_event(LogLevel::kInfo, "restoring snapshots", {{"snapshots", all.size()}, {"path", snapshots_.dir()}});
     size_t restored = 0;

@@ -321,26 +321,35 @@ class Suite:
         incomplete = os.path.join(self.snapdir, "incomplete")
         shutil.copytree(os.path.join(self.snapdir, "ctx-one"), incomplete)
         os.remove(os.path.join(incomplete, "manifest.json"))
+        # A second snapshot of context 1: restored too, under a new id.
+        self.copy_snapshot("ctx-one", "ctx-one-again")
         svc = self.start(self.config("chunk3"), "restart3.log", 3, extra=["--restore"])
         cl = svc.client()
         c.check(not os.path.exists(stale), "a stale temporary directory is removed at start-up")
         listed = [s["name"] for s in cl.request("GET", "/v1/snapshots").json()["snapshots"]]
-        c.check(listed == ["ctx-one", "ctx.two_b"], "an incomplete snapshot is not listed: %s" % listed)
+        c.check(listed == ["ctx-one", "ctx-one-again", "ctx.two_b"], "an incomplete snapshot is not listed: %s" % listed)
         contexts = {x["id"]: x for x in cl.request("GET", "/v1/contexts").json()["contexts"]}
-        c.check(sorted(contexts) == [1, 2], "restored under their ids: %s" % sorted(contexts))
+        c.check(sorted(contexts) == [1, 2, 3], "restored under their ids, a second of context 1 under a new one: %s"
+                % sorted(contexts))
+        if 3 in contexts:
+            same, why = same_answers(answers(cl, 3), self.want[1])
+            c.check(same, "the second snapshot of context 1, restored as context 3: %s" % why)
+            c.check(cl.request("DELETE", "/v1/contexts/3").status == 200, "delete context 3")
+        r = cl.request("DELETE", "/v1/snapshots/ctx-one-again")
+        c.check(r.status == 200, "delete ctx-one-again: %d" % r.status)
         c.check(contexts.get(1, {}).get("tokens") == 3000 and contexts.get(2, {}).get("tokens") == 300,
                 "restored lengths (the append after the snapshot is not in it): %s" % contexts)
         for ctx in (1, 2):
             same, why = same_answers(answers(cl, ctx), self.want[ctx])
             c.check(same, "context %d after kill -9 and --restore on 3 ranks: %s" % (ctx, why))
         restored = [l for l in svc.log_lines() if l.get("msg") == "snapshot restored"]
-        c.check(len(restored) == 2 and all("gb_per_s" in l for l in restored), "restores logged: %s" % restored)
+        c.check(len(restored) == 3 and all("gb_per_s" in l for l in restored), "restores logged: %s" % restored)
         progress = [l for l in svc.log_lines() if l.get("msg") == "restore progress"]
         c.check(len(progress) >= 2 and progress[-1]["tokens_done"] == progress[-1]["tokens_total"],
                 "restore progress logged: %s" % progress[-3:])
         # A new context gets an id above the restored ones.
         r = cl.request("POST", "/v1/contexts")
-        c.check(r.status == 201 and r.json()["id"] > 2, "next id after a restore: %s" % r.body[:200])
+        c.check(r.status == 201 and r.json()["id"] == 4, "next id after a restore: %s" % r.body[:200])
         shutil.rmtree(incomplete)
         svc.kill()
 
