@@ -318,6 +318,22 @@ TEST_F(SnapshotFiles, RefusesCorruptTruncatedAndMissingFilesByName) {
   EXPECT_NE(r.status().message().find("rank-1.safetensors"), std::string::npos) << r.status().message();
 }
 
+// A file cut short while a restore has it mapped is refused before any read (which would
+// raise SIGBUS).
+TEST_F(SnapshotFiles, ReaderNoticesAFileCutShortUnderIt) {
+  const Config config = tiny_config();
+  auto ranks = fill(config, 2, 0, {120, 120}, SyntheticSpec{3, {}});
+  const SnapshotManifest m = write(config, ranks, 0);
+  Expected<SnapshotReader> reader = SnapshotReader::open((dir_ / "s").string(), m);
+  ASSERT_TRUE(reader.is_ok()) << reader.status().message();
+  EXPECT_TRUE(reader->check_unchanged().is_ok());
+  fs::resize_file(dir_ / "s" / "rank-0.safetensors", 64);
+  const Status s = reader->check_unchanged();
+  EXPECT_NE(s.message().find("rank-0.safetensors' changed while it was being restored (now 64 bytes"),
+            std::string::npos)
+      << s.message();
+}
+
 TEST_F(SnapshotFiles, PublishRefusesAnExistingSnapshot) {
   const Config config = tiny_config();
   auto ranks = fill(config, 1, 0, {40, 40}, SyntheticSpec{3, {}});

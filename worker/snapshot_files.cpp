@@ -289,6 +289,13 @@ Expected<SnapshotReader> SnapshotReader::open(const std::string& dir, SnapshotMa
       return invalid_argument("snapshot file '" + path + "' holds " + std::to_string(st.st_size) +
                               " bytes, the manifest says " + std::to_string(f.bytes));
     }
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return invalid_argument("snapshot file '" + path + "' cannot be read: " + std::strerror(errno));
+    reader.fds_.push_back(std::shared_ptr<const int>(new int(fd), [](const int* p) {
+      ::close(*p);
+      delete p;
+    }));
+    reader.paths_.push_back(path);
     Expected<SafetensorsFile> file = SafetensorsFile::open(path);
     if (!file) return invalid_argument("snapshot file '" + path + "': " + file.status().message());
     // A tensor of the layout this manifest implies, or an error naming it.
@@ -319,6 +326,18 @@ Expected<SnapshotReader> SnapshotReader::open(const std::string& dir, SnapshotMa
   }
   reader.manifest_ = std::move(manifest);
   return reader;
+}
+
+Status SnapshotReader::check_unchanged() const {
+  for (size_t f = 0; f < fds_.size(); ++f) {
+    struct stat st {};
+    if (::fstat(*fds_[f], &st) != 0 || static_cast<uint64_t>(st.st_size) != manifest_.files[f].bytes) {
+      return invalid_argument("snapshot file '" + paths_[f] + "' changed while it was being restored (now " +
+                              std::to_string(st.st_size) + " bytes, the manifest says " +
+                              std::to_string(manifest_.files[f].bytes) + ")");
+    }
+  }
+  return Status::ok();
 }
 
 void SnapshotReader::read(int layer, int kv_head, int64_t first, int64_t count, DType dtype, void* k, void* v) const {

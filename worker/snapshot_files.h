@@ -82,6 +82,9 @@ class SnapshotReader {
   // K and V of tokens [first, first + count) of `layer`, KV head `kv_head`, in `dtype`:
   // [count, D] each. The range lies within the layer's length.
   void read(int layer, int kv_head, int64_t first, int64_t count, DType dtype, void* k, void* v) const;
+  // InvalidArgument naming a file that is no longer as long as the manifest says (cut short
+  // under the mapping, reading it would kill the rank with SIGBUS). Before every read slice.
+  Status check_unchanged() const;
 
  private:
   struct LayerTensors {
@@ -90,6 +93,8 @@ class SnapshotReader {
   };
   SnapshotManifest manifest_;
   std::vector<SafetensorsFile> files_;           // [world at snapshot]
+  std::vector<std::shared_ptr<const int>> fds_;  // [world at snapshot]: each file held open (fstat)
+  std::vector<std::string> paths_;
   std::vector<std::vector<LayerTensors>> blocks_;  // [file][layer]
   std::vector<LayerTensors> sinks_;              // [layer], from the owner's file
 };

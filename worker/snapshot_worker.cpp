@@ -204,7 +204,8 @@ Status SnapshotWorker::restore_layer(const RestoreContext& op, OperationResult* 
   } else if (op.layer < 0 || op.layer >= config_.model.layers) {
     local = internal_error("restore: layer " + std::to_string(op.layer) + " is out of range");
   } else {
-    local = store_.append(op.context_id, SnapshotKvSource(*it->second, op.layer), op.layer);
+    local = it->second->check_unchanged();
+    if (local.is_ok()) local = store_.append(op.context_id, SnapshotKvSource(*it->second, op.layer), op.layer);
   }
   REATTN_RETURN_IF_ERROR(agree_into(local, result));
   if (result->status.is_ok()) result->layer_tokens = store_.find(op.context_id)->layer_tokens;
