@@ -1,5 +1,7 @@
 #include "worker/kv_load.h"
 
+#include <sys/stat.h>
+
 #include <mutex>
 #include <string>
 #include <utility>
@@ -75,7 +77,10 @@ Status KvLoads::begin(const LoadKv& op) {
                             std::to_string(op.file_tokens) + " when the load was requested (it changed)");
   }
   REATTN_ASSIGN_OR_RETURN(KvCheckpoint checkpoint, store_.checkpoint(op.context_id));
-  loads_[op.context_id] = Load{std::make_unique<SafetensorsKvSource>(std::move(source)), std::move(checkpoint)};
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) return invalid_argument("the load file vanished as it was opened");
+  loads_[op.context_id] =
+      Load{std::make_unique<SafetensorsKvSource>(std::move(source)), std::move(checkpoint), path, st.st_size};
   return Status::ok();
 }
 
@@ -83,6 +88,11 @@ Status KvLoads::slice(const LoadKv& op) {
   const auto it = loads_.find(op.context_id);
   if (it == loads_.end()) return internal_error("no load under way on context " + std::to_string(op.context_id));
   const SafetensorsKvSource& file = *it->second.file;
+  // Reading a mapped file that was cut short would kill the rank (SIGBUS): check its size first.
+  struct stat st{};
+  if (::stat(it->second.path.c_str(), &st) != 0 || st.st_size < it->second.file_bytes) {
+    return invalid_argument("the load file was removed or truncated while it was being loaded");
+  }
   if (op.offset < 0 || op.count < 1 || op.offset > file.tokens() - op.count) {
     return internal_error("load slice [" + std::to_string(op.offset) + ", +" + std::to_string(op.count) +
                           ") is outside the file's " + std::to_string(file.tokens()) + " tokens");

@@ -6,6 +6,7 @@
 
 #include <map>
 #include <memory>
+#include <string>
 
 #include "common/config.h"
 #include "common/protocol.h"
@@ -35,6 +36,8 @@ class KvLoads {
   struct Load {
     std::unique_ptr<SafetensorsKvSource> file;
     KvCheckpoint checkpoint;
+    std::string path;     // the file's real path
+    int64_t file_bytes;   // its size when it was mapped
   };
 
   KvStore& store_;

@@ -161,6 +161,22 @@ class LoadTests(unittest.TestCase):
         self.assertGreater(final["tokens_done"], 0)  # it failed midway, not at the start
         self.assert_unchanged(ctx, 290, before)
 
+    def test_a_file_replaced_by_a_shorter_one_midway_fails_the_load_cleanly(self):
+        k0, v0 = kv(120, 20)
+        write_kv(self.path("moving.safetensors"), *kv(40000, 21))
+        ctx = self.context_with(k0, v0)
+        before = answers(self.client, ctx, self.qs)
+        rec = self.start_load(ctx, "moving.safetensors")
+        self.wait_for_progress(rec["id"])
+        # Renamed over: the ranks' mappings keep the old file, whose path now names a shorter one.
+        write_kv(self.path("short.safetensors"), *kv(10, 22))
+        os.replace(self.path("short.safetensors"), self.path("moving.safetensors"))
+        with self.assertRaises(OperationError) as e:
+            self.client.wait_operation(rec["id"], timeout=120)
+        self.assertEqual(e.exception.operation["state"], "failed")
+        self.assertIn("truncated", e.exception.operation["error"])
+        self.assert_unchanged(ctx, 120, before)
+
     def test_queries_on_another_context_are_answered_during_a_load(self):
         other = self.context_with(*kv(200, 8))
         write_kv(self.path("long2.safetensors"), *kv(40000, 9))
