@@ -8,6 +8,9 @@
 // (mpirun forwards them) and wait for rank 0.
 // A fault (a rank dead or hung past a deadline, see README "Reliability"): every request in
 // flight or queued gets 503 naming it, readiness turns 503, and the job ends non-zero (exit 3).
+// --snapshot-dir DIR: snapshots are written and restored there (stale .tmp- directories of a
+// crash mid-snapshot are removed at start-up); --restore: every complete snapshot there is
+// restored before readiness turns 200 (README "Snapshots and restore").
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
