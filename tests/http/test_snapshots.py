@@ -417,6 +417,7 @@ class Suite:
         c.check(r.status == 202, "snapshot to cancel: %d" % r.status)
         op = r.json()["operation"]
         busy = cl.request("POST", "/v1/contexts/1/synthetic", {"tokens": 1, "seed": 4})
+        during = cl.request("POST", "/v1/contexts/1/query", {"layer": 3, "synthetic_q": {"seed": 2, "qlen": 1}})
         d = cl.request("DELETE", "/v1/operations/%s" % op)
         c.check(d.status == 202, "cancel: %d %s" % (d.status, d.body[:200]))
         rec = wait_operation(cl, r)
@@ -424,6 +425,7 @@ class Suite:
         if rec["state"] == "cancelled":
             c.check(busy.status == 409 and op in busy.json()["error"]["message"],
                     "append while the snapshot runs: %d %s" % (busy.status, busy.body[:200]))
+            c.check(during.status == 200, "a query while the snapshot runs: %d %s" % (during.status, during.body[:200]))
         self.unchanged(cl, before, [], "after a cancelled snapshot")
         # The whole snapshot, then a restore cancelled midway.
         self.snapshot(cl, 1, "whole")
