@@ -3,6 +3,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -308,6 +309,7 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("queue_deadline_s", &c.server.queue_deadline_s);
   server.read("drain_deadline_s", &c.server.drain_deadline_s);
   server.read("max_connections", &c.server.max_connections);
+  server.read("busy_poll_us", &c.server.busy_poll_us);
   server.read("load_root", &c.server.load_root);
   server.read("load_slice_bytes", &c.server.load_slice_bytes);
   server.read("snapshot_dir", &c.server.snapshot_dir);
@@ -374,6 +376,7 @@ Status Config::validate() const {
       {"server.http_threads", server.http_threads, 1},
       {"server.request_timeout_s", server.request_timeout_s, 1},
       {"server.max_connections", server.max_connections, 1},
+      {"server.busy_poll_us", server.busy_poll_us, -1},
       {"server.load_slice_bytes", server.load_slice_bytes, 1},
   };
   // Capacity sums over ranks; keep it far from int64 overflow.
@@ -385,6 +388,10 @@ Status Config::validate() const {
       return invalid_argument(std::string(m.key) + ": must be >= " + std::to_string(m.min) +
                               ", got " + std::to_string(m.value));
     }
+  }
+  if (server.busy_poll_us > 1000000) {
+    return invalid_argument("server.busy_poll_us: must be <= 1000000 (1 s), got " +
+                            std::to_string(server.busy_poll_us));
   }
   if (model.head_dim % 2 != 0) {
     return invalid_argument("model.head_dim: must be even, got " + std::to_string(model.head_dim));
@@ -458,7 +465,11 @@ Expected<ListenAddress> parse_listen(const std::string& listen) {
 
 float Config::max_stored_value() const {
   const bool gpu_f16 = backend.kind != BackendKind::kCpu && backend.storage_dtype == DType::kF16;
-  return gpu_f16 ? 65504.0f : std::numeric_limits<float>::max();
+  if (gpu_f16) return 65504.0f;
+  // B = 2^e with 2 + log2(head_dim) + 2e <= 127: products and their sums keep a factor 2 of room.
+  int log2_dim = 0;
+  while ((int64_t{1} << log2_dim) < std::max(model.head_dim, 1)) ++log2_dim;
+  return std::ldexp(1.0f, (125 - log2_dim) / 2);
 }
 
 std::string Config::to_yaml() const {
@@ -531,6 +542,7 @@ std::string Config::to_yaml() const {
   put("queue_deadline_s", format_number(server.queue_deadline_s));
   put("drain_deadline_s", format_number(server.drain_deadline_s));
   put("max_connections", server.max_connections);
+  put("busy_poll_us", server.busy_poll_us);
   put_string("load_root", server.load_root);
   put("load_slice_bytes", server.load_slice_bytes);
   put_string("snapshot_dir", server.snapshot_dir);

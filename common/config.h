@@ -79,7 +79,9 @@ struct ServerConfig {
   std::string api_key_file;            // empty: no API key required
   int queue_depth = 256;               // queued requests before 503
   int max_batch = 32;                  // queries merged into one step
-  int http_threads = 4;
+  // Threads that run the HTTP sockets. One serves a decode step without hand-offs between I/O
+  // threads (measured: bench/NOTES.md, "qlen-1 step overhead"); heavy work is on the parse pool.
+  int http_threads = 1;
   int request_timeout_s = 30;          // slow clients are cut off after this
   // Reliability (README "Reliability"): every wait on another rank has a deadline.
   double step_deadline_s = 30;         // one collective of a query step; the heartbeat round trip
@@ -88,6 +90,12 @@ struct ServerConfig {
   double queue_deadline_s = 60;        // a request not started this long after arrival gets 503
   double drain_deadline_s = 60;        // SIGTERM: the job ends by then, drained or not
   int max_connections = 1024;          // open HTTP connections; more are refused
+  // After a step, the step loop polls the queue this long (yielding) before it sleeps: the
+  // next layer's step of a decode then starts without a thread wake-up. 0: sleep at once;
+  // -1 (auto): 1000 with a GPU backend (host cores are free while the GPU works), 0 with the
+  // cpu backend (its kernels use every core, and a polling thread would take one from them).
+  int busy_poll_us = -1;
+  int busy_poll_us_for(bool host_compute) const { return busy_poll_us >= 0 ? busy_poll_us : host_compute ? 0 : 1000; }
   // Bulk loads (POST /v1/contexts/{id}/load): files are read only under this directory
   // (empty: loads are disabled), in slices of about this many file bytes between query steps.
   std::string load_root = {};
@@ -114,7 +122,10 @@ struct Config {
   // S + R*C + W + C <= scope, in span recall S + R*s + W + C <= scope). Returns the first problem, naming key and value.
   Status validate() const;
   // The largest magnitude a K, V or q value may have: f16 storage on the GPU holds at most
-  // 65504 (above it a value would turn into inf); otherwise any finite fp32.
+  // 65504 (above it a value would turn into inf); otherwise the power of two B with
+  // 4 * head_dim * B^2 <= 2^127, so that every q.k (|q||k| <= head_dim * B^2, RoPE keeps norms)
+  // and every softmax sum stays finite in fp32 (larger finite values made NaN answers and
+  // poisoned the context: found while fuzzing the API).
   float max_stored_value() const;
   // The effective configuration as YAML (round-trips through load_config_string).
   std::string to_yaml() const;

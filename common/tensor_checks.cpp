@@ -1,7 +1,10 @@
 #include "common/tensor_checks.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/excerpt.h"
 
@@ -24,15 +27,47 @@ float decode_f16(const unsigned char* p) {
   return f16_to_float(b);
 }
 
-// The first index in [0, count) whose value is not storable, or -1; `bad` gets its value.
-template <float (*Decode)(const unsigned char*), size_t kSize>
-int64_t first_unstorable(const unsigned char* data, int64_t count, float max_abs, float* bad) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float x = Decode(data + i * kSize);
-    // !(|x| <= max_abs) is also true for NaN.
-    if (!(std::fabs(x) <= max_abs) || !std::isfinite(x)) {
-      *bad = x;
-      return i;
+// The largest magnitude (the value's bits without the sign) that is finite and <= max_abs, in
+// each encoding: finite values order like their magnitude bits, and Inf and NaN lie above all.
+uint32_t f32_limit(float max_abs) {
+  const float limit = std::fmin(max_abs, std::numeric_limits<float>::max());
+  uint32_t bits;
+  std::memcpy(&bits, &limit, 4);
+  return bits & 0x7FFFFFFFu;
+}
+uint16_t bf16_limit(float max_abs) { return static_cast<uint16_t>(f32_limit(max_abs) >> 16); }
+uint16_t f16_limit(float max_abs) {
+  uint16_t lo = 0, hi = 0x7BFF;  // 0x7BFF: the largest finite f16 (65504)
+  if (f16_to_float(hi) <= max_abs) return hi;
+  while (lo + 1 < hi) {  // invariant: f16(lo) <= max_abs < f16(hi)
+    const uint16_t mid = static_cast<uint16_t>((lo + hi) / 2);
+    (f16_to_float(mid) <= max_abs ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+// The first index in [0, count) whose magnitude bits are above `limit` (not storable), or -1;
+// `bad` gets its value. A block at a time, branch-free (the scan vectorizes: a decode step's
+// q, k and v are checked on the request's path); the index is searched only in a failing block.
+template <typename Bits, float (*Decode)(const unsigned char*)>
+int64_t first_unstorable(const unsigned char* data, int64_t count, Bits limit, float* bad) {
+  constexpr Bits kMagnitude = std::numeric_limits<Bits>::max() >> 1;  // all bits but the sign
+  constexpr int64_t kBlock = 256;
+  const auto magnitude = [&](int64_t i) {
+    Bits x;
+    std::memcpy(&x, data + i * sizeof(Bits), sizeof(Bits));
+    return static_cast<Bits>(x & kMagnitude);
+  };
+  for (int64_t first = 0; first < count; first += kBlock) {
+    const int64_t end = std::min(count, first + kBlock);
+    Bits largest = 0;
+    for (int64_t i = first; i < end; ++i) largest = std::max(largest, magnitude(i));
+    if (largest <= limit) continue;
+    for (int64_t i = first; i < end; ++i) {
+      if (magnitude(i) > limit) {
+        *bad = Decode(data + i * sizeof(Bits));
+        return i;
+      }
     }
   }
   return -1;
@@ -87,9 +122,9 @@ Status check_storable(const TensorView& tensor, float max_abs) {
   float bad = 0;
   int64_t at = -1;
   switch (tensor.dtype) {
-    case DType::kF32: at = first_unstorable<decode_f32, 4>(tensor.data, n, max_abs, &bad); break;
-    case DType::kBF16: at = first_unstorable<decode_bf16, 2>(tensor.data, n, max_abs, &bad); break;
-    case DType::kF16: at = first_unstorable<decode_f16, 2>(tensor.data, n, max_abs, &bad); break;
+    case DType::kF32: at = first_unstorable<uint32_t, decode_f32>(tensor.data, n, f32_limit(max_abs), &bad); break;
+    case DType::kBF16: at = first_unstorable<uint16_t, decode_bf16>(tensor.data, n, bf16_limit(max_abs), &bad); break;
+    case DType::kF16: at = first_unstorable<uint16_t, decode_f16>(tensor.data, n, f16_limit(max_abs), &bad); break;
   }
   if (at < 0) return Status::ok();
   if (!std::isfinite(bad)) {
@@ -97,8 +132,16 @@ Status check_storable(const TensorView& tensor, float max_abs) {
                             ") at flat index " + std::to_string(at));
   }
   return invalid_argument("tensor '" + tensor.name + "' holds " + std::to_string(bad) + " at flat index " +
-                          std::to_string(at) + ", above the f16 storage limit " +
-                          std::to_string(static_cast<int>(max_abs)));
+                          std::to_string(at) + ", above " + stored_value_limit(max_abs));
+}
+
+std::string stored_value_limit(float max_abs) {
+  if (max_abs == 65504.0f) return "the f16 storage limit 65504";
+  int exponent = 0;
+  const float mantissa = std::frexp(max_abs, &exponent);
+  const std::string value = std::to_string(static_cast<long long>(std::min(max_abs, 9.2e18f)));
+  if (mantissa != 0.5f) return "the limit " + value;
+  return "the limit 2^" + std::to_string(exponent - 1) + " = " + value + " that keeps q.k finite in fp32";
 }
 
 Expected<KvTensors> kv_tensors(const SafetensorsFile& file, const ModelConfig& model) {

@@ -36,6 +36,10 @@ Status check_shape(const TensorView& tensor, std::initializer_list<Dim> dims);
 // (Config::max_stored_value), naming the tensor and the first bad flat index. One pass.
 Status check_storable(const TensorView& tensor, float max_abs = std::numeric_limits<float>::max());
 
+// What the limit `max_abs` (Config::max_stored_value) is, for error messages:
+// "the f16 storage limit 65504", "the limit 2^60 = 1152921504606846976 that keeps q.k finite in fp32".
+std::string stored_value_limit(float max_abs);
+
 // k and v of an appended K/V body, each [layers, Hkv, tokens, D] (shapes checked, values not).
 struct KvTensors {
   TensorView k;

@@ -343,6 +343,7 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   task.op = std::move(plan);
   task.request_id = req.request_id;
   task.client_gone = req.client_gone;
+  task.answer_on_step_loop = answer_on_step_loop(wants_binary(req.accept), qlen, config_.model);
   enqueue(std::move(task),
           [this, id = m.id, layer, mode, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
             return attention_response({{"context_id", id},
@@ -367,6 +368,7 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
   task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), step->kv_dtype, std::move(step->k), std::move(step->v)};
   task.request_id = req.request_id;
   task.client_gone = req.client_gone;
+  task.answer_on_step_loop = answer_on_step_loop(wants_binary(req.accept), qlen, config_.model);
   enqueue(std::move(task),
           [this, id = m.id, layer, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
             return attention_response({{"context_id", id},

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <optional>
 #include <utility>
@@ -55,6 +56,11 @@ const char kRefusal[] =
 // read them: that takes well under a millisecond, and saves the hand-off to the parse pool (a
 // thread wake-up per request).
 constexpr size_t kInlineBodyBytes = 32 * 1024;
+
+// Answers up to this size (head and body) are written by the thread that completes the request,
+// straight to the socket when it has room, instead of being posted to the session's strand
+// first: a decode step's answer then leaves without waking an I/O thread.
+constexpr size_t kDirectWriteBytes = 256 * 1024;
 
 // Requests answered on the I/O threads (no or small bodies); the rest go to the parse pool.
 bool is_light_request(const std::string& path, size_t body_bytes) {
@@ -208,7 +214,12 @@ class Session : public std::enable_shared_from_this<Session> {
     version_ = parser_->get().version();
     ++server_->active;
     auto self = shared_from_this();
-    Responder done = [self](HttpResponse response) {
+    Responder done = [self, received = std::chrono::steady_clock::now()](HttpResponse response) {
+      // From the complete request to its answer: what the service spent on it, parse and
+      // queue included (the client's own time and the transport are the rest of its wait).
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - received).count();
+      response.headers.emplace_back("X-Reattn-Server-Ms", std::to_string(ms));
+      if (response.body.size() <= kDirectWriteBytes) return self->write_now(std::move(response));
       net::post(self->stream_.get_executor(), [self, r = std::move(response)]() mutable {
         self->write(std::move(r), self->keep_alive_, true);
       });
@@ -280,26 +291,77 @@ class Session : public std::enable_shared_from_this<Session> {
     write(server_->rejecter(request, status, code, message), false, true);
   }
 
+  static void fill(http::response<http::string_body>& m, HttpResponse r, unsigned version, bool keep_alive) {
+    m.version(version);
+    m.result(static_cast<unsigned>(r.status));
+    m.set(http::field::server, "reattn");
+    m.set(http::field::content_type, r.content_type);
+    for (const auto& [name, value] : r.headers) m.set(name, value);
+    m.keep_alive(keep_alive);
+    m.body() = std::move(r.body);
+    m.prepare_payload();
+  }
+
   void write(HttpResponse r, bool keep_alive, bool counted) {
     response_.emplace();
-    response_->version(version_);
-    response_->result(static_cast<unsigned>(r.status));
-    response_->set(http::field::server, "reattn");
-    response_->set(http::field::content_type, r.content_type);
-    for (const auto& [name, value] : r.headers) response_->set(name, value);
-    response_->keep_alive(keep_alive && !server_->closing.load());
-    response_->body() = std::move(r.body);
-    response_->prepare_payload();
+    fill(*response_, std::move(r), version_, keep_alive && !server_->closing.load());
     stream_.expires_after(timeout());
     http::async_write(stream_, *response_, beast::bind_front_handler(&Session::on_write, shared_from_this(), counted));
   }
 
   void on_write(bool counted, beast::error_code ec, size_t) {
+    after_write(counted, ec, response_->keep_alive());
+  }
+
+  void after_write(bool counted, beast::error_code ec, bool keep_alive) {
     if (counted) --server_->active;
     if (ec) return close();
-    if (!response_->keep_alive()) return linger();
+    if (!keep_alive) return linger();
     response_.reset();
     read_header();
+  }
+
+  // The answer to a request the handler had, from whichever thread completed it: serialized
+  // and sent with one non-blocking send. While the handler runs the session has no read or
+  // write of its own in flight (only watch_client's wait for readability, which peeks), so
+  // nothing else writes to the socket. What does not fit in the socket buffer, and what
+  // follows (the next request's read, or the close), runs on the session's strand.
+  void write_now(HttpResponse r) {
+    const bool keep_alive = keep_alive_ && !server_->closing.load();
+    http::response<http::string_body> m;
+    fill(m, std::move(r), version_, keep_alive);
+    auto wire = std::make_shared<std::string>();
+    http::response_serializer<http::string_body> serializer{m};
+    beast::error_code ec;
+    while (!ec && !serializer.is_done()) {
+      serializer.next(ec, [&](beast::error_code&, const auto& buffers) {
+        for (const auto b : beast::buffers_range_ref(buffers)) {
+          wire->append(static_cast<const char*>(b.data()), b.size());
+        }
+        serializer.consume(beast::buffer_bytes(buffers));
+      });
+    }
+    size_t sent = 0;
+    if (!ec) {
+      const int fd = stream_.socket().native_handle();
+      const ssize_t n = ::send(fd, wire->data(), wire->size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n > 0) sent = static_cast<size_t>(n);
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        ec = beast::error_code(errno, beast::system_category());
+      }
+    }
+    auto self = shared_from_this();
+    if (ec || sent == wire->size()) {
+      net::post(stream_.get_executor(), [self, ec, keep_alive] { self->after_write(true, ec, keep_alive); });
+      return;
+    }
+    net::post(stream_.get_executor(), [self, wire, sent, keep_alive] {
+      self->stream_.expires_after(self->timeout());
+      net::async_write(self->stream_, net::buffer(wire->data() + sent, wire->size() - sent),
+                       [self, wire, keep_alive](beast::error_code write_ec, size_t) {
+                         self->after_write(true, write_ec, keep_alive);
+                       });
+    });
   }
 
   // Half-closes, then reads and drops what the client still sends (e.g. the rest of a body
@@ -419,6 +481,8 @@ void HttpServer::stop_accepting() {
     impl->acceptor.close(ec);
   });
 }
+
+void HttpServer::post_work(std::function<void()> work) { net::post(impl_->parse_ioc, std::move(work)); }
 
 int HttpServer::active_requests() const { return impl_->active.load(); }
 

@@ -8,8 +8,10 @@
 // Complete requests go to the handler with a Responder: requests for the health and metrics
 // paths and requests with bodies up to 32 KiB on the I/O threads (no thread hand-off for a
 // decode step), larger bodies on a separate pool of `parse_threads`, so a heavy body never
-// delays a health check. Sockets are TCP_NODELAY. The handler may answer from any thread, later (the
-// response is written on the session's strand).
+// delays a health check. Sockets are TCP_NODELAY. The handler may answer from any thread, later:
+// answers up to 256 KiB are sent by that thread at once (one non-blocking send; the rest, if
+// any, on the session's strand), larger ones are written on the strand. Every answer to a
+// handled request carries X-Reattn-Server-Ms: from the complete request to the answer.
 // Thread-safety: construct, listen and stop from one thread; the io_context may run on many.
 #pragma once
 
@@ -34,7 +36,7 @@ struct HttpServerOptions {
   int64_t max_body_bytes = 64ll << 20;
   int request_timeout_s = 30;    // limit on reading one request and on writing one response
   int max_connections = 1024;    // open connections; one more is answered 503 and closed
-  int parse_threads = 2;         // threads that run the handler for non-health requests
+  int parse_threads = 2;         // threads that run the handler for large requests, and post_work
 };
 
 class HttpServer {
@@ -56,6 +58,9 @@ class HttpServer {
   Expected<int> listen(const std::string& host, int port);
   // Closes the listening socket; open connections carry on, and answer with Connection: close.
   void stop_accepting();
+  // Runs `work` on the parse pool (not on the I/O threads): heavy completions, such as
+  // formatting a large answer, never hold up socket I/O or a health check.
+  void post_work(std::function<void()> work);
   // Requests handed to the handler and not yet answered (written or failed).
   int active_requests() const;
   // Connections open now, and refused since start (over max_connections).

@@ -108,8 +108,7 @@ Status read_nested(const json& x, const std::string& name, std::initializer_list
         return invalid_argument(where + ": " + json_excerpt(v) + " is not a finite fp32 value");
       }
       if (std::fabs(f) > max_abs) {
-        return invalid_argument(where + ": " + json_excerpt(v) + " is above the f16 storage limit " +
-                                std::to_string(static_cast<int>(max_abs)));
+        return invalid_argument(where + ": " + json_excerpt(v) + " is above " + stored_value_limit(max_abs));
       }
       out->push_back(f);
       return Status::ok();

@@ -19,6 +19,11 @@ bool wants_binary(const std::string& accept) {
   return a.find("application/octet-stream") != std::string::npos || a.find("safetensors") != std::string::npos;
 }
 
+bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model) {
+  constexpr int64_t kMaxOutBytes = 64 * 1024;
+  return binary && qlen * model.q_heads * model.head_dim * static_cast<int64_t>(sizeof(float)) <= kMaxOutBytes;
+}
+
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
                                 bool binary) {
   const ModelConfig& m = config.model;

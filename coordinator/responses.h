@@ -17,6 +17,11 @@ namespace reattn {
 // Whether the Accept header asks for safetensors rather than JSON.
 bool wants_binary(const std::string& accept);
 
+// Whether the answer to `qlen` rows is formatted and sent by the step loop itself (binary, and
+// `out` at most 64 KiB: a decode step's; a few microseconds of formatting instead of a hand-off
+// to an HTTP thread). Larger and JSON answers are formatted on the HTTP threads.
+bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model);
+
 // `fields`: what the route reports besides the output (context_id, layer, tokens, ...).
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
                                 bool binary);

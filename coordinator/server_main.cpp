@@ -208,10 +208,13 @@ class Coordinator {
     return Status::ok();
   }
 
-  // The step loop; returns when draining is done or on a fault.
-  Status run(ServiceLoop& loop) {
-    StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config_,
-                       [this](std::function<void()> f) { boost::asio::post(ioc_, std::move(f)); });
+  // The step loop; returns when draining is done or on a fault. host_compute: the backend
+  // computes on the host's cores (server.busy_poll_us's auto value depends on it).
+  Status run(ServiceLoop& loop, bool host_compute) {
+    Config config = config_;
+    config.server.busy_poll_us = config_.server.busy_poll_us_for(host_compute);
+    StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config,
+                       [this](std::function<void()> f) { server_.post_work(std::move(f)); });
     return step_loop.run();
   }
 
@@ -273,8 +276,8 @@ class Coordinator {
   HttpServer server_;
   boost::asio::signal_set signals_;
   boost::asio::steady_timer drain_timer_;
-  // Keeps the HTTP threads running while no socket operation is pending: completions from
-  // the step loop are posted to them.
+  // Keeps the HTTP threads running while no socket operation is pending: answers from other
+  // threads are posted to them.
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
   std::vector<std::thread> threads_;
   bool stopped_ = false;
@@ -359,7 +362,7 @@ int serve(Control& control, const ServerOptions& opt) {
     }
   }
   coordinator->set_ready(ServiceInfo{control.world(), (*backend)->name(), (*comm)->name()});
-  const Status ran = coordinator->run(loop);
+  const Status ran = coordinator->run(loop, (*backend)->host_memory());
   if (!ran.is_ok()) {
     // The ranks may be stuck in a collective: answer what can be answered, then end the job.
     coordinator->fault(ran);

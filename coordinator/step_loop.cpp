@@ -36,6 +36,7 @@ void StepLoop::observe_step(const StepTiming& timing) {
 
 void StepLoop::complete(Task& task, TaskResult result) {
   if (!task.done) return;
+  if (task.answer_on_step_loop) return task.done(std::move(result));
   post_([done = std::move(task.done), r = std::move(result)]() mutable { done(std::move(r)); });
 }
 
@@ -85,11 +86,16 @@ bool StepLoop::drop_if_expired(Task& task, std::chrono::steady_clock::time_point
 Status StepLoop::run() {
   const size_t max_batch = static_cast<size_t>(config_.server.max_batch);
   const auto heartbeat_every = std::chrono::duration<double>(config_.server.heartbeat_s);
+  const std::chrono::microseconds busy_poll(config_.server.busy_poll_us);
   auto last_contact = std::chrono::steady_clock::now();
+  bool worked = false;  // the last round ran tasks: poll for the next one before sleeping
   for (;;) {
-    // While a long operation runs, the queue is only looked at, not waited on.
-    const auto wait = std::chrono::milliseconds(active_.empty() ? 100 : 0);
-    std::vector<Task> tasks = queue_.pop_batch(max_batch, wait);
+    // While a long operation runs, the queue is only looked at, not waited on (nor polled).
+    const bool idle_wait = active_.empty();
+    std::vector<Task> tasks =
+        queue_.pop_batch(max_batch, std::chrono::milliseconds(idle_wait ? 100 : 0),
+                         worked && idle_wait ? busy_poll : std::chrono::microseconds(0));
+    worked = !tasks.empty();
     if (tasks.empty() && active_.empty()) {
       if (queue_.closed() && queue_.depth() == 0) return Status::ok();
       if (std::chrono::steady_clock::now() - last_contact < heartbeat_every) continue;
@@ -238,7 +244,7 @@ Status StepLoop::run_operation(Task& task) {
   } else {
     if (result.status.is_ok()) {
       registry_.set_tokens(ctx->id, result.tokens);
-      r.context.tokens = result.tokens;
+      r.context = *registry_.find(ctx->id);  // every layer's new length, not only `tokens`
     }
     if (result.context_dropped) registry_.erase(ctx->id);
   }

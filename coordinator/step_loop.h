@@ -29,7 +29,8 @@ namespace reattn {
 
 class StepLoop {
  public:
-  // `post` runs a completion on an HTTP thread, so the step loop never formats responses.
+  // `post` runs a completion on an HTTP thread, so the step loop formats no large responses
+  // (tasks marked answer_on_step_loop complete in place).
   using Post = std::function<void(std::function<void()>)>;
 
   StepLoop(OperationRunner& ranks, TaskQueue& queue, Registry& registry, Metrics& metrics, ServiceState& state,

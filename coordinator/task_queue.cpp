@@ -1,5 +1,7 @@
 #include "coordinator/task_queue.h"
 
+#include <algorithm>
+#include <thread>
 #include <utility>
 
 namespace reattn {
@@ -19,27 +21,35 @@ Expected<uint64_t> TaskQueue::push(Task task) {
     task.id = id;
     task.enqueued = std::chrono::steady_clock::now();
     tasks_.push_back(std::move(task));
+    ready_or_closed_.store(true, std::memory_order_release);
   }
   ready_.notify_one();
   return id;
 }
 
-std::vector<Task> TaskQueue::pop_batch(size_t max_queries, std::chrono::milliseconds wait) {
+std::vector<Task> TaskQueue::pop_batch(size_t max_queries, std::chrono::milliseconds wait,
+                                       std::chrono::microseconds spin) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto spin_until = start + std::min<std::chrono::microseconds>(spin, wait);
+  while (!ready_or_closed_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < spin_until) {
+    std::this_thread::yield();
+  }
   std::unique_lock<std::mutex> lock(mu_);
-  ready_.wait_for(lock, wait, [this] { return !tasks_.empty() || closed_; });
+  ready_.wait_until(lock, start + wait, [this] { return !tasks_.empty() || closed_; });
   std::vector<Task> out;
   if (tasks_.empty()) return out;
   if (!is_query(tasks_.front())) {
     out.push_back(std::move(tasks_.front()));
     tasks_.pop_front();
-    return out;
+  } else {
+    // Queries arriving together go out as one step; a non-query task ends the run so that
+    // every task sees the effects of those pushed before it.
+    while (!tasks_.empty() && is_query(tasks_.front()) && out.size() < max_queries) {
+      out.push_back(std::move(tasks_.front()));
+      tasks_.pop_front();
+    }
   }
-  // Queries arriving together go out as one step; a non-query task ends the run so that
-  // every task sees the effects of those pushed before it.
-  while (!tasks_.empty() && is_query(tasks_.front()) && out.size() < max_queries) {
-    out.push_back(std::move(tasks_.front()));
-    tasks_.pop_front();
-  }
+  ready_or_closed_.store(!tasks_.empty() || closed_, std::memory_order_release);
   return out;
 }
 
@@ -47,6 +57,7 @@ void TaskQueue::close() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = true;
+    ready_or_closed_.store(true, std::memory_order_release);
   }
   ready_.notify_all();
 }

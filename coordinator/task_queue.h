@@ -45,6 +45,9 @@ struct Task {
   std::shared_ptr<const std::atomic<bool>> client_gone;
   // Called once with the result, on an HTTP thread (the step loop posts it there).
   std::function<void(TaskResult)> done;
+  // A small answer (a decode step's, in binary): `done` runs on the step loop itself, which
+  // formats and sends it at once; the hand-off to an HTTP thread would cost a wake-up.
+  bool answer_on_step_loop = false;
   // Set: the task starts this long-running operation (`op` is unused); its record is
   // `operation_id` in the registry's OperationTable. Its client was answered 202 already.
   std::shared_ptr<LongOperation> long_operation;
@@ -64,7 +67,10 @@ class TaskQueue {
   Expected<uint64_t> push(Task task);
   // Waits up to `wait` for a task, then takes either the first task alone (not a query) or
   // the run of consecutive queries at the front, at most `max_queries`. Empty when none came.
-  std::vector<Task> pop_batch(size_t max_queries, std::chrono::milliseconds wait);
+  // The first `spin` of the wait polls (yielding the CPU between looks) instead of sleeping,
+  // so a task pushed then starts without a thread wake-up.
+  std::vector<Task> pop_batch(size_t max_queries, std::chrono::milliseconds wait,
+                              std::chrono::microseconds spin = std::chrono::microseconds(0));
   // No new tasks; those queued are still popped.
   void close();
   bool closed() const;
@@ -77,6 +83,8 @@ class TaskQueue {
   std::deque<Task> tasks_;
   uint64_t next_id_ = 1;
   bool closed_ = false;
+  // tasks_.size() or closed_, for polling without the lock; written under it.
+  std::atomic<bool> ready_or_closed_{false};
 };
 
 }  // namespace reattn

@@ -1,5 +1,8 @@
 #include "kernels/backend.h"
 
+#include <cstdint>
+#include <string>
+
 namespace reattn {
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
@@ -17,6 +20,21 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
 
 Buffer::~Buffer() {
   if (owner_ && data_) owner_->release(data_);
+}
+
+Status check_upload_pieces(size_t bytes, const UploadPiece* pieces, int64_t count) {
+  if (count < 0) return invalid_argument("upload_pieces: count " + std::to_string(count) + " is negative");
+  if (count > 0 && !pieces) return invalid_argument("upload_pieces: null piece list");
+  for (int64_t i = 0; i < count; ++i) {
+    const UploadPiece& p = pieces[i];
+    if (!p.dst || p.src_offset < 0 || p.bytes < 0 || static_cast<uint64_t>(p.src_offset) > bytes ||
+        static_cast<uint64_t>(p.bytes) > bytes - static_cast<uint64_t>(p.src_offset)) {
+      return invalid_argument("upload_pieces: piece " + std::to_string(i) + " (offset " + std::to_string(p.src_offset) +
+                              ", " + std::to_string(p.bytes) + " bytes) is outside the " + std::to_string(bytes) +
+                              "-byte source or has no destination");
+    }
+  }
+  return Status::ok();
 }
 
 Status ensure_capacity(Backend& backend, Buffer& buffer, size_t bytes) {

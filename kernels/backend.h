@@ -50,6 +50,11 @@ class Backend {
   virtual Status upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual Status download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+  // Writes `count` pieces of one host buffer [bytes] to their places in backend memory, as
+  // one transfer on a device (a decode step's token goes to its home block and the ring
+  // without a copy call per KV head). Ordered like upload; `host_src` and `pieces` (host
+  // memory) may be reused as soon as it returns.
+  virtual Status upload_pieces(const void* host_src, size_t bytes, const UploadPiece* pieces, int64_t count) = 0;
   // Waits for all issued work.
   virtual Status synchronize() = 0;
 
@@ -67,6 +72,10 @@ class Backend {
   // memory (no host round trip per row on a device).
   virtual Status merge_select(const MergeSelectParams& p) = 0;
 };
+
+// Checks an upload_pieces list against its host buffer: no null destination, every piece
+// inside [0, bytes).
+Status check_upload_pieces(size_t bytes, const UploadPiece* pieces, int64_t count);
 
 // Grows a buffer only when a larger size is asked for: the step's workspace does not
 // allocate on the hot path once warm.

@@ -84,6 +84,14 @@ struct PackParams {
   void* dst = nullptr;               // [count, block_bytes]; must not overlap any source block
 };
 
+// One piece of a scattered upload: `bytes` from the host buffer at src_offset to `dst`, in
+// backend memory (e.g. one KV head's rows of an appended token, to its home block or the ring).
+struct UploadPiece {
+  void* dst = nullptr;
+  int64_t src_offset = 0;
+  int64_t bytes = 0;
+};
+
 // Candidate merge and recall selection for the rows of one query after the candidate
 // allgather: merge_candidates + select_recall (common/semantics.h), exact tie rule included.
 // Rank r's list of (row, head) i is at gathered + r * rank_stride + i * top_k.

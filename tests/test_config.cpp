@@ -147,7 +147,10 @@ TEST(Config, OmittedSectionsAndRopeThetaTakeDefaults) {
   EXPECT_EQ(c->server.api_key_file, "");
   EXPECT_EQ(c->server.queue_depth, 256);
   EXPECT_EQ(c->server.max_batch, 32);
-  EXPECT_EQ(c->server.http_threads, 4);
+  EXPECT_EQ(c->server.http_threads, 1);
+  EXPECT_EQ(c->server.busy_poll_us, -1);                 // auto: polls on a GPU backend only
+  EXPECT_EQ(c->server.busy_poll_us_for(false), 1000);
+  EXPECT_EQ(c->server.busy_poll_us_for(true), 0);
   EXPECT_EQ(c->server.request_timeout_s, 30);
 }
 
@@ -303,6 +306,8 @@ TEST(ConfigError, ValuesBelowMinimum) {
       {kTiny + "server: {max_batch: 0}\n", "server.max_batch", "got 0"},
       {kTiny + "server: {http_threads: 0}\n", "server.http_threads", "got 0"},
       {kTiny + "server: {request_timeout_s: 0}\n", "server.request_timeout_s", "got 0"},
+      {kTiny + "server: {busy_poll_us: -2}\n", "server.busy_poll_us", "got -2"},
+      {kTiny + "server: {busy_poll_us: 1000001}\n", "server.busy_poll_us", "got 1000001"},
   };
   for (const auto& c : cases) expect_error(c.yaml, {c.key, c.value});
 }

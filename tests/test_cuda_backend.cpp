@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <thread>
@@ -906,6 +907,125 @@ TEST(CudaBatch, MatchesEachQueryAlone) {
       EXPECT_EQ(got.recalled, one.recalled);
       EXPECT_LT(ref::relative_error(got.out, std::vector<double>(one.out.begin(), one.out.end())), 1e-6);
       EXPECT_LT(ref::relative_error(got.out, want.out), 6e-3);
+    }
+  }
+}
+
+// Backend::upload_pieces: pieces of one host buffer (odd sizes and alignments, one larger than
+// a kernel tile, many small ones, and a list too large for the pinned ring) against the CPU
+// backend's memcpy per piece.
+TEST(CudaBackend, UploadPiecesMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  const Config cfg = make_config(c);
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
+  ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
+  Backend& gpu = **cuda;
+  CpuBackend cpu(2);
+  std::mt19937_64 rng(11);
+  struct Shape {
+    int64_t count;
+    int64_t max_bytes;
+    bool aligned;
+  };
+  for (const Shape& sh : {Shape{32, 256, true}, Shape{7, 40000, true}, Shape{300, 100, false},
+                          Shape{2, 3 << 20, true}, Shape{1, 1, false}}) {
+    SCOPED_TRACE("count " + std::to_string(sh.count) + " max_bytes " + std::to_string(sh.max_bytes));
+    std::vector<unsigned char> src(static_cast<size_t>(sh.count * sh.max_bytes + 64));
+    for (unsigned char& b : src) b = static_cast<unsigned char>(rng());
+    // Pieces of the source, each to its own region of the pool (regions apart, so no overlap).
+    const int64_t region = (sh.max_bytes + 64) / 16 * 16;
+    std::vector<UploadPiece> layout(sh.count);
+    for (int64_t i = 0; i < sh.count; ++i) {
+      UploadPiece& p = layout[i];
+      p.bytes = 1 + static_cast<int64_t>(rng() % sh.max_bytes);
+      p.src_offset = static_cast<int64_t>(rng() % (src.size() - p.bytes + 1));
+      p.dst = reinterpret_cast<void*>(i * region + (sh.aligned ? 0 : static_cast<int64_t>(rng() % 16)));
+      if (sh.aligned) p.src_offset = std::min<int64_t>(p.src_offset / 16 * 16, src.size() - p.bytes);
+    }
+    const size_t pool_bytes = static_cast<size_t>(sh.count * region + 16);
+    std::vector<std::vector<unsigned char>> pools;
+    for (Backend* b : {&gpu, static_cast<Backend*>(&cpu)}) {
+      Expected<Buffer> pool = b->allocate(pool_bytes);
+      ASSERT_TRUE(pool.is_ok());
+      const std::vector<unsigned char> poison(pool_bytes, 0xA5);
+      ASSERT_TRUE(b->upload(pool->data(), poison.data(), pool_bytes).is_ok());
+      std::vector<UploadPiece> pieces = layout;
+      for (UploadPiece& p : pieces) p.dst = pool->as<char>() + reinterpret_cast<intptr_t>(p.dst);
+      const Status st = b->upload_pieces(src.data(), src.size(), pieces.data(), static_cast<int64_t>(pieces.size()));
+      ASSERT_TRUE(st.is_ok()) << st.to_string();
+      std::vector<unsigned char> host(pool_bytes);
+      ASSERT_TRUE(b->download(host.data(), pool->data(), pool_bytes).is_ok());
+      pools.push_back(std::move(host));
+    }
+    EXPECT_TRUE(pools[0] == pools[1]) << "the CUDA backend's pool differs from the CPU backend's";
+    // Every piece landed (the CPU pool is the plain memcpy of each).
+    for (const UploadPiece& p : layout) {
+      const size_t at = reinterpret_cast<uintptr_t>(p.dst);
+      ASSERT_EQ(std::memcmp(pools[0].data() + at, src.data() + p.src_offset, p.bytes), 0);
+    }
+  }
+  // A piece outside the source is refused, naming it, and writes nothing.
+  Expected<Buffer> dst = gpu.allocate(64);
+  ASSERT_TRUE(dst.is_ok());
+  std::vector<unsigned char> src(64, 1);
+  const UploadPiece bad[] = {{dst->data(), 0, 32}, {dst->data(), 40, 32}};
+  const Status refused = gpu.upload_pieces(src.data(), src.size(), bad, 2);
+  EXPECT_EQ(refused.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("piece 1"), std::string::npos) << refused.message();
+}
+
+// A context appended a token at a time (a decode: each token through the small-append path,
+// to its home block and the owner's ring) holds the same bytes as one appended at once.
+TEST(CudaBackend, TokenByTokenAppendMatchesBulkAppend) {
+  SKIP_WITHOUT_GPU();
+  Case c;
+  c.n = 700;
+  c.window = 130;
+  const Config cfg = make_config(c);
+  Expected<std::unique_ptr<Backend>> cuda = make_cuda_backend(cfg, 0);
+  ASSERT_TRUE(cuda.is_ok()) << cuda.status().to_string();
+  const ModelConfig& m = cfg.model;
+  const ReattentionConfig& rc = cfg.reattention;
+  const SyntheticSpec spec{5, {3, 200}};
+  KvStore bulk(**cuda, cfg, 0, 1), steps(**cuda, cfg, 0, 1);
+  ASSERT_TRUE(bulk.create(1, 0).is_ok());
+  ASSERT_TRUE(steps.create(1, 0).is_ok());
+  ASSERT_TRUE(bulk.append(1, SyntheticKvSource(spec, m, 0, c.n)).is_ok());
+  // Single tokens, with a few longer steps between them that start and end inside blocks.
+  for (int64_t t = 0; t < c.n;) {
+    const int64_t count = std::min<int64_t>(c.n - t, t % 97 == 5 ? 37 : 1);
+    const Status st = steps.append(1, SyntheticKvSource(spec, m, t, count), 0);
+    ASSERT_TRUE(st.is_ok()) << st.to_string();
+    t += count;
+  }
+  const size_t esize = dtype_size((*cuda)->storage_dtype());
+  const size_t row = m.head_dim * esize;
+  const auto read_row = [&](const void* base, int64_t index) {
+    std::vector<unsigned char> out(row);
+    EXPECT_TRUE((*cuda)->download(out.data(), static_cast<const char*>(base) + index * row, row).is_ok());
+    return out;
+  };
+  const LayerShard& a = bulk.find(1)->layers[0];
+  const LayerShard& b = steps.find(1)->layers[0];
+  const int64_t last_block = (c.n - 1 - rc.sink_tokens) / rc.chunk_tokens;
+  for (int64_t t = 0; t < c.n; ++t) {
+    for (int g = 0; g < m.kv_heads; ++g) {
+      for (bool values : {false, true}) {
+        SCOPED_TRACE("token " + std::to_string(t) + " head " + std::to_string(g) + (values ? " v" : " k"));
+        if (t < rc.sink_tokens) {
+          const Buffer& sa = values ? a.sink_v : a.sink_k;
+          const Buffer& sb = values ? b.sink_v : b.sink_k;
+          ASSERT_EQ(read_row(sa.data(), g * rc.sink_tokens + t), read_row(sb.data(), g * rc.sink_tokens + t));
+          continue;
+        }
+        const int64_t block = (t - rc.sink_tokens) / rc.chunk_tokens;
+        const int64_t at = g * rc.chunk_tokens + (t - rc.sink_tokens) % rc.chunk_tokens;
+        ASSERT_EQ(read_row(bulk.home_block(a, values, block), at), read_row(steps.home_block(b, values, block), at));
+        if (block > last_block - ring_blocks(rc)) {
+          ASSERT_EQ(read_row(bulk.ring_block(a, values, block), at), read_row(steps.ring_block(b, values, block), at));
+        }
+      }
     }
   }
 }

@@ -1,9 +1,12 @@
 #include "common/safetensors.h"
+#include "common/tensor_checks.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 
 namespace reattn {
@@ -282,6 +285,41 @@ TEST(SafetensorsMalformed, RandomCorruptionNeverCrashes) {
       auto t = f->get(name);
       ASSERT_TRUE(t.is_ok());
       EXPECT_EQ(t->to_f32().size(), static_cast<size_t>(t->numel()));
+    }
+  }
+}
+
+// check_storable against the plain per-value rule (finite and |x| <= max_abs) for every bf16 and
+// f16 pattern and a spread of f32 ones, with the bad value placed at every offset of a block.
+TEST(TensorChecks, StorableMatchesThePlainRule) {
+  std::mt19937 rng(3);
+  std::vector<uint32_t> f32_bits = {0u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0x7F7FFFFFu, 0x477FE000u,
+                                    0x477FE001u, 0x47800000u, 0x3FC00000u, 0x3FC00001u};
+  for (int i = 0; i < 4000; ++i) f32_bits.push_back(rng());
+  for (float max_abs : {65504.0f, std::numeric_limits<float>::max(), 1.5f}) {
+    for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+      const size_t esize = dtype == DType::kF32 ? 4 : 2;
+      const size_t patterns = dtype == DType::kF32 ? f32_bits.size() : 65536;
+      for (size_t p = 0; p < patterns; ++p) {
+        const uint32_t bits = dtype == DType::kF32 ? f32_bits[p] : static_cast<uint32_t>(p);
+        float value;
+        if (dtype == DType::kF32) {
+          std::memcpy(&value, &bits, 4);
+        } else {
+          value = dtype == DType::kBF16 ? bf16_to_float(static_cast<uint16_t>(bits)) : f16_to_float(static_cast<uint16_t>(bits));
+        }
+        const bool storable = std::isfinite(value) && std::fabs(value) <= max_abs;
+        // 300 zeros (more than one block), the pattern at a position that moves with p.
+        std::vector<unsigned char> data(300 * esize, 0);
+        const size_t at = p % 300;
+        std::memcpy(data.data() + at * esize, &bits, esize);
+        TensorView t{"x", dtype, {300}, data.data(), data.size()};
+        const Status s = check_storable(t, max_abs);
+        ASSERT_EQ(s.is_ok(), storable) << dtype_name(dtype) << " bits " << bits << " max_abs " << max_abs;
+        if (!storable) {
+          ASSERT_NE(s.message().find("flat index " + std::to_string(at)), std::string::npos) << s.message();
+        }
+      }
     }
   }
 }

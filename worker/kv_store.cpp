@@ -35,6 +35,20 @@ void parallel_for(int64_t count, Fn fn) {
 // Full home blocks written by one upload per K and V at most (bounds the host staging).
 constexpr int64_t kBatchBlocks = 64;
 
+// Ranges of fewer values than this (a decode step's token: Hkv x D) are read on the calling
+// thread: starting threads would cost more than the conversion.
+constexpr int64_t kParallelValues = 1 << 16;
+
+// fn(g) for every KV head g of a range of `count` tokens: in parallel when the range is large.
+template <typename Fn>
+void for_each_head(const ModelConfig& m, int64_t count, Fn fn) {
+  if (count * m.kv_heads * m.head_dim < kParallelValues) {
+    for (int64_t g = 0; g < m.kv_heads; ++g) fn(g);
+  } else {
+    parallel_for(m.kv_heads, fn);
+  }
+}
+
 // Writes whole home blocks first_block, first_block + world, ... (`blocks` of them, in
 // consecutive slots of one page starting at k_dst / v_dst), read straight into the storage
 // dtype: in place for host memory, else staged and uploaded once for K and once for V.
@@ -265,7 +279,7 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
   if (backend_.host_memory()) {
     // Read straight into the first place, then copy to the others (home page and ring).
     const Target& first = targets[0];
-    parallel_for(m.kv_heads, [&](int64_t g) {
+    for_each_head(m, count, [&](int64_t g) {
       source.read(layer, static_cast<int>(g), begin - n0, count, dtype, head_at(first, false, g), head_at(first, true, g));
     });
     for (size_t i = 1; i < targets.size(); ++i) {
@@ -276,25 +290,29 @@ Status KvStore::write_block_range(LayerShard& shard, ContextShard& ctx, const Kv
     }
     return Status::ok();
   }
-  // [Hkv][count][D] in storage dtype, staged on the host, uploaded to each place.
-  std::vector<char> k_store(m.kv_heads * head_elems * esize), v_store(k_store.size());
-  parallel_for(m.kv_heads, [&](int64_t g) {
-    source.read(layer, static_cast<int>(g), begin - n0, count, dtype, k_store.data() + g * head_elems * esize,
-                v_store.data() + g * head_elems * esize);
+  // K [Hkv][count][D] then V, in storage dtype, staged on the host and written to every
+  // place by one upload_pieces (a decode step's token: one transfer, not one per head).
+  const int64_t head_bytes = static_cast<int64_t>(head_elems * esize);
+  const int64_t all_heads = m.kv_heads * head_bytes;
+  std::vector<char> staged(2 * all_heads);
+  for_each_head(m, count, [&](int64_t g) {
+    source.read(layer, static_cast<int>(g), begin - n0, count, dtype, staged.data() + g * head_bytes,
+                staged.data() + all_heads + g * head_bytes);
   });
+  std::vector<UploadPiece> pieces;
   for (const Target& t : targets) {
     if (begin == t.first_token && count == t.head_stride_tokens) {
-      // The range covers whole rows of every head: one contiguous copy.
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.k, k_store.data(), k_store.size()));
-      REATTN_RETURN_IF_ERROR(backend_.upload(t.v, v_store.data(), v_store.size()));
+      // The range covers whole rows of every head: one contiguous piece each for K and V.
+      pieces.push_back({t.k, 0, all_heads});
+      pieces.push_back({t.v, all_heads, all_heads});
       continue;
     }
     for (int64_t g = 0; g < m.kv_heads; ++g) {
-      REATTN_RETURN_IF_ERROR(backend_.upload(head_at(t, false, g), k_store.data() + g * head_elems * esize, head_elems * esize));
-      REATTN_RETURN_IF_ERROR(backend_.upload(head_at(t, true, g), v_store.data() + g * head_elems * esize, head_elems * esize));
+      pieces.push_back({head_at(t, false, g), g * head_bytes, head_bytes});
+      pieces.push_back({head_at(t, true, g), all_heads + g * head_bytes, head_bytes});
     }
   }
-  return Status::ok();
+  return backend_.upload_pieces(staged.data(), staged.size(), pieces.data(), static_cast<int64_t>(pieces.size()));
 }
 
 Status KvStore::append(ContextId id, const KvSource& source, int only_layer, int64_t series_end) {

@@ -73,6 +73,14 @@ Status CpuBackend::copy(void* dst, const void* src, size_t bytes) {
   return Status::ok();
 }
 
+Status CpuBackend::upload_pieces(const void* host_src, size_t bytes, const UploadPiece* pieces, int64_t count) {
+  REATTN_RETURN_IF_ERROR(check_upload_pieces(bytes, pieces, count));
+  for (int64_t i = 0; i < count; ++i) {
+    std::memcpy(pieces[i].dst, static_cast<const char*>(host_src) + pieces[i].src_offset, pieces[i].bytes);
+  }
+  return Status::ok();
+}
+
 namespace {
 
 // The scan shared by chunk and token scoring: per-thread top-k lists over a static split of

@@ -19,6 +19,7 @@ class CpuBackend final : public Backend {
   Status upload(void* dst, const void* host_src, size_t bytes) override;
   Status download(void* host_dst, const void* src, size_t bytes) override;
   Status copy(void* dst, const void* src, size_t bytes) override;
+  Status upload_pieces(const void* host_src, size_t bytes, const UploadPiece* pieces, int64_t count) override;
   Status synchronize() override { return Status::ok(); }
 
   Status score_chunks(const ScoreParams& p) override;

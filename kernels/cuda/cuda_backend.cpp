@@ -62,6 +62,16 @@ Expected<std::unique_ptr<Backend>> make_cuda_backend(const Config& config, int l
   backend->info_.compute_minor = prop.minor;
   REATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
   REATTN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&backend->ring_), CudaBackend::kRingBytes));
+  // With unified addressing the pinned ring is mapped into the device's address space too:
+  // upload_pieces' kernel reads it there. Without, upload_pieces copies piece by piece.
+  if (prop.unifiedAddressing && prop.canMapHostMemory) {
+    void* mapped = nullptr;
+    if (cudaHostGetDevicePointer(&mapped, backend->ring_, 0) == cudaSuccess) {
+      backend->ring_device_ = static_cast<char*>(mapped);
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
   REATTN_CUDA_CHECK(cudaEventCreateWithFlags(&backend->ring_done_, cudaEventDisableTiming));
   return std::unique_ptr<Backend>(std::move(backend));
 }
@@ -101,13 +111,7 @@ Status CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
   if (bytes <= kRingBytes / 4) {
     // Step-sized data (q, flags, segments): copy into the pinned ring, then an asynchronous
     // DMA; the caller's buffer is free at once and the copy stays ordered on the stream.
-    const size_t size = (bytes + 255) / 256 * 256;
-    if (ring_head_ + size > kRingBytes) {
-      REATTN_CUDA_CHECK(cudaEventSynchronize(ring_done_));
-      ring_head_ = 0;
-    }
-    char* slot = ring_ + ring_head_;
-    ring_head_ += size;
+    REATTN_ASSIGN_OR_RETURN(char* slot, ring_slot(bytes));
     std::memcpy(slot, host_src, bytes);
     REATTN_CUDA_CHECK(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream_));
     REATTN_CUDA_CHECK(cudaEventRecord(ring_done_, stream_));
@@ -121,6 +125,41 @@ Status CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
     REATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   (void)cudaGetLastError();
+  return Status::ok();
+}
+
+Expected<char*> CudaBackend::ring_slot(size_t bytes) {
+  const size_t size = (bytes + 255) / 256 * 256;
+  if (ring_head_ + size > kRingBytes) {
+    REATTN_CUDA_CHECK(cudaEventSynchronize(ring_done_));
+    ring_head_ = 0;
+  }
+  char* slot = ring_ + ring_head_;
+  ring_head_ += size;
+  return slot;
+}
+
+Status CudaBackend::upload_pieces(const void* host_src, size_t bytes, const UploadPiece* pieces, int64_t count) {
+  REATTN_RETURN_IF_ERROR(check_upload_pieces(bytes, pieces, count));
+  if (count == 0) return Status::ok();
+  const size_t table_bytes = (static_cast<size_t>(count) * sizeof(UploadPiece) + 255) / 256 * 256;
+  if (!ring_device_ || table_bytes + bytes > kRingBytes / 4) {
+    // Large, or the ring is not mapped: a copy per piece.
+    for (int64_t i = 0; i < count; ++i) {
+      REATTN_RETURN_IF_ERROR(upload(pieces[i].dst, static_cast<const char*>(host_src) + pieces[i].src_offset,
+                                    static_cast<size_t>(pieces[i].bytes)));
+    }
+    return Status::ok();
+  }
+  REATTN_ASSIGN_OR_RETURN(char* slot, ring_slot(table_bytes + bytes));
+  std::memcpy(slot, pieces, count * sizeof(UploadPiece));
+  std::memcpy(slot + table_bytes, host_src, bytes);
+  int64_t max_piece = 0;
+  for (int64_t i = 0; i < count; ++i) max_piece = std::max(max_piece, pieces[i].bytes);
+  const size_t at = static_cast<size_t>(slot - ring_);
+  REATTN_RETURN_IF_ERROR(cuda::run_scatter_pieces(reinterpret_cast<const UploadPiece*>(ring_device_ + at), count,
+                                                  ring_device_ + at + table_bytes, max_piece, stream_));
+  REATTN_CUDA_CHECK(cudaEventRecord(ring_done_, stream_));
   return Status::ok();
 }
 

@@ -37,6 +37,9 @@ class CudaBackend final : public Backend {
   // Complete when it returns.
   Status download(void* host_dst, const void* src, size_t bytes) override;
   Status copy(void* dst, const void* src, size_t bytes) override;
+  // Small lists: the pieces and their bytes go into the pinned ring and one kernel reads them
+  // from there (mapped host memory) and writes every piece; no host wait.
+  Status upload_pieces(const void* host_src, size_t bytes, const UploadPiece* pieces, int64_t count) override;
   Status synchronize() override;
 
   Status score_chunks(const ScoreParams& p) override;
@@ -62,6 +65,9 @@ class CudaBackend final : public Backend {
   CudaBackend() = default;
   // Grows a scratch allocation (not counted as KV) only when a larger size is asked for.
   Status ensure_scratch(void** ptr, size_t* capacity, size_t bytes);
+  // `bytes` (at most kRingBytes / 4) of the pinned ring, free once the work queued before
+  // it has finished; record ring_done_ after the work that reads it.
+  Expected<char*> ring_slot(size_t bytes);
   // The RoPE cos/sin table covering positions [0, positions) for (theta, scaling, head_dim).
   Status ensure_rope_table(double theta, const RopeScaling& scaling, int head_dim, int64_t positions);
 
@@ -76,6 +82,7 @@ class CudaBackend final : public Backend {
   // from its start once every copy recorded in ring_done_ has finished.
   static constexpr size_t kRingBytes = 4u << 20;
   char* ring_ = nullptr;
+  char* ring_device_ = nullptr;  // the ring as the device addresses it; null: not mapped
   size_t ring_head_ = 0;
   cudaEvent_t ring_done_ = nullptr;
 

@@ -104,6 +104,10 @@ Status run_merge_select(const MergeSelectParams& p, void* workspace, size_t work
 // One launch for all blocks; 16-byte loads and stores where a block's source and
 // destination are 16-byte aligned, bytes otherwise.
 Status run_pack_blocks(const PackParams& p, cudaStream_t stream);
+// Writes pieces[i].bytes from src + pieces[i].src_offset to pieces[i].dst, one launch for all;
+// `pieces` and `src` may be mapped host memory (read once each). max_piece_bytes sizes the grid.
+Status run_scatter_pieces(const UploadPiece* pieces, int64_t count, const char* src, int64_t max_piece_bytes,
+                          cudaStream_t stream);
 
 // cos/sin of position * inv_freq[d] (computed in double) for positions [0, positions), d < D/2.
 // inv_freq: device [D/2] double.

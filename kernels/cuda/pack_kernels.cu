@@ -1,6 +1,7 @@
 // Block packing: copies a list of equally sized blocks from anywhere in device memory into
 // one contiguous buffer (the gather strategy's one message per peer). Pure data movement:
 // each CTA copies one tile of one block with independent 16-byte loads in flight per thread.
+// Its inverse for small appends: pieces of one (mapped host) buffer scattered to their places.
 #include <cstdint>
 #include <string>
 
@@ -49,7 +50,48 @@ __global__ void __launch_bounds__(kPackThreads) pack_blocks_kernel(const PackPar
   }
 }
 
+// grid (tiles of the largest piece, min(count, kMaxGridY)), block kPackThreads. Piece i =
+// blockIdx.y, blockIdx.y + gridDim.y, ...; tile blockIdx.x of each covers bytes
+// [x * tile, (x + 1) * tile). The sources may be mapped host memory: every byte is read once.
+__global__ void __launch_bounds__(kPackThreads)
+    scatter_pieces_kernel(const UploadPiece* pieces, int64_t count, const char* src) {
+  const size_t tile_begin = static_cast<size_t>(blockIdx.x) * kPackTileBytes;
+  for (int64_t i = blockIdx.y; i < count; i += gridDim.y) {
+    const UploadPiece piece = pieces[i];
+    const size_t bytes = static_cast<size_t>(piece.bytes);
+    if (tile_begin >= bytes) continue;
+    const size_t tile_end = tile_begin + kPackTileBytes < bytes ? tile_begin + kPackTileBytes : bytes;
+    const char* from = src + piece.src_offset;
+    char* to = static_cast<char*>(piece.dst);
+    size_t done = tile_begin;
+    if (((reinterpret_cast<uintptr_t>(from) | reinterpret_cast<uintptr_t>(to)) & 15) == 0) {
+      const size_t vectors = (tile_end - tile_begin) / 16;
+      const auto* s = reinterpret_cast<const uint4*>(from + tile_begin);
+      auto* d = reinterpret_cast<uint4*>(to + tile_begin);
+      for (size_t v = threadIdx.x; v < vectors; v += kPackThreads) d[v] = s[v];
+      done = tile_begin + vectors * 16;
+    }
+    for (size_t b = done + threadIdx.x; b < tile_end; b += kPackThreads) to[b] = from[b];
+  }
+}
+
 }  // namespace
+
+Status run_scatter_pieces(const UploadPiece* pieces, int64_t count, const char* src, int64_t max_piece_bytes,
+                          cudaStream_t stream) {
+  if (count < 0) return invalid_argument("scatter_pieces: count " + std::to_string(count) + " is negative");
+  if (count == 0 || max_piece_bytes <= 0) return Status::ok();
+  if (!pieces || !src) return invalid_argument("scatter_pieces: null piece list or source");
+  const size_t tiles = (static_cast<size_t>(max_piece_bytes) + kPackTileBytes - 1) / kPackTileBytes;
+  if (tiles > 0x7fffffffu) {
+    return invalid_argument("scatter_pieces: piece of " + std::to_string(max_piece_bytes) + " bytes is too large");
+  }
+  const dim3 grid(static_cast<unsigned>(tiles),
+                  static_cast<unsigned>(count < kMaxGridY ? count : static_cast<int64_t>(kMaxGridY)));
+  scatter_pieces_kernel<<<grid, kPackThreads, 0, stream>>>(pieces, count, src);
+  REATTN_CUDA_CHECK_LAUNCH("scatter_pieces_kernel");
+  return Status::ok();
+}
 
 Status run_pack_blocks(const PackParams& p, cudaStream_t stream) {
   if (p.count < 0) return invalid_argument("pack_blocks: count " + std::to_string(p.count) + " is negative");

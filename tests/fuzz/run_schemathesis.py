@@ -27,12 +27,12 @@ import service_client  # noqa: E402
 SKIP = 77
 # Every built-in check but positive_data_acceptance (a schema-valid body is often refused for
 # reasons no static schema states: a layer past the model's, a qlen past the context, an
-# out-of-order layer step), plus safetensors_answer (tests/fuzz/safetensors_bodies.py) for the
-# binary answers schemathesis cannot read.
+# out-of-order layer step), plus two of tests/fuzz/schemathesis_hooks.py: safetensors_answer for
+# the binary answers schemathesis cannot read, context_lengths for tokens == min(layer_tokens).
 CHECKS = ",".join(["not_a_server_error", "status_code_conformance", "content_type_conformance",
                    "response_schema_conformance", "response_headers_conformance", "negative_data_rejection",
                    "missing_required_header", "unsupported_method", "allow_header_conformance", "use_after_free",
-                   "ensure_resource_availability", "ignored_auth", "safetensors_answer"])
+                   "ensure_resource_availability", "ignored_auth", "safetensors_answer", "context_lengths"])
 
 
 def fuzz_config(base_path, directory):
@@ -88,6 +88,30 @@ def specialise(doc, info):
 def expect(cond, what):
     if not cond:
         raise AssertionError(what)
+
+
+def check_value_limit(c, info):
+    m = info["model"]
+    r = c.request("POST", "/v1/contexts")
+    if r.status == 507:  # the fuzzer filled max_contexts; the unit tests cover the rule too
+        return
+    expect(r.status == 201, "create: %d %s" % (r.status, r.body[:200]))
+    cid = r.json()["id"]
+    r = c.request("POST", "/v1/contexts/%d/synthetic" % cid, {"tokens": 100, "seed": 3})
+    expect(r.status == 200, "synthetic: %d %s" % (r.status, r.body[:200]))
+    big = [[[-3e38] * m["head_dim"] for _ in range(m["q_heads"])]]
+    r = c.request("POST", "/v1/contexts/%d/query" % cid, {"layer": 0, "q": big})
+    expect(r.status == 400 and b"finite in fp32" in r.body, "query with q = -3e38: %d %s" % (r.status, r.body[:300]))
+    k = [[[3e38] * m["head_dim"]] for _ in range(m["kv_heads"])]
+    q = [[[1.0] * m["head_dim"] for _ in range(m["q_heads"])]]
+    r = c.request("POST", "/v1/contexts/%d/step" % cid, {"layer": 0, "q": q, "k": k, "v": k})
+    expect(r.status == 400 and b"k[0][0][0]" in r.body, "step with k = 3e38: %d %s" % (r.status, r.body[:300]))
+    r = c.request("GET", "/v1/contexts/%d" % cid)
+    expect(r.json()["layer_tokens"] == [100] * m["layers"], "the refused step changed the context: %s" % r.body)
+    r = c.request("POST", "/v1/contexts/%d/query" % cid, {"layer": 0, "q": q, "mode": "detached"})
+    expect(r.status == 200 and None not in r.json()["out"][0][0], "query after: %d %s" % (r.status, r.body[:300]))
+    c.request("DELETE", "/v1/contexts/%d" % cid)
+    c.close()
 
 
 def main():
@@ -150,7 +174,7 @@ def main():
         base = "http://127.0.0.1:%d" % svc.port
         here = os.path.dirname(os.path.abspath(__file__))
         settings = os.path.join(here, "schemathesis.toml")
-        env = dict(service_client.mpi_env(), SCHEMATHESIS_HOOKS="safetensors_bodies",
+        env = dict(service_client.mpi_env(), SCHEMATHESIS_HOOKS="schemathesis_hooks",
                    PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    REATTN_FUZZ_MODEL=json.dumps({k: info["model"][k] for k in ("layers", "q_heads", "kv_heads", "head_dim")}))
         cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", settings, "run", spec_path,
@@ -173,6 +197,10 @@ def main():
         if rc != 0:
             failed = True
             print("FAIL: schemathesis found problems (above)")
+
+        # What fuzzing found, replayed: finite values whose q.k overflows fp32 made NaN answers and
+        # a layer step with them poisoned the context; now a 400 naming the limit, nothing changed.
+        check_value_limit(svc.client(), info)
 
         # Still serving: the job runs and every rank answers a step.
         expect(svc.proc.poll() is None, "the server job exited during the fuzz run (%s)" % svc.proc.returncode)

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <optional>
+#include <thread>
 
 #include "common/file_roots.h"
 #include "common/safetensors.h"
@@ -238,6 +239,29 @@ TEST(TaskQueue, BatchesRunsOfQueriesInArrivalOrderAndIsBounded) {
   EXPECT_FALSE(q.push(make_task(true)).is_ok());
   EXPECT_EQ(q.pop_batch(8, std::chrono::milliseconds(0)).size(), 1u);  // queued work still drains
   EXPECT_TRUE(q.pop_batch(8, std::chrono::milliseconds(0)).empty());
+}
+
+// The step loop's poll before it sleeps: a task pushed while it polls is taken; with none, it
+// comes back empty once the wait is over; polling finds a close too.
+TEST(TaskQueue, PollingPopTakesATaskPushedMeanwhile) {
+  TaskQueue q(4);
+  std::thread pusher([&q] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    ASSERT_TRUE(q.push(make_task(true)).is_ok());
+  });
+  std::vector<Task> b = q.pop_batch(8, std::chrono::milliseconds(5000), std::chrono::microseconds(5000000));
+  pusher.join();
+  ASSERT_EQ(b.size(), 1u);
+  EXPECT_TRUE(q.pop_batch(8, std::chrono::milliseconds(1), std::chrono::microseconds(500)).empty());
+  ASSERT_TRUE(q.push(make_task(false)).is_ok());
+  EXPECT_EQ(q.pop_batch(8, std::chrono::milliseconds(1), std::chrono::microseconds(500)).size(), 1u);
+  std::thread closer([&q] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    q.close();
+  });
+  EXPECT_TRUE(q.pop_batch(8, std::chrono::milliseconds(5000), std::chrono::microseconds(5000000)).empty());
+  closer.join();
+  EXPECT_TRUE(q.closed());
 }
 
 TEST(Registry, BalancesOwnersAndLimitsContexts) {

@@ -149,6 +149,26 @@ TEST_F(StepLoopTest, AppendsUpdateTheRegistryOnlyWhenTheRanksDid) {
   EXPECT_EQ(results_[4]->status.code(), ErrorCode::kNotFound);
 }
 
+// Found while fuzzing the API (issue 13): an append's answer carried the new `tokens` but every
+// layer's length from before the append ({"tokens": 301, "layer_tokens": [300, 300]}).
+TEST_F(StepLoopTest, AnAppendAnswersEveryLayersNewLength) {
+  registry_.insert({1, 0, 10});
+  push(AppendSynthetic{1, 5, 0, {}}, 0);
+  push(AppendKv{1, 3, std::make_shared<std::string>()}, 1);
+  ranks_.answer = [this](const Operation& op, OperationResult* r) {
+    const ContextInfo before = *registry_.find(1);
+    r->tokens = before.tokens + (std::holds_alternative<AppendSynthetic>(op) ? std::get<AppendSynthetic>(op).tokens
+                                                                               : std::get<AppendKv>(op).tokens);
+    return Status::ok();
+  };
+  ASSERT_TRUE(run().is_ok());
+  ASSERT_TRUE(results_[0] && results_[1]);
+  EXPECT_EQ(results_[0]->context.tokens, 15);
+  EXPECT_EQ(results_[0]->context.layer_tokens, (std::vector<int64_t>{15, 15}));
+  EXPECT_EQ(results_[1]->context.tokens, 18);
+  EXPECT_EQ(results_[1]->context.layer_tokens, (std::vector<int64_t>{18, 18}));
+}
+
 TEST_F(StepLoopTest, CreatePlansIdAndOwnerAndInsertsOnlyOnSuccess) {
   push(CreateContext{}, 0);
   push(CreateContext{}, 1);
@@ -183,6 +203,36 @@ TEST_F(StepLoopTest, AFatalFaultFailsTheBatchAndEveryQueuedTask) {
   }
   EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
   EXPECT_TRUE(registry_.find(1).has_value());  // the erase did not go through
+}
+
+// A task marked answer_on_step_loop (a small binary answer) completes on the step loop's own
+// thread, without the post to an HTTP thread; the others are posted.
+TEST_F(StepLoopTest, SmallAnswersCompleteOnTheStepLoopOthersArePosted) {
+  registry_.insert({1, 0, 40});
+  std::vector<bool> posted_when_done;
+  bool in_post = false;
+  for (bool on_loop : {true, false}) {
+    Task t;
+    t.op = query(1, 1);
+    t.answer_on_step_loop = on_loop;
+    t.done = [&](TaskResult r) {
+      EXPECT_TRUE(r.status.is_ok()) << r.status.to_string();
+      posted_when_done.push_back(in_post);
+    };
+    ASSERT_TRUE(queue_.push(std::move(t)).is_ok());
+  }
+  ranks_.answer = [](const Operation& op, OperationResult* r) {
+    r->queries.resize(std::get<StepPlan>(op).queries.size());
+    return Status::ok();
+  };
+  queue_.close();
+  StepLoop loop(ranks_, queue_, registry_, metrics_, state_, config_, [&](std::function<void()> f) {
+    in_post = true;
+    f();
+    in_post = false;
+  });
+  ASSERT_TRUE(loop.run().is_ok());
+  EXPECT_EQ(posted_when_done, (std::vector<bool>{false, true}));
 }
 
 }  // namespace

@@ -242,7 +242,14 @@ class Routes(unittest.TestCase):
             self.assertEqual(got.out.shape, (qlen, M["q_heads"], M["head_dim"]))
             np.testing.assert_allclose(got.out, want, rtol=1e-4, atol=1e-5)
             self.assertGreater(got.timing["total_ms"], 0)
+            # The service's time for the request holds the step's.
+            self.assertGreaterEqual(got.timing["server_ms"], got.timing["total_ms"])
             self.assertGreater(got.client_ms, 0)
+            # A client that polls for its answers reads the same answer.
+            with self.server.client(api_key=API_KEY, busy_wait=0.05) as polling:
+                again = polling.query(ctx, layer, q, binary=binary)
+            self.assertEqual(list(again.recalled_chunks), ids)
+            np.testing.assert_array_equal(again.out, got.out)
         self.c.delete_context(ctx)
 
     def test_bad_append_raises_and_changes_nothing(self):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import http11, operations, safetensors
-from .tensors import to_nested, to_wire
+from .tensors import to_nested, to_wire, to_wire_many
 
 _BINARY = "application/octet-stream"
 _TIMING_HEADERS = {  # response header -> timing key, on binary answers
@@ -22,7 +22,12 @@ _TIMING_HEADERS = {  # response header -> timing key, on binary answers
     "X-Reattn-Queue-Ms": "queue_ms",
     "X-Reattn-Append-Ms": "append_ms",
 }
+_SERVER_MS_HEADER = "X-Reattn-Server-Ms"  # every answer: the service's time, request to answer
 _MAX_ERROR_BODY = 2000  # characters of a non-JSON error body kept in the exception
+# Client(busy_wait=None): poll this long for each answer on machines of at least this many CPUs
+# (bench/NOTES.md, "qlen-1 step overhead": ~0.09 ms less per decode step on the H200 host).
+_AUTO_BUSY_WAIT_S = 0.002
+_AUTO_BUSY_WAIT_CPUS = 8
 
 
 class ReattnError(Exception):
@@ -61,10 +66,14 @@ class Client:
 
     url: "http://host:port" (a path prefix is kept). api_key: sent as a Bearer token; defaults
     to $REATTN_API_KEY. retries: how many times a 503 that carries Retry-After is retried
-    (waiting Retry-After seconds, at most max_retry_wait each) before ReattnError is raised."""
+    (waiting Retry-After seconds, at most max_retry_wait each) before ReattnError is raised.
+    busy_wait: seconds to poll the socket for the start of each answer before sleeping on it
+    (0: sleep at once). A decode step's answer then needs no thread wake-up, at the cost of one
+    busy core while it is computed. None (auto): 0.002 on a machine of 8 or more CPUs, 0 on a
+    smaller one, where the polling would take a core from the service itself."""
 
     def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=120.0, retries=5,
-                 max_retry_wait=10.0):
+                 max_retry_wait=10.0, busy_wait=None):
         parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parsed.scheme not in ("http", "https"):
             raise ValueError("reattn: url scheme must be http or https, got %r" % parsed.scheme)
@@ -78,6 +87,9 @@ class Client:
         self.timeout = timeout
         self.retries = int(retries)
         self.max_retry_wait = float(max_retry_wait)
+        if busy_wait is None:
+            busy_wait = _AUTO_BUSY_WAIT_S if (os.cpu_count() or 1) >= _AUTO_BUSY_WAIT_CPUS else 0.0
+        self.busy_wait = max(0.0, float(busy_wait))
         self._conn = None
 
     # ------------------------------------------------------------ transport
@@ -98,7 +110,8 @@ class Client:
         is reopened once (the request never reached the server then)."""
         for attempt in (0, 1):
             if self._conn is None:
-                self._conn = http11.Connection(self.host, self.port, self.timeout, tls=self.scheme == "https")
+                self._conn = http11.Connection(self.host, self.port, self.timeout, tls=self.scheme == "https",
+                                               busy_wait=self.busy_wait)
             try:
                 return self._conn.roundtrip(method, self.prefix + path, headers, body)
             except http11.Closed as e:
@@ -194,8 +207,7 @@ class Client:
     def append(self, context_id, k, v, dtype=None):
         """Appends tokens to every layer: k, v [layers, kv_heads, tokens, head_dim] (pre-RoPE).
         dtype: "F32", "F16" or "BF16" on the wire (default: the inputs' own precision)."""
-        kw, kd = to_wire(k, "k", dtype, ndim=4)
-        vw, _ = to_wire(v, "v", dtype or kd, ndim=4)
+        (kw, _), (vw, _) = to_wire_many([(k, "k"), (v, "v")], dtype, ndim=4)
         if kw.shape != vw.shape:
             raise ValueError("append: k shape %s != v shape %s" % (list(kw.shape), list(vw.shape)))
         body = safetensors.dumps_parts({"k": kw, "v": vw})
@@ -292,9 +304,7 @@ class Client:
         t0 = time.perf_counter()
         path = "/v1/contexts/%d/step" % int(context_id)
         if binary:
-            qw, qd = to_wire(q, "q", dtype, ndim=3)
-            kw, kd = to_wire(k, "k", dtype or qd, ndim=3)
-            vw, _ = to_wire(v, "v", dtype or kd, ndim=3)
+            (qw, _), (kw, _), (vw, _) = to_wire_many([(q, "q"), (k, "k"), (v, "v")], dtype, ndim=3)
             body = safetensors.dumps_parts({"q": qw, "k": kw, "v": vw})
             return self._attention(t0, path + "?layer=%d" % int(layer), body, _BINARY, layer)
         payload = {"layer": int(layer), "q": to_nested(q, "q"), "k": to_nested(k, "k"), "v": to_nested(v, "v")}
@@ -308,6 +318,9 @@ class Client:
             result = _binary_result(r, data, layer)
         else:
             result = _json_result(json.loads(data.decode()), layer)
+        server_ms = r.getheader(_SERVER_MS_HEADER)
+        if server_ms is not None:
+            result.timing["server_ms"] = float(server_ms)
         result.client_ms = (time.perf_counter() - t0) * 1e3
         return result
 

@@ -9,6 +9,7 @@ Not thread-safe."""
 
 import socket
 import ssl
+import time
 
 _MAX_HEAD_BYTES = 64 * 1024
 _RECV_BYTES = 256 * 1024
@@ -26,18 +27,22 @@ class Response:
         self.status = status
         self.reason = reason
         self.headers = headers  # [(name, value)] in arrival order
+        self._by_name = None    # lower-cased name -> the last value, made on the first look-up
 
     def getheader(self, name, default=None):
-        name = name.lower()
-        for k, v in reversed(self.headers):
-            if k.lower() == name:
-                return v
-        return default
+        if self._by_name is None:
+            self._by_name = {k.lower(): v for k, v in self.headers}
+        return self._by_name.get(name.lower(), default)
 
 
 class Connection:
-    def __init__(self, host, port, timeout, tls=False):
+    """busy_wait: seconds to poll for the first bytes of an answer (non-blocking reads) before
+    a blocking one: a quick answer is then read without the thread being put to sleep and
+    woken again."""
+
+    def __init__(self, host, port, timeout, tls=False, busy_wait=0.0):
         self.host, self.port, self.timeout, self.tls = host, port, timeout, tls
+        self.busy_wait = busy_wait if not tls else 0.0
         self.sock = None
         self.buf = bytearray()
 
@@ -99,10 +104,27 @@ class Connection:
             if sent:
                 parts[0] = parts[0][sent:]
 
+    def _poll(self):
+        """Up to busy_wait seconds of non-blocking reads; what arrived, or None. (The socket's
+        timeout is lifted meanwhile: with one, each read would first wait in poll().)"""
+        deadline = time.perf_counter() + self.busy_wait
+        self.sock.settimeout(0.0)
+        try:
+            while True:
+                try:
+                    return self.sock.recv(_RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    if time.perf_counter() >= deadline:
+                        return None
+        finally:
+            self.sock.settimeout(self.timeout)
+
     def _fill(self, first):
         """Reads more bytes into the buffer; `first`: nothing of this answer has arrived yet."""
         try:
-            chunk = self.sock.recv(_RECV_BYTES)
+            chunk = self._poll() if first and self.busy_wait > 0 else None
+            if chunk is None:
+                chunk = self.sock.recv(_RECV_BYTES)
         except ConnectionResetError as e:
             if first:
                 raise Closed(str(e)) from None

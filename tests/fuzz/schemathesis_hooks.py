@@ -1,4 +1,8 @@
-"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by run_schemathesis.py): bodies for
+"""schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by run_schemathesis.py).
+
+Checks: safetensors_answer (binary answers are well-formed) and context_lengths (a context's
+tokens is min(layer_tokens)). A before_call hook asks for binary answers on half the queries and
+steps. And bodies for
 application/octet-stream that are safetensors files, most of them nearly right for the served
 model, so the fuzzer reaches the K/V append, the binary query and the binary layer step instead
 of stopping at the first byte. One strategy serves the three routes (schemathesis keys body
@@ -23,7 +27,7 @@ MODEL = json.loads(os.environ.get("REATTN_FUZZ_MODEL", '{"layers": 2, "q_heads":
 
 DTYPES = {"F32": ("<f", 4), "F16": ("<e", 2), "BF16": (None, 2), "I64": ("<q", 8), "F64": ("<d", 8), "U8": ("<B", 1)}
 BREAKS = ["none", "none", "none", "truncate", "header_length", "offsets_overlap", "offsets_past_end", "missing_tensor",
-          "extra_tensor", "not_json", "metadata", "negative_dim", "huge_dims", "odd_dtype", "poison_value",
+          "extra_tensor", "not_json", "metadata", "negative_dim", "huge_dims", "odd_dtype", "poison_value", "huge_row",
           "kv_dtype_mismatch", "empty"]
 
 
@@ -77,6 +81,10 @@ def safetensors_body(draw):
         values = [rng.uniform(-2.0, 2.0) for _ in range(count)]
         if brk == "poison_value" and values:
             values[rng.randrange(len(values))] = rng.choice([float("nan"), float("inf"), -float("inf"), 1e6, 70000.0])
+        if brk == "huge_row" and values:
+            # A whole head_dim row near fp32's largest: finite, but its dot products overflow.
+            at = rng.randrange(len(values)) // shape[-1] * shape[-1]
+            values[at:at + shape[-1]] = [rng.choice([3e38, -3e38])] * shape[-1]
         d = dtype
         if brk == "odd_dtype" and name == rng.choice(list(shapes)):
             d = rng.choice(["I64", "F64", "U8"])
@@ -175,4 +183,26 @@ def before_call(ctx, case, **kwargs):
         if case.headers is None:
             case.headers = {}
         case.headers.setdefault("Accept", "application/octet-stream")
+    return None
+
+
+def _contexts(body):
+    """The context objects of a JSON answer: the answer itself, or the entries of a list."""
+    if isinstance(body, dict) and "layer_tokens" in body:
+        yield body
+    if isinstance(body, dict) and isinstance(body.get("contexts"), list):
+        yield from (c for c in body["contexts"] if isinstance(c, dict))
+
+
+@schemathesis.check
+def context_lengths(ctx, response, case):
+    """A context's "tokens" is what every layer has reached: min(layer_tokens), one length per
+    model layer (a rule of DESIGN.md section 5 that no schema states)."""
+    if response.status_code >= 300 or not (_header(response, "content-type") or "").startswith("application/json"):
+        return None
+    body = json.loads(response.content or b"null")
+    for c in _contexts(body):
+        lengths = c.get("layer_tokens")
+        assert isinstance(lengths, list) and len(lengths) == MODEL["layers"], "layer_tokens %s" % (lengths,)
+        assert c.get("tokens") == min(lengths), "tokens %s but layer_tokens %s" % (c.get("tokens"), lengths)
     return None
