@@ -20,6 +20,11 @@ constexpr int kVerdictTag = 7002;
 // Point-to-point tags of a broadcast: its size, then its bytes.
 constexpr int kSizeTag = 7003;
 constexpr int kBytesTag = 7004;
+// Point-to-point tags of a gather: the size, then the bytes, from each rank to rank 0.
+constexpr int kGatherSizeTag = 7005;
+constexpr int kGatherBytesTag = 7006;
+// The most bytes one rank may contribute to a gather.
+constexpr uint64_t kMaxGatherBytes = uint64_t{1} << 20;
 
 // One rank's outcome, or rank 0's verdict: a fixed size, so each is one message.
 struct Vote {
@@ -217,6 +222,51 @@ Status Control::agree(const Status& local) const {
 }
 
 Status Control::barrier() const { return agree_for(Status::ok(), deadlines_.operation_s, "barrier"); }
+
+Status Control::gather(const std::string& local, std::vector<std::string>* all) const {
+  if (!fault_->is_ok()) return *fault_;
+  if (local.size() > kMaxGatherBytes) return internal_error("gather: " + std::to_string(local.size()) + " bytes is over the limit");
+  if (rank_ == 0) all->assign(world_, std::string());
+  if (rank_ == 0) (*all)[0] = local;
+  if (world_ == 1) return Status::ok();
+  const Deadline deadline(WaitDeadlines::for_rank(deadlines_.operation_s, rank_));
+  const std::string phase = "gather to rank 0";
+  if (rank_ != 0) {
+    uint64_t size = local.size();
+    std::vector<MPI_Request> requests(2, MPI_REQUEST_NULL);
+    Status s = mpi_status(MPI_Isend(&size, 1, MPI_UINT64_T, 0, kGatherSizeTag, MPI_COMM_WORLD, &requests[0]),
+                          "MPI_Isend", __FILE__, __LINE__);
+    if (s.is_ok()) {
+      s = mpi_status(MPI_Isend(local.data(), static_cast<int>(size), MPI_BYTE, 0, kGatherBytesTag, MPI_COMM_WORLD,
+                               &requests[1]),
+                     "MPI_Isend", __FILE__, __LINE__);
+    }
+    if (s.is_ok()) s = wait_for_peers(requests, {0, 0}, deadline, phase);
+    return s.is_ok() ? s : poison(s);
+  }
+  std::vector<uint64_t> sizes(world_, 0);
+  std::vector<MPI_Request> requests(world_ - 1, MPI_REQUEST_NULL);
+  std::vector<int> peers(world_ - 1);
+  Status s = Status::ok();
+  for (int r = 1; r < world_ && s.is_ok(); ++r) {
+    peers[r - 1] = r;
+    s = mpi_status(MPI_Irecv(&sizes[r], 1, MPI_UINT64_T, r, kGatherSizeTag, MPI_COMM_WORLD, &requests[r - 1]),
+                   "MPI_Irecv", __FILE__, __LINE__);
+  }
+  if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
+  for (int r = 1; r < world_ && s.is_ok(); ++r) {
+    if (sizes[r] > kMaxGatherBytes) {
+      s = Status(ErrorCode::kFatal, "gather: rank " + std::to_string(r) + " sent " + std::to_string(sizes[r]) + " bytes");
+      break;
+    }
+    (*all)[r].resize(sizes[r]);
+    s = mpi_status(MPI_Irecv(&(*all)[r][0], static_cast<int>(sizes[r]), MPI_BYTE, r, kGatherBytesTag, MPI_COMM_WORLD,
+                             &requests[r - 1]),
+                   "MPI_Irecv", __FILE__, __LINE__);
+  }
+  if (s.is_ok()) s = wait_for_peers(requests, peers, deadline, phase);
+  return s.is_ok() ? s : poison(s);
+}
 
 Status Control::heartbeat() const {
   if (rank_ != 0) return internal_error("Control::heartbeat called on rank " + std::to_string(rank_));

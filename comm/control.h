@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "comm/deadline.h"
 #include "common/check.h"
@@ -38,6 +39,10 @@ class Control {
   // answer within the operation deadline is named.
   Status agree(const Status& local) const;
   Status barrier() const;
+  // Rank 0 receives every rank's `local` into (*all)[rank] (its own included); the others send
+  // theirs and leave `all` alone. Small messages (a snapshot file's size and checksum).
+  // Operation deadline, the silent rank named.
+  Status gather(const std::string& local, std::vector<std::string>* all) const;
 
   // Rank 0, when idle: a round trip with every rank within the step deadline, so a dead or
   // hung rank is found before a request needs it. The others answer it in next_operation.

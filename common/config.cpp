@@ -312,6 +312,7 @@ Expected<Config> parse_config(const YAML::Node& root) {
   server.read("busy_poll_us", &c.server.busy_poll_us);
   server.read("load_root", &c.server.load_root);
   server.read("load_slice_bytes", &c.server.load_slice_bytes);
+  server.read("snapshot_dir", &c.server.snapshot_dir);
   REATTN_RETURN_IF_ERROR(server.finish());
 
   REATTN_RETURN_IF_ERROR(c.validate());
@@ -544,6 +545,7 @@ std::string Config::to_yaml() const {
   put("busy_poll_us", server.busy_poll_us);
   put_string("load_root", server.load_root);
   put("load_slice_bytes", server.load_slice_bytes);
+  put_string("snapshot_dir", server.snapshot_dir);
   out << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -100,6 +100,7 @@ struct ServerConfig {
   // (empty: loads are disabled), in slices of about this many file bytes between query steps.
   std::string load_root = {};
   int64_t load_slice_bytes = 64ll << 20;
+  std::string snapshot_dir;            // where snapshots are written and read; empty: snapshots are off
 };
 
 // A listen address "host:port" split: IPv6 in brackets ("[::1]:8080") loses them and

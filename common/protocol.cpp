@@ -125,9 +125,9 @@ void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floa
 }
 
 const char* operation_name(const Operation& op) {
-  static const char* const kNames[] = {"create",   "erase",      "append_kv", "synthetic", "query_step",
-                                       "shutdown", "layer_step", "load_kv"};
-  static_assert(std::variant_size<Operation>::value == 8, "a name per operation");
+  static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic", "query_step",
+                                       "shutdown",   "layer_step", "load_kv", "snapshot", "restore"};
+  static_assert(std::variant_size<Operation>::value == 10, "a name per operation");
   return kNames[op.index()];
 }
 
@@ -139,7 +139,9 @@ ContextId operation_context(const Operation& op) {
                                [](const StepPlan&) { return ContextId{0}; },
                                [](const Shutdown&) { return ContextId{0}; },
                                [](const LayerStep& o) { return o.context_id; },
-                               [](const LoadKv& o) { return o.context_id; }},
+                               [](const LoadKv& o) { return o.context_id; },
+                               [](const SnapshotContext& o) { return o.context_id; },
+                               [](const RestoreContext& o) { return o.context_id; }},
                     op);
 }
 
@@ -182,6 +184,23 @@ std::string encode_operation(const Operation& op) {
                           w.put(o.context_tokens);
                           w.put(o.offset);
                           w.put(o.count);
+                        },
+                        [&](const SnapshotContext& o) {
+                          w.put(o.context_id);
+                          w.put(static_cast<int32_t>(o.phase));
+                          w.put_bytes(o.name);
+                          w.put_bytes(o.tmp);
+                          w.put_bytes(o.created);
+                          w.put(o.first_layer);
+                          w.put(o.end_layer);
+                        },
+                        [&](const RestoreContext& o) {
+                          w.put(o.context_id);
+                          w.put(static_cast<int32_t>(o.phase));
+                          w.put(o.owner_rank);
+                          w.put_bytes(o.name);
+                          w.put_bytes(o.manifest);
+                          w.put(o.layer);
                         }},
              op);
   return w.take();
@@ -240,6 +259,21 @@ Expected<Operation> decode_operation(const std::string& bytes) {
       LoadKv o;
       r.get(&o.context_id) && r.get_enum(&o.phase, LoadPhase::kBegin, LoadPhase::kAbort) && r.get_bytes(&o.path) &&
           r.get(&o.file_tokens) && r.get(&o.context_tokens) && r.get(&o.offset) && r.get(&o.count);
+      op = std::move(o);
+      break;
+    }
+    case 8: {
+      SnapshotContext o;
+      r.get(&o.context_id) && r.get_enum(&o.phase, SnapshotPhase::kWrite, SnapshotPhase::kAbort) &&
+          r.get_bytes(&o.name) && r.get_bytes(&o.tmp) && r.get_bytes(&o.created) && r.get(&o.first_layer) &&
+          r.get(&o.end_layer);
+      op = std::move(o);
+      break;
+    }
+    case 9: {
+      RestoreContext o;
+      r.get(&o.context_id) && r.get_enum(&o.phase, RestorePhase::kOpen, RestorePhase::kClose) &&
+          r.get(&o.owner_rank) && r.get_bytes(&o.name) && r.get_bytes(&o.manifest) && r.get(&o.layer);
       op = std::move(o);
       break;
     }

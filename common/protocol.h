@@ -112,10 +112,40 @@ struct LoadKv {
   int64_t count = 0;           // kSlice
 };
 
-using Operation =
-    std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep, LoadKv>;
+// A snapshot runs as slices (coordinator/snapshot_operations.h): kWrite slices append layers
+// [first_layer, end_layer) of the context to every rank's file in <snapshot_dir>/<tmp>/ (the
+// first one creates it); kPublish closes the files, and rank 0 writes the manifest (`created`
+// its UTC time) and renames the directory to <snapshot_dir>/<name>; kAbort (the rollback)
+// drops the files. The context is only read (worker/snapshot_worker.h).
+enum class SnapshotPhase : int32_t { kWrite, kPublish, kAbort };
+struct SnapshotContext {
+  ContextId context_id = 0;
+  SnapshotPhase phase = SnapshotPhase::kWrite;
+  std::string name;
+  std::string tmp;
+  std::string created;
+  int32_t first_layer = 0;
+  int32_t end_layer = 0;
+};
+// A restore into the new context `context_id`, as slices: kOpen checks the snapshot
+// <snapshot_dir>/<name> (its manifest text, as rank 0 read it) on every rank, verifies the
+// files' checksums and makes the empty context owned by `owner_rank`; kLayer appends layer
+// `layer` from the files; kClose lets the files go (last, and in a rollback before the erase).
+enum class RestorePhase : int32_t { kOpen, kLayer, kClose };
+struct RestoreContext {
+  ContextId context_id = 0;
+  RestorePhase phase = RestorePhase::kOpen;
+  int32_t owner_rank = 0;
+  std::string name;
+  std::string manifest;  // kOpen only
+  int32_t layer = 0;     // kLayer
+};
 
-// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step", "load_kv".
+using Operation = std::variant<CreateContext, EraseContext, AppendKv, AppendSynthetic, StepPlan, Shutdown, LayerStep,
+                               LoadKv, SnapshotContext, RestoreContext>;
+
+// "create", "erase", "append_kv", "synthetic", "query_step", "shutdown", "layer_step", "load_kv",
+// "snapshot", "restore".
 const char* operation_name(const Operation& op);
 // The context an operation names (0 for a step or shutdown).
 ContextId operation_context(const Operation& op);
@@ -133,6 +163,9 @@ struct OperationResult {
   bool context_dropped = false;       // an append failed on some ranks only: the context was erased everywhere
   std::vector<QueryResult> queries;   // a step or layer step, on its reply rank: one per query
   StepTiming timing;                  // a step
+  std::vector<int64_t> layer_tokens;  // a restore slice: each layer's length afterwards
+  std::string manifest;               // a snapshot's kPublish, on rank 0: the manifest it published
+  int64_t bytes = 0;                  // a snapshot's kWrite, on rank 0: bytes all ranks wrote
 };
 
 // Runs operations on every rank (rank 0 side). The step loop depends on this, not on MPI,

@@ -278,7 +278,7 @@ std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors) {
   return serialize_safetensors(views);
 }
 
-std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
+std::string safetensors_header(const std::vector<TensorBytes>& tensors) {
   // ordered_json keeps the given order in the header.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   uint64_t offset = 0;
@@ -291,9 +291,16 @@ std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
   // Pad to 8 bytes so the data section starts aligned, as the reference writer does.
   json.append((8 - json.size() % 8) % 8, ' ');
   std::string out;
-  out.reserve(8 + json.size() + offset);
+  out.reserve(8 + json.size());
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((json.size() >> (8 * i)) & 0xff));
-  out += json;
+  return out + json;
+}
+
+std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
+  std::string out = safetensors_header(tensors);
+  size_t data_bytes = 0;
+  for (const auto& t : tensors) data_bytes += t.bytes;
+  out.reserve(out.size() + data_bytes);
   for (const auto& t : tensors) out.append(static_cast<const char*>(t.data), t.bytes);
   return out;
 }

@@ -77,6 +77,11 @@ struct TensorBytes {
   size_t bytes = 0;
 };
 
+// A file's first bytes: the 8-byte header length and the JSON header (padded to 8 bytes) for
+// tensors stored back to back after it, in the given order (their `data` is not read: a
+// writer that streams the bytes itself, e.g. a snapshot file).
+std::string safetensors_header(const std::vector<TensorBytes>& tensors);
+
 // Serialises tensors (in the given order) to a safetensors blob.
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
 // The same from borrowed bytes: each tensor's bytes are copied once, into the blob.

@@ -161,6 +161,9 @@ void Handlers::handle(HttpRequest request, Responder done) {
     case Route::kListOperations: return reply(list_operations());
     case Route::kGetOperation: return reply(get_operation(m));
     case Route::kCancelOperation: return reply(cancel_operation(m));
+    case Route::kSnapshotContext: return snapshot_context(request, m, std::move(reply));
+    case Route::kListSnapshots: return reply(list_snapshots());
+    case Route::kDeleteSnapshot: return reply(delete_snapshot(m));
     case Route::kNone: break;
   }
   reply(error_response(404, "not_found", "no route for " + capped(request.method) + " " + capped(request.path)));
@@ -259,7 +262,9 @@ void Handlers::enqueue(Task task, std::function<HttpResponse(const TaskResult&)>
 }
 
 void Handlers::create_context(const HttpRequest& req, Responder done) {
-  if (Status s = check_create_body(req.body); !s.is_ok()) return done(body_error(s));
+  Expected<std::string> from_snapshot = parse_create_request(req.body);
+  if (!from_snapshot) return done(body_error(from_snapshot.status()));
+  if (!from_snapshot->empty()) return restore_context(req, *from_snapshot, std::move(done));
   Task task;
   task.op = CreateContext{};  // the step loop picks the id and owner
   task.request_id = req.request_id;

@@ -18,6 +18,7 @@
 #include "coordinator/requests.h"
 #include "coordinator/router.h"
 #include "coordinator/service_state.h"
+#include "coordinator/snapshot_catalog.h"
 #include "coordinator/task_queue.h"
 
 namespace reattn {
@@ -41,6 +42,8 @@ class Handlers {
   HttpResponse reject(const HttpRequest& head, int status, const std::string& code, const std::string& message);
 
   void set_info(ServiceInfo info);
+  // Before serving: the snapshot directory's catalog (snapshot routes answer 404 without one).
+  void set_snapshots(SnapshotCatalog* snapshots) { snapshots_ = snapshots; }
 
  private:
   // Wraps `done`: adds X-Request-Id, counts, logs.
@@ -67,6 +70,11 @@ class Handlers {
   HttpResponse cancel_operation(const RouteMatch& m);
   // 404 unknown context or 409 busy with a long-running operation; nullopt when neither.
   std::optional<HttpResponse> context_problem(const RouteMatch& m, bool query) const;
+  // Snapshots (snapshot_handlers.cpp).
+  void snapshot_context(const HttpRequest& req, const RouteMatch& m, Responder done);
+  void restore_context(const HttpRequest& req, const std::string& name, Responder done);
+  HttpResponse list_snapshots() const;
+  HttpResponse delete_snapshot(const RouteMatch& m);
   // Pushes a task whose result `respond` turns into the response; 503 when the queue is full.
   void enqueue(Task task, std::function<HttpResponse(const TaskResult&)> respond, Responder done);
 
@@ -78,6 +86,7 @@ class Handlers {
   TaskQueue& queue_;
   Metrics& metrics_;
   ServiceState& state_;
+  SnapshotCatalog* snapshots_ = nullptr;
   std::string id_prefix_;
   std::atomic<uint64_t> next_request_{1};
 };

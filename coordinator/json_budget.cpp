@@ -64,7 +64,8 @@ JsonBudget json_budget(Route route, const Config& config) {
   constexpr uint64_t kKeys = 64;
   switch (route) {
     case Route::kCreateContext:
-    case Route::kLoad: b.max_values = kKeys; break;
+    case Route::kLoad:
+    case Route::kSnapshotContext: b.max_values = kKeys; break;
     case Route::kSynthetic: b.max_values = kKeys + (uint64_t{1} << 20); break;  // needles: one per token at most
     case Route::kQuery: {
       const ModelConfig& m = config.model;

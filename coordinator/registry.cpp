@@ -91,8 +91,11 @@ Status Registry::check_layer_step(ContextId id, int layer, int64_t qlen) const {
   return check_growth_locked(*ctx, std::max(ctx->charged_tokens(), ctx->layer_tokens[layer] + qlen));
 }
 
-Expected<ContextInfo> Registry::plan_create() {
+Expected<ContextInfo> Registry::plan_create(ContextId id) {
   std::lock_guard<std::mutex> lock(mu_);
+  for (const ContextInfo& c : contexts_) {
+    if (id != 0 && c.id == id) return invalid_argument("context " + std::to_string(id) + " already exists");
+  }
   if (static_cast<int64_t>(contexts_.size()) >= config_.capacity.max_contexts) {
     return Status(ErrorCode::kCapacity, "the service holds " + std::to_string(contexts_.size()) +
                                             " contexts, the most capacity.max_contexts allows");
@@ -104,13 +107,19 @@ Expected<ContextInfo> Registry::plan_create() {
   for (int r = 1; r < world_; ++r) {
     if (owned[r] < owned[best] || (owned[r] == owned[best] && tokens[r] < tokens[best])) best = r;
   }
-  return ContextInfo{next_id_++, best, 0};
+  return ContextInfo{id != 0 ? id : next_id_++, best, 0};
+}
+
+ContextId Registry::reserve_id() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_id_++;
 }
 
 void Registry::insert(const ContextInfo& given) {
   ContextInfo info = given;
   if (info.layer_tokens.empty()) info.layer_tokens.assign(config_.model.layers, info.tokens);
   std::lock_guard<std::mutex> lock(mu_);
+  next_id_ = std::max(next_id_, info.id + 1);
   const auto at = std::lower_bound(contexts_.begin(), contexts_.end(), info.id,
                                    [](const ContextInfo& c, ContextId id) { return c.id < id; });
   contexts_.insert(at, info);

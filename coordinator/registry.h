@@ -56,8 +56,13 @@ class Registry {
 
   // Step loop only. The id and owner of the next context: owners balanced by fewest
   // contexts, then fewest tokens, then the lowest rank. Capacity when max_contexts are held.
-  Expected<ContextInfo> plan_create();
-  // `info.layer_tokens` empty: every layer at info.tokens.
+  // `id` non-zero: that id (a context restored at start-up keeps its own), InvalidArgument
+  // when it is held.
+  Expected<ContextInfo> plan_create(ContextId id = 0);
+  // An id no other context will get, for a context an operation makes later (a restore
+  // answers with its id at once): plan_create(id) then uses it.
+  ContextId reserve_id();
+  // `info.layer_tokens` empty: every layer at info.tokens. Later ids are above info.id.
   void insert(const ContextInfo& info);
   void erase(ContextId id);
   // Every layer at `tokens` (after an append to all layers).

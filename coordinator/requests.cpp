@@ -13,6 +13,7 @@
 #include "common/excerpt.h"
 #include "common/safetensors.h"
 #include "common/semantics.h"
+#include "common/snapshot_manifest.h"
 #include "common/synthetic.h"
 #include "common/tensor_checks.h"
 
@@ -377,12 +378,29 @@ Expected<LoadRequest> parse_load_request(const std::string& body) {
   return req;
 }
 
-Status check_create_body(const std::string& body) {
+Expected<std::string> parse_create_request(const std::string& body) {
   bool blank = true;
   for (char c : body) blank = blank && std::isspace(static_cast<unsigned char>(c));
-  if (blank) return Status::ok();
+  if (blank) return std::string();
   REATTN_ASSIGN_OR_RETURN(json doc, parse_json_object(body));
-  return check_keys(doc, {});
+  REATTN_RETURN_IF_ERROR(check_keys(doc, {"from_snapshot"}));
+  if (!doc.contains("from_snapshot")) return std::string();
+  if (!doc["from_snapshot"].is_string()) {
+    return invalid_argument("from_snapshot: expected a string, got " + type_of(doc["from_snapshot"]));
+  }
+  const std::string name = doc["from_snapshot"].get<std::string>();
+  if (Status s = check_snapshot_name(name); !s.is_ok()) return invalid_argument("from_snapshot: " + s.message());
+  return name;
+}
+
+Expected<std::string> parse_snapshot_request(const std::string& body) {
+  REATTN_ASSIGN_OR_RETURN(json doc, parse_json_object(body));
+  REATTN_RETURN_IF_ERROR(check_keys(doc, {"name"}));
+  if (!doc.contains("name")) return invalid_argument("name: missing");
+  if (!doc["name"].is_string()) return invalid_argument("name: expected a string, got " + type_of(doc["name"]));
+  const std::string name = doc["name"].get<std::string>();
+  if (Status s = check_snapshot_name(name); !s.is_ok()) return invalid_argument("name: " + s.message());
+  return name;
 }
 
 }  // namespace reattn

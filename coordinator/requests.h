@@ -67,8 +67,12 @@ struct LoadRequest {
 };
 Expected<LoadRequest> parse_load_request(const std::string& body);
 
-// POST /v1/contexts: an empty body or a JSON object (no fields are read yet).
-Status check_create_body(const std::string& body);
+// POST /v1/contexts: an empty body or a JSON object, with an optional "from_snapshot": NAME
+// (the new context is restored from that snapshot). Returns NAME, "" for an empty context.
+Expected<std::string> parse_create_request(const std::string& body);
+
+// POST /v1/contexts/{id}/snapshot: {"name": NAME}, NAME by check_snapshot_name.
+Expected<std::string> parse_snapshot_request(const std::string& body);
 
 // Whether a body should be read as JSON (by content type, else by its first byte).
 bool is_json_body(const std::string& body, const std::string& content_type);

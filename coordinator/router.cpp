@@ -29,6 +29,9 @@ const RouteEntry kRoutes[] = {
     {"GET", "/v1/operations", Route::kListOperations},
     {"GET", "/v1/operations/{op}", Route::kGetOperation},
     {"DELETE", "/v1/operations/{op}", Route::kCancelOperation},
+    {"POST", "/v1/contexts/{id}/snapshot", Route::kSnapshotContext},
+    {"GET", "/v1/snapshots", Route::kListSnapshots},
+    {"DELETE", "/v1/snapshots/{name}", Route::kDeleteSnapshot},
 };
 
 std::vector<std::string> split(const std::string& path) {
@@ -42,12 +45,12 @@ std::vector<std::string> split(const std::string& path) {
   return parts;
 }
 
-// Whether `path` fits `pattern`; the {id} or {op} segment goes to *id.
+// Whether `path` fits `pattern`; the {id}, {op} or {name} segment goes to *id.
 bool fits(const std::string& pattern, const std::vector<std::string>& parts, std::string* id) {
   const std::vector<std::string> want = split(pattern);
   if (want.size() != parts.size()) return false;
   for (size_t i = 0; i < want.size(); ++i) {
-    if (want[i] == "{id}" || want[i] == "{op}") {
+    if (want[i] == "{id}" || want[i] == "{op}" || want[i] == "{name}") {
       if (parts[i].empty()) return false;
       *id = parts[i];
     } else if (want[i] != parts[i]) {
@@ -124,7 +127,8 @@ std::string content_type_problem(Route route, const std::string& content_type, s
       want = "application/json";
       break;
     case Route::kSynthetic:
-    case Route::kLoad: want = "application/json"; break;
+    case Route::kLoad:
+    case Route::kSnapshotContext: want = "application/json"; break;
     case Route::kAppendKv: want = "application/octet-stream"; break;
     case Route::kQuery:
     case Route::kLayerStep: want = "application/json or application/octet-stream"; break;

@@ -29,6 +29,9 @@ enum class Route {
   kListOperations,    // GET /v1/operations
   kGetOperation,      // GET /v1/operations/{op}
   kCancelOperation,   // DELETE /v1/operations/{op}
+  kSnapshotContext,   // POST /v1/contexts/{id}/snapshot
+  kListSnapshots,     // GET /v1/snapshots
+  kDeleteSnapshot,    // DELETE /v1/snapshots/{name}
 };
 
 struct RouteMatch {
@@ -36,7 +39,7 @@ struct RouteMatch {
   std::string pattern;        // the route template, for metrics and logs ("unmatched" when none)
   int error_status = 0;       // 0 matched; 404 no such path; 405 path known, method not
   std::string allow;          // 405: the allowed methods, "GET, DELETE"
-  std::string id_text;        // the {id} (or {op}) segment as given, capped for echoing
+  std::string id_text;        // the {id} (or {op}, {name}) segment as given, capped for echoing
   bool id_valid = false;      // {id} is a context id in canonical form (decimal, no sign or leading 0)
   ContextId id = 0;
 };

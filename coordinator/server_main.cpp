@@ -8,6 +8,9 @@
 // (mpirun forwards them) and wait for rank 0.
 // A fault (a rank dead or hung past a deadline, see README "Reliability"): every request in
 // flight or queued gets 503 naming it, readiness turns 503, and the job ends non-zero (exit 3).
+// --snapshot-dir DIR: snapshots are written and restored there (stale .tmp- directories of a
+// crash mid-snapshot are removed at start-up); --restore: every complete snapshot there is
+// restored before readiness turns 200 (README "Snapshots and restore").
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -18,12 +21,14 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +40,8 @@
 #include "coordinator/metrics.h"
 #include "coordinator/registry.h"
 #include "coordinator/service_state.h"
+#include "coordinator/snapshot_catalog.h"
+#include "coordinator/snapshot_operations.h"
 #include "coordinator/step_loop.h"
 #include "coordinator/task_queue.h"
 #include "kernels/make_backend.h"
@@ -52,6 +59,8 @@ struct ServerOptions {
   int64_t max_body_bytes = 0;
   std::string backend;
   std::string log_level = "info";
+  std::string snapshot_dir;
+  bool restore = false;  // restore every complete snapshot at start-up
 };
 
 // The config file with the command line's overrides, validated.
@@ -63,6 +72,10 @@ Expected<Config> effective_config(const ServerOptions& opt) {
   if (opt.max_body_bytes != 0) c.server.max_body_bytes = opt.max_body_bytes;
   if (!opt.backend.empty()) {
     REATTN_ASSIGN_OR_RETURN(c.backend.kind, parse_backend_kind(opt.backend));
+  }
+  if (!opt.snapshot_dir.empty()) c.server.snapshot_dir = opt.snapshot_dir;
+  if (opt.restore && c.server.snapshot_dir.empty()) {
+    return invalid_argument("--restore: no snapshot directory to restore from (server.snapshot_dir, --snapshot-dir)");
   }
   if (Status s = c.validate(); !s.is_ok()) return invalid_argument("after command-line overrides: " + s.message());
   return c;
@@ -101,6 +114,7 @@ class Coordinator {
   Coordinator(const Config& config, const std::string& api_key, int world)
       : config_(config),
         registry_(config, world),
+        snapshots_(config.server.snapshot_dir),
         queue_(static_cast<size_t>(config.server.queue_depth)),
         handlers_(config, ServiceInfo{world, "", ""}, api_key, registry_, queue_, metrics_, state_),
         server_(ioc_,
@@ -112,11 +126,18 @@ class Coordinator {
                 }),
         signals_(ioc_, SIGTERM, SIGINT),
         drain_timer_(ioc_),
-        work_(boost::asio::make_work_guard(ioc_)) {}
+        work_(boost::asio::make_work_guard(ioc_)) {
+    handlers_.set_snapshots(&snapshots_);
+  }
 
   ~Coordinator() { stop(); }
 
   Status start() {
+    if (snapshots_.enabled()) {
+      // Temporary directories left by a crash mid-snapshot are never complete: removed.
+      REATTN_ASSIGN_OR_RETURN(const int stale, snapshots_.prepare());
+      log_event(LogLevel::kInfo, "snapshot directory", {{"path", snapshots_.dir()}, {"stale_removed", stale}});
+    }
     REATTN_ASSIGN_OR_RETURN(const ListenAddress address, parse_listen(config_.server.listen));
     const std::string& host = address.host;
     REATTN_ASSIGN_OR_RETURN(const int bound, server_.listen(host, address.port));
@@ -132,6 +153,59 @@ class Coordinator {
     handlers_.set_info(info);
     state_.set_ready();
     if (state_.ready()) log_event(LogLevel::kInfo, "ready", {{"ranks", info.world}, {"backend", info.backend}});
+  }
+
+  // --restore, before readiness: every complete snapshot becomes a context again, under its
+  // original id where that is free (two snapshots of one context: the first by name keeps it, the
+  // others get new ids above every restored one).
+  // A snapshot that cannot be restored is logged and skipped; a fault is returned.
+  Status restore_snapshots(OperationRunner& ranks) {
+    std::vector<std::string> problems;
+    std::vector<StoredSnapshot> all = snapshots_.list(&problems);
+    // The first snapshot (by name) of each context first, under their own ids; then the other
+    // snapshots of a context already restored, under ids above all of those.
+    std::set<ContextId> claimed;
+    std::stable_partition(all.begin(), all.end(),
+                          [&](const StoredSnapshot& s) { return claimed.insert(s.manifest.context_id).second; });
+    for (const std::string& p : problems) log_event(LogLevel::kError, "snapshot not restored", {{"error", p}});
+    log_event(LogLevel::kInfo, "restoring snapshots", {{"snapshots", all.size()}, {"path", snapshots_.dir()}});
+    size_t restored = 0;
+    for (size_t i = 0; i < all.size(); ++i) {
+      const SnapshotManifest& m = all[i].manifest;
+      const auto t0 = std::chrono::steady_clock::now();
+      // Its own id where that is free, else a new one.
+      const ContextId id = registry_.find(m.context_id) ? registry_.reserve_id() : m.context_id;
+      snapshots_.hold_existing(m.name);
+      RestoreOperation op(snapshots_, all[i], id);
+      Status outcome;
+      // A line per tenth of the snapshot (or every 5 s): a large one takes minutes.
+      int logged_tenths = 0;
+      auto last_log = std::chrono::steady_clock::now();
+      const auto progress = [&](const OperationProgress& p) {
+        const int tenths = p.tokens_total > 0 ? static_cast<int>(10 * p.tokens_done / p.tokens_total) : 0;
+        const auto now = std::chrono::steady_clock::now();
+        if (tenths <= logged_tenths && now - last_log < std::chrono::seconds(5)) return;
+        logged_tenths = tenths;
+        last_log = now;
+        log_event(LogLevel::kInfo, "restore progress",
+                  {{"snapshot", m.name}, {"tokens_done", p.tokens_done}, {"tokens_total", p.tokens_total},
+                   {"bytes_done", p.bytes_done}, {"done", i}, {"of", all.size()}});
+      };
+      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome, progress));
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      nlohmann::json fields = {{"snapshot", m.name}, {"done", i + 1}, {"of", all.size()}, {"seconds", seconds}};
+      if (!outcome.is_ok()) {
+        fields["error"] = outcome.to_string();
+        log_event(LogLevel::kError, "snapshot not restored", fields);
+        continue;
+      }
+      ++restored;
+      fields.update({{"context_id", id}, {"snapshot_context_id", m.context_id}, {"tokens", m.tokens()},
+                     {"bytes", m.total_bytes()}, {"gb_per_s", seconds > 0 ? m.total_bytes() / seconds / 1e9 : 0.0}});
+      log_event(LogLevel::kInfo, "snapshot restored", fields);
+    }
+    log_event(LogLevel::kInfo, "snapshots restored", {{"restored", restored}, {"of", all.size()}});
+    return Status::ok();
   }
 
   // The step loop; returns when draining is done or on a fault. host_compute: the backend
@@ -196,6 +270,7 @@ class Coordinator {
   Metrics metrics_;
   ServiceState state_;
   Registry registry_;
+  SnapshotCatalog snapshots_;
   TaskQueue queue_;
   Handlers handlers_;
   HttpServer server_;
@@ -279,6 +354,13 @@ int serve(Control& control, const ServerOptions& opt) {
     return 0;
   }
 
+  if (opt.restore) {
+    if (s = coordinator->restore_snapshots(loop); !s.is_ok()) {
+      log_event(LogLevel::kError, "fault while restoring snapshots; ending the job", {{"error", s.to_string()}, {"exit_code", 3}});
+      flush_logs(0.5);
+      control.abort(3);
+    }
+  }
   coordinator->set_ready(ServiceInfo{control.world(), (*backend)->name(), (*comm)->name()});
   const Status ran = coordinator->run(loop, (*backend)->host_memory());
   if (!ran.is_ok()) {
@@ -337,6 +419,10 @@ int run_server(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--backend", opt.backend, "auto, cpu or cuda (default: the config's)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app.add_option("--snapshot-dir", opt.snapshot_dir,
+                 "directory snapshots are written to and restored from (server.snapshot_dir; shared storage in a cluster)");
+  app.add_flag("--restore", opt.restore,
+               "at start-up, restore every complete snapshot in the snapshot directory (readiness 503 until done)");
   app.add_option("--log-level", opt.log_level, "debug, info, warn or error")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
   try {
@@ -346,6 +432,9 @@ int run_server(int argc, char** argv) {
     return e.get_exit_code();
   }
   init_logging(control->rank(), opt.log_level);
+  // A write past the file-size limit (ulimit -f) then fails with EFBIG, which a snapshot
+  // reports, instead of killing the rank.
+  std::signal(SIGXFSZ, SIG_IGN);
   return serve(*control, opt);
 }
 

@@ -7,6 +7,6 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   build-essential cmake python3 python3-yaml python3-numpy python3-pip python3-setuptools \
   libopenmpi-dev openmpi-bin \
-  libyaml-cpp-dev libboost-dev nlohmann-json3-dev libspdlog-dev libcli11-dev libgtest-dev \
+  libyaml-cpp-dev libboost-dev nlohmann-json3-dev libspdlog-dev libcli11-dev libgtest-dev zlib1g-dev \
   > /dev/null
 echo "install-deps: done"

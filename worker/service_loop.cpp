@@ -21,6 +21,7 @@ ServiceLoop::ServiceLoop(const Control& control, Backend& backend, Communicator&
       config_(config),
       store_(backend, config, control.rank(), control.world()),
       loads_(store_, config),
+      snapshots_(control, backend, store_, config),
       runner_(backend, comm, config, store_, step_options) {}
 
 Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
@@ -65,6 +66,8 @@ Status ServiceLoop::apply(const Operation& op, OperationResult* result) {
         if constexpr (std::is_same_v<T, Shutdown>) return Status::ok();
         if constexpr (std::is_same_v<T, LayerStep>) return apply_layer_step(o, result);
         if constexpr (std::is_same_v<T, LoadKv>) return apply_load(o, result);
+        if constexpr (std::is_same_v<T, SnapshotContext>) return snapshots_.apply(o, result);
+        if constexpr (std::is_same_v<T, RestoreContext>) return snapshots_.apply(o, result);
       },
       op);
 }

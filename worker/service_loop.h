@@ -1,7 +1,8 @@
 // The per-rank loop of the service. Rank 0 (the coordinator) submits each Operation
 // (common/protocol.h): it is broadcast, and every rank applies it to its KV shard in the same
 // order: create or erase a context, append K/V (a safetensors body, or synthetic tokens), run
-// a step of queries, a phase of a bulk load (worker/kv_load.h), or shut down. Outcomes are agreed across ranks (Control::agree), so every
+// a step of queries, a phase of a bulk load (worker/kv_load.h), a slice of a snapshot or restore
+// (worker/snapshot_worker.h), or shut down. Outcomes are agreed across ranks (Control::agree), so every
 // rank reports the same Status and a failed operation changes nothing on any rank.
 // Ranks other than 0 only loop on the broadcast (serve) until the shutdown operation.
 // Thread-safety: a ServiceLoop is used by one thread only, the one that makes MPI calls
@@ -13,6 +14,7 @@
 #include "common/protocol.h"
 #include "worker/kv_load.h"
 #include "worker/kv_store.h"
+#include "worker/snapshot_worker.h"
 #include "worker/step.h"
 
 namespace reattn {
@@ -54,6 +56,7 @@ class ServiceLoop final : public OperationRunner {
   Config config_;
   KvStore store_;
   KvLoads loads_;
+  SnapshotWorker snapshots_;  // snapshot and restore slices
   StepRunner runner_;
 };
 

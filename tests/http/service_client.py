@@ -301,3 +301,32 @@ def reattn_run(args, config_path, extra, ranks=2):
 
 def new_rng(seed):
     return random.Random(seed)
+
+
+def run_suite(suite, steps, tmp, keep):
+    """Runs `steps` (callables) of a test suite with `.c` (its checks: passed, failed, check) and
+    `.services`; a crash is a failed check; every service is killed at the end. Prints the
+    summary (and the services' last log lines on failure), removes `tmp` unless something
+    failed or `keep`; returns the exit code."""
+    t0 = time.time()
+    try:
+        for step in steps:
+            step()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any crash of the test is a failure
+        import traceback
+        traceback.print_exc()
+        suite.c.check(False, "test crashed: %r" % e)
+    finally:
+        for s in suite.services:
+            s.kill()
+    c = suite.c
+    print("%d checks passed, %d failed in %.1fs (work dir %s)" % (c.passed, len(c.failed), time.time() - t0, tmp))
+    if c.failed:
+        for s in suite.services:
+            print("---- last lines of %s" % s.log_path)
+            with open(s.log_path, "rb") as f:
+                print(b"\n".join(f.read().splitlines()[-15:]).decode(errors="replace"))
+    elif not keep:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if c.failed else 0

@@ -170,9 +170,9 @@ TEST(Requests, KvBodyAndSyntheticBody) {
   EXPECT_FALSE(parse_synthetic_request(R"({"tokens": 0})").is_ok());
   EXPECT_FALSE(parse_synthetic_request(R"({"tokens": 5, "needles": [-1]})").is_ok());
   EXPECT_FALSE(parse_synthetic_request(R"({"seed": 1})").is_ok());
-  EXPECT_TRUE(check_create_body("").is_ok());
-  EXPECT_TRUE(check_create_body(" {} ").is_ok());
-  EXPECT_FALSE(check_create_body("{\"x\": 1}").is_ok());
+  EXPECT_TRUE(parse_create_request("").is_ok());
+  EXPECT_TRUE(parse_create_request(" {} ").is_ok());
+  EXPECT_FALSE(parse_create_request("{\"x\": 1}").is_ok());
 }
 
 // A value nested ~100,000 levels deep in any echoed field is answered with a short 400 naming

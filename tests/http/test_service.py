@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -96,10 +95,6 @@ class Suite:
         s = sc.Service(self.args, config, self.path(log), extra=extra, api_key=api_key)
         self.services.append(s)
         return s
-
-    def kill_all(self):
-        for s in self.services:
-            s.kill()
 
     # ------------------------------------------------------------ main service
 
@@ -786,27 +781,7 @@ def main():
     signal.signal(signal.SIGINT, stop)
     tmp = tempfile.mkdtemp(prefix="reattn-http-")
     suite = Suite(args, tmp)
-    t0 = time.time()
-    try:
-        suite.run_main()
-        suite.run_drain()
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - any crash of the test is a failure
-        import traceback
-        traceback.print_exc()
-        suite.c.check(False, "test crashed: %r" % e)
-    finally:
-        suite.kill_all()
-    c = suite.c
-    print("%d checks passed, %d failed in %.1fs (work dir %s)" % (c.passed, len(c.failed), time.time() - t0, tmp))
-    if c.failed:
-        for s in suite.services:
-            print("---- last lines of %s" % s.log_path)
-            with open(s.log_path, "rb") as f:
-                print(b"\n".join(f.read().splitlines()[-15:]).decode(errors="replace"))
-    elif not args.keep:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if c.failed else 0
-
+    return sc.run_suite(suite, [suite.run_main, suite.run_drain], tmp, args.keep)
 
 if __name__ == "__main__":
     sys.exit(main())

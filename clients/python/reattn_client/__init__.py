@@ -6,6 +6,8 @@
     r = c.step(ctx, layer=0, q=q, k=k, v=v)     # r.out [qlen, q_heads, head_dim]
     op = c.load(ctx, "kv.safetensors")          # a file under the server's --load-root
     c.wait_operation(op["id"], progress=True)
+    c.snapshot(ctx, "before-upgrade")            # files under the server's --snapshot-dir
+    new = c.restore("before-upgrade")["id"]     # a new context, on any number of ranks
 
 `reattn_client.hf.attach(model, client, context_id)` runs a transformers model's attention
 through the service (needs torch and transformers)."""

@@ -247,6 +247,41 @@ class Client:
         is installed (plain lines on stderr otherwise)."""
         return operations.wait(self, op_id, progress=progress, timeout=timeout, interval=interval)
 
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, context_id, name, wait=True, progress=False, timeout=None):
+        """Snapshots a context under the server's snapshot directory as `name` (a long-running
+        operation: queries on the context go on, appends get 409 meanwhile). wait=True waits for
+        it (wait_operation; OperationError if it fails) and returns the snapshot's entry as
+        snapshots() lists it; wait=False returns the operation's record ({"operation": "op-N"})."""
+        rec = self._json("POST", "/v1/contexts/%d/snapshot" % int(context_id), {"name": str(name)})
+        if not wait:
+            return rec
+        self.wait_operation(rec["operation"], progress=progress, timeout=timeout)
+        for s in self.snapshots():
+            if s["name"] == name:
+                return s
+        raise ReattnError(404, "not_found", "snapshot %r succeeded but is not listed" % name)
+
+    def snapshots(self):
+        """GET /v1/snapshots: every complete snapshot (name, context_id, tokens, layers, bytes,
+        ranks, dtype, created), by name."""
+        return self._json("GET", "/v1/snapshots")["snapshots"]
+
+    def delete_snapshot(self, name):
+        """DELETE /v1/snapshots/{name}; 409 while an operation uses it."""
+        return self._json("DELETE", "/v1/snapshots/%s" % urllib.parse.quote(str(name), safe=""))
+
+    def restore(self, name, wait=True, progress=False, timeout=None):
+        """Restores snapshot `name` into a new context, on however many ranks the service runs.
+        wait=True waits for the operation and returns the new context (as context()); wait=False
+        returns the operation's record, whose context_id is the new context's id."""
+        rec = self._json("POST", "/v1/contexts", {"from_snapshot": str(name)})
+        if not wait:
+            return rec
+        self.wait_operation(rec["operation"], progress=progress, timeout=timeout)
+        return self.context(rec["context_id"])
+
     # ------------------------------------------------------------ attention
 
     def query(self, context_id, layer, q, mode="tail", binary=True, dtype=None):
