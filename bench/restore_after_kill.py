@@ -26,7 +26,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "http"))
 import service_client as sc  # noqa: E402
 from reattn_client import Client  # noqa: E402
-from test_service import make_config  # noqa: E402
 
 
 def answers(client, ctx, model, rng_seed=7):
@@ -41,10 +40,17 @@ def answers(client, ctx, model, rng_seed=7):
     return got
 
 
-def model_of(config_path):
+def server_config(base_path, out_path, backend, tokens):
+    """The base config's model and reattention (and storage dtype), with this run's backend and capacity."""
     import yaml
-    with open(config_path) as f:
-        return yaml.safe_load(f)["model"]
+    with open(base_path) as f:
+        base = yaml.safe_load(f)
+    config = {"model": base["model"], "reattention": base.get("reattention", {}),
+              "backend": dict(base.get("backend", {}), kind=backend),
+              "capacity": {"tokens_per_rank": max(1 << 20, 2 * tokens), "max_contexts": 16}}
+    with open(out_path, "w") as f:
+        yaml.safe_dump(config, f)
+    return out_path, config["model"]
 
 
 def main():
@@ -61,9 +67,7 @@ def main():
     work = args.dir or tempfile.mkdtemp(prefix="reattn-kill9-")
     snapdir = os.path.join(work, "snapshots")
     os.makedirs(snapdir, exist_ok=True)
-    model = model_of(args.config)
-    config = make_config(args.config, os.path.join(work, "server.yaml"),
-                         {"tokens_per_rank": max(1 << 20, 2 * args.tokens), "max_contexts": 16}, {}, backend=args.backend)
+    config, model = server_config(args.config, os.path.join(work, "server.yaml"), args.backend, args.tokens)
     extra = ["--snapshot-dir", snapdir]
     fails = 0
     svc = sc.Service(args, config, os.path.join(work, "first.log"), ranks=args.ranks, extra=extra)
