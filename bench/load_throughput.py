@@ -128,7 +128,7 @@ def main():
         f.write("capacity: {tokens_per_rank: 8388608}\n")
         f.write("server: {load_slice_bytes: %d, request_timeout_s: 300}\n" % args.slice_bytes)
     svc = sc.Service(argparse.Namespace(mpirun=args.mpirun, server=args.server), config,
-                     os.path.join(tmp, "server.log"), ranks=args.ranks, extra=["--load-root", root])
+                     os.path.join(tmp, "server.log"), ranks=args.ranks, extra=["--load-root", root, "--log-level", "debug"])
     try:
         svc.wait_ready(timeout=300)
         url = "http://127.0.0.1:%d" % svc.port
@@ -185,6 +185,15 @@ def main():
         }
         result["query_p99_ratio_during_vs_baseline"] = round(
             result["query_ms_during_load"]["p99"] / result["query_ms_baseline"]["p99"], 2)
+        result["query_ms_during_load"]["max"] = round(max(during.ms), 3) if during.ms else None
+        # What a query waits behind: the load's slices as the server timed them (debug log).
+        slices = {}
+        for e in svc.log_lines():
+            if e.get("msg") == "operation slice" and e.get("operation") == op["id"]:
+                slices.setdefault(e.get("slice", "?"), []).append(e["ms"])
+        result["slice_ms"] = {name: {"count": len(v), "p50": round(percentile(v, 50), 3),
+                                     "p99": round(percentile(v, 99), 3), "max": round(max(v), 3)}
+                              for name, v in slices.items()}
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

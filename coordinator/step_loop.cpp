@@ -330,7 +330,12 @@ Status StepLoop::run_slice() {
   const std::optional<Operation> slice = a.op->next_slice();
   if (!slice) return end(OperationState::kSucceeded, "");
   OperationResult result;
+  const auto started = std::chrono::steady_clock::now();
   REATTN_RETURN_IF_ERROR(ranks_.submit(*slice, &result));
+  // Each slice holds up the queries queued behind it: its time, at debug level.
+  log_event(LogLevel::kDebug, "operation slice",
+            {{"operation", a.id}, {"kind", operation_kind_name(a.op->kind())}, {"slice", operation_name(*slice)},
+             {"status", result.status.to_string()}, {"ms", ms_between(started, std::chrono::steady_clock::now())}});
   const int64_t bytes_before = a.op->progress().bytes_done;
   const Status s = a.op->on_slice_done(*slice, result, registry_);
   const OperationProgress p = a.op->progress();
