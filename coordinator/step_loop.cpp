@@ -326,9 +326,11 @@ Status StepLoop::run_slice() {
     return Status::ok();
   };
   OperationTable& table = registry_.operations();
-  if (table.cancel_requested(a.id)) return end(OperationState::kCancelled, "cancelled by request");
+  // Complete first: a cancel that comes after the last slice (a load's commit, a snapshot's
+  // publish) is too late, the ranks keep what it did.
   const std::optional<Operation> slice = a.op->next_slice();
   if (!slice) return end(OperationState::kSucceeded, "");
+  if (table.cancel_requested(a.id)) return end(OperationState::kCancelled, "cancelled by request");
   OperationResult result;
   REATTN_RETURN_IF_ERROR(ranks_.submit(*slice, &result));
   const int64_t bytes_before = a.op->progress().bytes_done;
@@ -377,7 +379,9 @@ Status StepLoop::end_long(ActiveOperation& a, OperationState state, const std::s
 
 Status StepLoop::cancel_all_long(const std::string& why) {
   while (!active_.empty()) {
-    REATTN_RETURN_IF_ERROR(end_long(active_.front(), OperationState::kCancelled, why));
+    const bool complete = !active_.front().op->next_slice();
+    REATTN_RETURN_IF_ERROR(
+        end_long(active_.front(), complete ? OperationState::kSucceeded : OperationState::kCancelled, complete ? "" : why));
     active_.pop_front();
   }
   return Status::ok();
