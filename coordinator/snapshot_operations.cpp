@@ -159,13 +159,18 @@ void RestoreOperation::on_rolled_back(Registry& registry) {
 }
 
 Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
-                         const std::function<void(const OperationProgress&)>& after_slice) {
+                         const std::function<void(const OperationProgress&)>& after_slice,
+                         const std::function<bool()>& stop) {
   // As the step loop: an operation that cannot start ran nothing and has nothing to undo.
   *outcome = op.start(registry);
   if (!outcome->is_ok()) return Status::ok();
   while (outcome->is_ok()) {
     const std::optional<Operation> slice = op.next_slice();
     if (!slice) return Status::ok();
+    if (stop && stop()) {
+      *outcome = Status(ErrorCode::kUnavailable, "the service is shutting down");
+      break;
+    }
     OperationResult result;
     REATTN_RETURN_IF_ERROR(ranks.submit(*slice, &result));
     *outcome = op.on_slice_done(*slice, result, registry);

@@ -81,8 +81,10 @@ class RestoreOperation final : public LongOperation {
 
 // Runs `op` to its end on the ranks now, outside the step loop (start-up --restore): its
 // slices, and its rollback on failure; `after_slice` (if any) sees its progress after each
-// slice. A non-ok return is a fault; the outcome goes to *outcome.
+// slice; `stop` (if any) true before a slice ends it there, rolled back, as Unavailable (the
+// service is shutting down). A non-ok return is a fault; the outcome goes to *outcome.
 Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
-                         const std::function<void(const OperationProgress&)>& after_slice = {});
+                         const std::function<void(const OperationProgress&)>& after_slice = {},
+                         const std::function<bool()>& stop = {});
 
 }  // namespace reattn

@@ -150,6 +150,28 @@ TEST(RestoreOperation, OpensRestoresEveryLayerAndCloses) {
   EXPECT_GT(registry.reserve_id(), id);
 }
 
+// SIGTERM during a start-up restore (--restore): the restore stops before its next slice and
+// rolls back, so the job drains at once instead of restoring on until the drain deadline ends
+// it with exit 4.
+TEST(RestoreOperation, AStopRequestEndsItBetweenSlicesWithNoContext) {
+  const Config config = test::tiny_service_config(4);
+  Registry registry(config, 2);
+  SnapshotCatalog catalog("/nonexistent-snapshot-dir");
+  const SnapshotManifest m = manifest(config.model.layers);
+  catalog.hold_existing("snap");
+  RestoreOperation op(catalog, StoredSnapshot{m, encode_manifest(m)}, 7);
+  FakeRanks ranks(config.model.layers);
+  Status outcome;
+  const auto stop = [&] { return ranks.seen.size() >= 2; };  // after the open and one layer
+  ASSERT_TRUE(run_operation_now(op, ranks, registry, &outcome, {}, stop).is_ok());
+  EXPECT_EQ(outcome.code(), ErrorCode::kUnavailable) << outcome.to_string();
+  EXPECT_NE(outcome.message().find("shutting down"), std::string::npos) << outcome.message();
+  ASSERT_EQ(ranks.seen.size(), 4u);  // open, layer 0, then the rollback: close, erase
+  EXPECT_EQ(std::get<RestoreContext>(ranks.seen[2]).phase, RestorePhase::kClose);
+  EXPECT_TRUE(std::holds_alternative<EraseContext>(ranks.seen[3]));
+  EXPECT_FALSE(registry.find(7).has_value());
+}
+
 TEST(RestoreOperation, AFailureAnywhereLeavesNoContext) {
   const Config config = test::tiny_service_config(4);
   const SnapshotManifest m = manifest(config.model.layers);
