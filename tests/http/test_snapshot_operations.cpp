@@ -155,14 +155,14 @@ TEST(RestoreOperation, OpensRestoresEveryLayerAndCloses) {
 // it with exit 4.
 TEST(RestoreOperation, AStopRequestEndsItBetweenSlicesWithNoContext) {
   const Config config = test::tiny_service_config(4);
+  FakeRanks ranks(config.model.layers);
+  const auto stop = [&] { return ranks.seen.size() >= 2; };  // after the open and one layer
   Registry registry(config, 2);
   SnapshotCatalog catalog("/nonexistent-snapshot-dir");
-  const SnapshotManifest m = manifest(config.model.layers);
   catalog.hold_existing("snap");
+  const SnapshotManifest m = manifest(config.model.layers);
   RestoreOperation op(catalog, StoredSnapshot{m, encode_manifest(m)}, 7);
-  FakeRanks ranks(config.model.layers);
   Status outcome;
-  const auto stop = [&] { return ranks.seen.size() >= 2; };  // after the open and one layer
   ASSERT_TRUE(run_operation_now(op, ranks, registry, &outcome, {}, stop).is_ok());
   EXPECT_EQ(outcome.code(), ErrorCode::kUnavailable) << outcome.to_string();
   EXPECT_NE(outcome.message().find("shutting down"), std::string::npos) << outcome.message();
