@@ -35,6 +35,10 @@ void StepLoop::observe_step(const StepTiming& timing) {
 }
 
 void StepLoop::complete(Task& task, TaskResult result) {
+  // A long operation that will never start (the service faulted): its record says why.
+  if (task.long_operation && !result.status.is_ok()) {
+    registry_.operations().finish(task.operation_id, OperationState::kFailed, result.status.message());
+  }
   if (!task.done) return;
   if (task.answer_on_step_loop) return task.done(std::move(result));
   post_([done = std::move(task.done), r = std::move(result)]() mutable { done(std::move(r)); });

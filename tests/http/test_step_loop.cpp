@@ -469,11 +469,16 @@ TEST_F(LongOperationTest, AFaultDuringASliceFailsTheOperationAndTheService) {
   ranks_.answer = [&](const Operation& o, OperationResult*) {
     return is_slice(o) ? Status(ErrorCode::kFatal, "rank 1 stopped answering") : Status::ok();
   };
+  const std::string queued = push_long(2, 5);  // still in the queue when the fault comes
   EXPECT_EQ(run_until_finished(op).code(), ErrorCode::kFatal);
   const OperationRecord r = *registry_.operations().get(op);
   EXPECT_EQ(r.state, OperationState::kFailed);
   EXPECT_NE(r.error.find("rank 1 stopped answering"), std::string::npos) << r.error;
   EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
+  // Not left "queued" for ever: it will never run.
+  const OperationRecord q = *registry_.operations().get(queued);
+  EXPECT_EQ(q.state, OperationState::kFailed);
+  EXPECT_NE(q.error.find("rank 1 stopped answering"), std::string::npos) << q.error;
 }
 
 TEST(OperationTable, KeepsABoundedNumberOfFinishedRecordsOldestDropped) {
