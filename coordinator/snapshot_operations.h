@@ -4,7 +4,8 @@
 //             manifest, the rename); rollback kAbort (the files and temporary directory go).
 //             Queries on the context go on meanwhile; appends, steps and deletes get 409.
 //   restore:  kOpen (checks, checksums, the empty context), kLayer per layer, kClose; rollback
-//             kClose and the context erased. Queries on the new context get 409 until done.
+//             kClose and the context erased. The context is in the registry (empty) from
+//             start(), so creates count it; queries on it get 409 until done.
 // Each holds its snapshot's name in the catalog for as long as it exists (released in its
 // destructor, however the operation ends), so the name is not taken twice or deleted under it.
 // Thread-safety: as LongOperation (the step loop's thread), once queued.

@@ -196,6 +196,19 @@ TEST(RestoreOperation, AFailureAnywhereLeavesNoContext) {
       EXPECT_EQ(std::get<EraseContext>(tail[1]).context_id, 7u);
     }
   }
+  // A started restore holds its place: a create planned before its first slice (the step
+  // loop runs other operations' slices in between) no longer takes a fourth context.
+  {
+    Registry registry(config, 2);
+    for (ContextId id = 1; id <= 2; ++id) registry.insert(ContextInfo{id, 0, 0});
+    SnapshotCatalog catalog("/nonexistent-snapshot-dir");
+    RestoreOperation op(catalog, StoredSnapshot{m, encode_manifest(m)}, 3);
+    ASSERT_TRUE(op.start(registry).is_ok());
+    EXPECT_EQ(registry.plan_create().status().code(), ErrorCode::kCapacity);
+    op.on_rolled_back(registry);  // cancelled before its first slice: the place is given back
+    EXPECT_FALSE(registry.find(3).has_value());
+    EXPECT_TRUE(registry.plan_create().is_ok());
+  }
   // Capacity: a fourth context when max_contexts is 3 fails before any slice.
   Registry registry(config, 2);
   for (ContextId id = 1; id <= 3; ++id) registry.insert(ContextInfo{id, 0, 0});
