@@ -93,10 +93,16 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
       });
     }
   }
-  ~Impl() {
+  ~Impl() { stop_parse_pool(); }
+  // Called by the HttpServer's owner before it lets go of its reference: a session finishing
+  // on a parse thread may hold the last one, and ~Impl there would join its own thread
+  // (std::system_error "Resource deadlock avoided", the job aborted at shutdown).
+  void stop_parse_pool() {
     parse_work.reset();
     parse_ioc.stop();
-    for (std::thread& t : parse_threads) t.join();
+    for (std::thread& t : parse_threads) {
+      if (t.joinable()) t.join();
+    }
   }
 
   void accept();
@@ -451,7 +457,10 @@ void HttpServer::Impl::refuse(tcp::socket socket) {
 HttpServer::HttpServer(net::io_context& ioc, HttpServerOptions options, Handler handler, Rejecter rejecter)
     : impl_(std::make_shared<Impl>(ioc, options, std::move(handler), std::move(rejecter))) {}
 
-HttpServer::~HttpServer() { stop_accepting(); }
+HttpServer::~HttpServer() {
+  stop_accepting();
+  impl_->stop_parse_pool();
+}
 
 Expected<int> HttpServer::listen(const std::string& host, int port) {
   beast::error_code ec;

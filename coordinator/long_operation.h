@@ -4,8 +4,8 @@
 // answered while it runs. The step loop drives it:
 //
 //   start(registry)            once, when its task reaches the front of the queue; not ok: failed
-//   loop: cancel requested? -> rollback
-//         next_slice()         nullopt: done, succeeded
+//   loop: next_slice()         nullopt: done, succeeded (a cancel after the last slice is too late)
+//         cancel requested? -> rollback
 //         ranks submit it, then on_slice_done(slice, result, registry); not ok: failed -> rollback
 //   rollback: every Operation of rollback() is submitted in order, then on_rolled_back(registry)
 //
@@ -36,7 +36,8 @@ class LongOperation {
   // Checks against the registry as it is now (the request was checked when it arrived, but
   // the context may have changed since). Not ok: the operation fails without running a slice.
   virtual Status start(Registry& registry) = 0;
-  // The next slice to run on every rank, or nullopt when the operation is complete.
+  // The next slice to run on every rank, or nullopt when the operation is complete. No side
+  // effects: the step loop may ask and then cancel instead.
   virtual std::optional<Operation> next_slice() = 0;
   // The ranks' agreed result of `slice`. Update the registry and progress here. A non-ok
   // return fails the operation (its message becomes the record's error) and rolls it back.

@@ -191,12 +191,15 @@ class Coordinator {
                   {{"snapshot", m.name}, {"tokens_done", p.tokens_done}, {"tokens_total", p.tokens_total},
                    {"bytes_done", p.bytes_done}, {"done", i}, {"of", all.size()}});
       };
-      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome, progress));
+      // SIGTERM (the queue closed) stops it between slices: the job then drains at once.
+      const auto stopping = [this] { return queue_.closed(); };
+      REATTN_RETURN_IF_ERROR(run_operation_now(op, ranks, registry_, &outcome, progress, stopping));
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json fields = {{"snapshot", m.name}, {"done", i + 1}, {"of", all.size()}, {"seconds", seconds}};
       if (!outcome.is_ok()) {
         fields["error"] = outcome.to_string();
         log_event(LogLevel::kError, "snapshot not restored", fields);
+        if (stopping()) break;
         continue;
       }
       ++restored;

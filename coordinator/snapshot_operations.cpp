@@ -107,6 +107,9 @@ RestoreContext RestoreOperation::slice(RestorePhase phase) const {
 Status RestoreOperation::start(Registry& registry) {
   REATTN_ASSIGN_OR_RETURN(const ContextInfo planned, registry.plan_create(context_id_));
   owner_rank_ = planned.owner_rank;
+  // In the registry from now on (empty, busy with this operation), so that a create or
+  // another restore planned before this one's first slice counts it (max_contexts, owners).
+  registry.insert(ContextInfo{context_id_, owner_rank_, 0});
   return Status::ok();
 }
 
@@ -131,7 +134,9 @@ Status RestoreOperation::on_slice_done(const Operation& op, const OperationResul
   switch (s.phase) {
     case RestorePhase::kOpen:
       opened_ = true;
-      registry.insert(ContextInfo{context_id_, owner_rank_, 0, result.layer_tokens});
+      for (size_t layer = 0; layer < result.layer_tokens.size(); ++layer) {
+        registry.set_layer_tokens(context_id_, static_cast<int>(layer), result.layer_tokens[layer]);
+      }
       break;
     case RestorePhase::kLayer:
       next_layer_ = s.layer + 1;
@@ -154,18 +159,21 @@ std::vector<Operation> RestoreOperation::rollback() {
   return undo;
 }
 
-void RestoreOperation::on_rolled_back(Registry& registry) {
-  if (opened_) registry.erase(context_id_);
-}
+void RestoreOperation::on_rolled_back(Registry& registry) { registry.erase(context_id_); }
 
 Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
-                         const std::function<void(const OperationProgress&)>& after_slice) {
+                         const std::function<void(const OperationProgress&)>& after_slice,
+                         const std::function<bool()>& stop) {
   // As the step loop: an operation that cannot start ran nothing and has nothing to undo.
   *outcome = op.start(registry);
   if (!outcome->is_ok()) return Status::ok();
   while (outcome->is_ok()) {
     const std::optional<Operation> slice = op.next_slice();
     if (!slice) return Status::ok();
+    if (stop && stop()) {
+      *outcome = Status(ErrorCode::kUnavailable, "the service is shutting down");
+      break;
+    }
     OperationResult result;
     REATTN_RETURN_IF_ERROR(ranks.submit(*slice, &result));
     *outcome = op.on_slice_done(*slice, result, registry);

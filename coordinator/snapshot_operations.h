@@ -4,7 +4,8 @@
 //             manifest, the rename); rollback kAbort (the files and temporary directory go).
 //             Queries on the context go on meanwhile; appends, steps and deletes get 409.
 //   restore:  kOpen (checks, checksums, the empty context), kLayer per layer, kClose; rollback
-//             kClose and the context erased. Queries on the new context get 409 until done.
+//             kClose and the context erased. The context is in the registry (empty) from
+//             start(), so creates count it; queries on it get 409 until done.
 // Each holds its snapshot's name in the catalog for as long as it exists (released in its
 // destructor, however the operation ends), so the name is not taken twice or deleted under it.
 // Thread-safety: as LongOperation (the step loop's thread), once queued.
@@ -81,8 +82,10 @@ class RestoreOperation final : public LongOperation {
 
 // Runs `op` to its end on the ranks now, outside the step loop (start-up --restore): its
 // slices, and its rollback on failure; `after_slice` (if any) sees its progress after each
-// slice. A non-ok return is a fault; the outcome goes to *outcome.
+// slice; `stop` (if any) true before a slice ends it there, rolled back, as Unavailable (the
+// service is shutting down). A non-ok return is a fault; the outcome goes to *outcome.
 Status run_operation_now(LongOperation& op, OperationRunner& ranks, Registry& registry, Status* outcome,
-                         const std::function<void(const OperationProgress&)>& after_slice = {});
+                         const std::function<void(const OperationProgress&)>& after_slice = {},
+                         const std::function<bool()>& stop = {});
 
 }  // namespace reattn

@@ -35,6 +35,10 @@ void StepLoop::observe_step(const StepTiming& timing) {
 }
 
 void StepLoop::complete(Task& task, TaskResult result) {
+  // A long operation that will never start (the service faulted): its record says why.
+  if (task.long_operation && !result.status.is_ok()) {
+    registry_.operations().finish(task.operation_id, OperationState::kFailed, result.status.message());
+  }
   if (!task.done) return;
   if (task.answer_on_step_loop) return task.done(std::move(result));
   post_([done = std::move(task.done), r = std::move(result)]() mutable { done(std::move(r)); });
@@ -326,9 +330,11 @@ Status StepLoop::run_slice() {
     return Status::ok();
   };
   OperationTable& table = registry_.operations();
-  if (table.cancel_requested(a.id)) return end(OperationState::kCancelled, "cancelled by request");
+  // Complete first: a cancel that comes after the last slice (a load's commit, a snapshot's
+  // publish) is too late, the ranks keep what it did.
   const std::optional<Operation> slice = a.op->next_slice();
   if (!slice) return end(OperationState::kSucceeded, "");
+  if (table.cancel_requested(a.id)) return end(OperationState::kCancelled, "cancelled by request");
   OperationResult result;
   const auto started = std::chrono::steady_clock::now();
   REATTN_RETURN_IF_ERROR(ranks_.submit(*slice, &result));
@@ -382,7 +388,9 @@ Status StepLoop::end_long(ActiveOperation& a, OperationState state, const std::s
 
 Status StepLoop::cancel_all_long(const std::string& why) {
   while (!active_.empty()) {
-    REATTN_RETURN_IF_ERROR(end_long(active_.front(), OperationState::kCancelled, why));
+    const bool complete = !active_.front().op->next_slice();
+    REATTN_RETURN_IF_ERROR(
+        end_long(active_.front(), complete ? OperationState::kSucceeded : OperationState::kCancelled, complete ? "" : why));
     active_.pop_front();
   }
   return Status::ok();

@@ -590,3 +590,58 @@ TEST(FileRoots, ResolvesUnderTheRootAndRefusesEscapes) {
 
 }  // namespace
 }  // namespace reattn
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+#include <future>
+
+#include "coordinator/http_server.h"
+
+namespace reattn {
+namespace {
+
+// The server's owner lets go of it (and of the I/O context) while a large request is still
+// in its handler on a parse thread. That thread then held the last reference to the server's
+// state, whose destructor joined the thread it ran on: std::system_error ("Resource deadlock
+// avoided") and the job aborted at shutdown (seen in http_e2e's drain, exit 134).
+TEST(HttpServer, ReleasedWhileAHandlerRunsOnTheParsePool) {
+  auto ioc = std::make_unique<boost::asio::io_context>();
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  HttpServerOptions options;
+  options.parse_threads = 1;
+  auto server = std::make_unique<HttpServer>(
+      *ioc, options,
+      [&entered, released](HttpRequest, Responder) {
+        entered.set_value();
+        released.wait();  // the responder is dropped unanswered: the client is gone by then
+      },
+      [](const HttpRequest&, int status, const std::string&, const std::string&) { return HttpResponse{status}; });
+  Expected<int> port = server->listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.is_ok()) << port.status().to_string();
+  std::thread io([&] { ioc->run(); });
+  boost::asio::io_context client_ioc;
+  boost::asio::ip::tcp::socket client(client_ioc);
+  client.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(*port)});
+  const std::string body(64 * 1024, 'x');  // over the inline limit: handled on the parse pool
+  const std::string request = "POST /v1/x HTTP/1.1\r\nHost: t\r\nContent-Length: " + std::to_string(body.size()) +
+                              "\r\n\r\n" + body;
+  boost::asio::write(client, boost::asio::buffer(request));
+  entered.get_future().wait();
+  ioc->stop();
+  io.join();
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    release.set_value();
+  });
+  server.reset();
+  client.close();
+  ioc.reset();
+  releaser.join();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the parse thread, had it lived on, ends here
+}
+
+}  // namespace
+}  // namespace reattn

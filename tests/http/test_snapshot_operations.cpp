@@ -150,6 +150,28 @@ TEST(RestoreOperation, OpensRestoresEveryLayerAndCloses) {
   EXPECT_GT(registry.reserve_id(), id);
 }
 
+// SIGTERM during a start-up restore (--restore): the restore stops before its next slice and
+// rolls back, so the job drains at once instead of restoring on until the drain deadline ends
+// it with exit 4.
+TEST(RestoreOperation, AStopRequestEndsItBetweenSlicesWithNoContext) {
+  const Config config = test::tiny_service_config(4);
+  FakeRanks ranks(config.model.layers);
+  const auto stop = [&] { return ranks.seen.size() >= 2; };  // after the open and one layer
+  Registry registry(config, 2);
+  SnapshotCatalog catalog("/nonexistent-snapshot-dir");
+  catalog.hold_existing("snap");
+  const SnapshotManifest m = manifest(config.model.layers);
+  RestoreOperation op(catalog, StoredSnapshot{m, encode_manifest(m)}, 7);
+  Status outcome;
+  ASSERT_TRUE(run_operation_now(op, ranks, registry, &outcome, {}, stop).is_ok());
+  EXPECT_EQ(outcome.code(), ErrorCode::kUnavailable) << outcome.to_string();
+  EXPECT_NE(outcome.message().find("shutting down"), std::string::npos) << outcome.message();
+  ASSERT_EQ(ranks.seen.size(), 4u);  // open, layer 0, then the rollback: close, erase
+  EXPECT_EQ(std::get<RestoreContext>(ranks.seen[2]).phase, RestorePhase::kClose);
+  EXPECT_TRUE(std::holds_alternative<EraseContext>(ranks.seen[3]));
+  EXPECT_FALSE(registry.find(7).has_value());
+}
+
 TEST(RestoreOperation, AFailureAnywhereLeavesNoContext) {
   const Config config = test::tiny_service_config(4);
   const SnapshotManifest m = manifest(config.model.layers);
@@ -173,6 +195,19 @@ TEST(RestoreOperation, AFailureAnywhereLeavesNoContext) {
       ASSERT_EQ(tail.size(), 2u) << fail_at;
       EXPECT_EQ(std::get<EraseContext>(tail[1]).context_id, 7u);
     }
+  }
+  // A started restore holds its place: a create planned before its first slice (the step
+  // loop runs other operations' slices in between) no longer takes a fourth context.
+  {
+    Registry registry(config, 2);
+    for (ContextId id = 1; id <= 2; ++id) registry.insert(ContextInfo{id, 0, 0});
+    SnapshotCatalog catalog("/nonexistent-snapshot-dir");
+    RestoreOperation op(catalog, StoredSnapshot{m, encode_manifest(m)}, 3);
+    ASSERT_TRUE(op.start(registry).is_ok());
+    EXPECT_EQ(registry.plan_create().status().code(), ErrorCode::kCapacity);
+    op.on_rolled_back(registry);  // cancelled before its first slice: the place is given back
+    EXPECT_FALSE(registry.find(3).has_value());
+    EXPECT_TRUE(registry.plan_create().is_ok());
   }
   // Capacity: a fourth context when max_contexts is 3 fails before any slice.
   Registry registry(config, 2);

@@ -9,6 +9,7 @@
 #include <optional>
 #include <thread>
 
+#include "coordinator/load_operation.h"
 #include "coordinator/long_operation.h"
 #include "coordinator/step_loop.h"
 #include "tests/http/tiny_service_config.h"
@@ -377,6 +378,34 @@ TEST_F(LongOperationTest, ACancelMidwayRollsBackAndRestoresTheRegistry) {
   EXPECT_EQ(registry_.find(1)->tokens, 40);
 }
 
+// A cancel that arrives after a load's commit went through on the ranks is too late: the
+// ranks keep the loaded tokens (their abort has nothing to undo), so the operation succeeded
+// and the registry keeps the new length. Rolling back here left the registry 100 tokens short
+// of the ranks and the record saying "cancelled".
+TEST_F(LongOperationTest, ACancelAfterTheLoadCommittedIsTooLateAndTheLoadStays) {
+  registry_.insert({1, 0, 40});
+  Task t;
+  t.operation_id = registry_.operations().create(OperationKind::kLoad, 1, 100);
+  t.long_operation = std::make_shared<LoadOperation>(config_, 1, "/nowhere/kv.safetensors", 100, 1 << 30);
+  const std::string op = t.operation_id;
+  ASSERT_TRUE(queue_.push(std::move(t)).is_ok());
+  ranks_.answer = [&](const Operation& o, OperationResult* r) {
+    const auto* load = std::get_if<LoadKv>(&o);
+    if (load && load->phase == LoadPhase::kSlice) r->tokens = 40 + load->offset + load->count;
+    if (load && load->phase == LoadPhase::kCommit) {
+      EXPECT_TRUE(registry_.operations().request_cancel(op).is_ok());
+    }
+    return Status::ok();
+  };
+  ASSERT_TRUE(run_until_finished(op).is_ok());
+  for (const Operation& o : ranks_.seen) {
+    EXPECT_NE(std::get<LoadKv>(o).phase, LoadPhase::kAbort) << "an abort after the commit";
+  }
+  const OperationRecord r = *registry_.operations().get(op);
+  EXPECT_EQ(r.state, OperationState::kSucceeded) << r.error;
+  EXPECT_EQ(registry_.find(1)->tokens, 140);
+}
+
 TEST_F(LongOperationTest, AFailedSliceFailsTheOperationWithItsErrorAndRollsBack) {
   registry_.insert({1, 0, 40});
   const std::string op = push_long(1, 5);
@@ -440,11 +469,16 @@ TEST_F(LongOperationTest, AFaultDuringASliceFailsTheOperationAndTheService) {
   ranks_.answer = [&](const Operation& o, OperationResult*) {
     return is_slice(o) ? Status(ErrorCode::kFatal, "rank 1 stopped answering") : Status::ok();
   };
+  const std::string queued = push_long(2, 5);  // still in the queue when the fault comes
   EXPECT_EQ(run_until_finished(op).code(), ErrorCode::kFatal);
   const OperationRecord r = *registry_.operations().get(op);
   EXPECT_EQ(r.state, OperationState::kFailed);
   EXPECT_NE(r.error.find("rank 1 stopped answering"), std::string::npos) << r.error;
   EXPECT_EQ(state_.phase(), ServicePhase::kFaulted);
+  // Not left "queued" for ever: it will never run.
+  const OperationRecord q = *registry_.operations().get(queued);
+  EXPECT_EQ(q.state, OperationState::kFailed);
+  EXPECT_NE(q.error.find("rank 1 stopped answering"), std::string::npos) << q.error;
 }
 
 TEST(OperationTable, KeepsABoundedNumberOfFinishedRecordsOldestDropped) {
