@@ -1,6 +1,7 @@
 #include "common/safetensors.h"
 
 #include "common/excerpt.h"
+#include "common/json_shape.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -18,50 +19,9 @@ namespace reattn {
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
-// A header's JSON DOM costs tens of bytes per value (100 MiB of "[" would take ~8 GB), so its
-// shape is bounded first, in constant memory: a safetensors header nests 3 deep, and even a
-// snapshot file of 64K layers holds ~3M values.
-constexpr int kMaxHeaderDepth = 16;
-constexpr uint64_t kMaxHeaderValues = uint64_t{8} << 20;
+// A safetensors header nests 3 deep, and even a snapshot file of 64K layers holds ~3M values:
+// json_shape's default bounds (16 levels, 8M values) keep a hostile header from costing gigabytes.
 
-// One SAX pass that stops at the first value past either bound (then `why` says which).
-class HeaderShape final : public nlohmann::json_sax<nlohmann::json> {
- public:
-  std::string why;
-  bool null() override { return value(); }
-  bool boolean(bool) override { return value(); }
-  bool number_integer(number_integer_t) override { return value(); }
-  bool number_unsigned(number_unsigned_t) override { return value(); }
-  bool number_float(number_float_t, const string_t&) override { return value(); }
-  bool string(string_t&) override { return value(); }
-  bool binary(binary_t&) override { return value(); }
-  bool start_object(std::size_t) override { return open(); }
-  bool key(string_t&) override { return value(); }
-  bool end_object() override { return close(); }
-  bool start_array(std::size_t) override { return open(); }
-  bool end_array() override { return close(); }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
-
- private:
-  bool value() {
-    if (++values_ <= kMaxHeaderValues) return true;
-    why = "header holds more than " + std::to_string(kMaxHeaderValues) + " JSON values";
-    return false;
-  }
-  bool open() {
-    if (++depth_ > kMaxHeaderDepth) {
-      why = "header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels";
-      return false;
-    }
-    return value();
-  }
-  bool close() {
-    --depth_;
-    return true;
-  }
-  int depth_ = 0;
-  uint64_t values_ = 0;
-};
 // Names listed in a NotFound message; model files can hold thousands of tensors.
 constexpr size_t kMaxListedNames = 32;
 
@@ -190,9 +150,9 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
   const unsigned char* data = storage->data + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
 
-  HeaderShape shape;
-  nlohmann::json::sax_parse(header_begin, header_begin + header_len, &shape, nlohmann::json::input_format_t::json, false);
-  if (!shape.why.empty()) return fail(shape.why);
+  if (const std::string why = json_shape_problem(header_begin, header_begin + header_len); !why.empty()) {
+    return fail("header " + why);
+  }
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(header_begin, header_begin + header_len, nullptr,

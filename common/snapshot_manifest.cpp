@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/excerpt.h"
+#include "common/json_shape.h"
 
 namespace reattn {
 namespace {
@@ -173,6 +174,10 @@ std::string encode_manifest(const SnapshotManifest& m) {
 }
 
 Expected<SnapshotManifest> decode_manifest(const std::string& text, const std::string& origin) {
+  // A manifest holds a few values per layer and file: bounded before its DOM is built.
+  if (const std::string why = json_shape_problem(text.data(), text.data() + text.size()); !why.empty()) {
+    return invalid_argument(origin + ": " + why);
+  }
   const json doc = json::parse(text, nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) return invalid_argument(origin + ": not a JSON object");
   SnapshotManifest m;

@@ -66,6 +66,10 @@ TEST(SnapshotManifest, RefusesMalformedNamingTheField) {
   refused(replaced("\"sinks\": true", "\"sinks\": false"), "files[1] does not match");
   refused(replaced("301", "1301"), "files[0] does not match");
   refused(replaced("\"crc32\": 3735928559", "\"crc32\": -1"), "'crc32' must be in");
+  // Refused by its shape before a DOM is built (8 MiB of '[' would take ~700 MB as a DOM).
+  refused(std::string(8 << 20, '['), "nests deeper than 16 levels");
+  refused(replaced("\"files\"", "\"pad\": [" + std::string(20, '[') + std::string(20, ']') + "], \"files\""),
+          "nests deeper than 16 levels");
 }
 
 TEST(SnapshotManifest, NameRule) {
