@@ -2,14 +2,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/excerpt.h"
+
 namespace reattn {
 namespace {
 
-// Stops at the first value past either bound (then `why` says which).
-class Shape final : public nlohmann::json_sax<nlohmann::json> {
+// Counts values and depth; stops the parse at the first bound crossed.
+class Counter final : public nlohmann::json_sax<nlohmann::json> {
  public:
-  explicit Shape(const JsonShapeLimits& limits) : limits_(limits) {}
-  std::string why;
+  explicit Counter(const JsonShapeLimits& limits) : limits_(limits) {}
+  JsonShape shape;
   bool null() override { return value(); }
   bool boolean(bool) override { return value(); }
   bool number_integer(number_integer_t) override { return value(); }
@@ -22,17 +24,22 @@ class Shape final : public nlohmann::json_sax<nlohmann::json> {
   bool end_object() override { return close(); }
   bool start_array(std::size_t) override { return open(); }
   bool end_array() override { return close(); }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& e) override {
+    shape.problem = JsonShape::Problem::kSyntax;
+    shape.syntax_at = position;
+    shape.syntax_error = capped(e.what());
+    return false;
+  }
 
  private:
   bool value() {
     if (++values_ <= limits_.max_values) return true;
-    why = "holds more than " + std::to_string(limits_.max_values) + " JSON values";
+    shape.problem = JsonShape::Problem::kTooManyValues;
     return false;
   }
   bool open() {
     if (++depth_ > limits_.max_depth) {
-      why = "nests deeper than " + std::to_string(limits_.max_depth) + " levels";
+      shape.problem = JsonShape::Problem::kTooDeep;
       return false;
     }
     return value();
@@ -48,10 +55,19 @@ class Shape final : public nlohmann::json_sax<nlohmann::json> {
 
 }  // namespace
 
-std::string json_shape_problem(const char* begin, const char* end, const JsonShapeLimits& limits) {
-  Shape shape(limits);
-  nlohmann::json::sax_parse(begin, end, &shape, nlohmann::json::input_format_t::json, false);
-  return shape.why;
+JsonShape check_json_shape(const char* begin, const char* end, const JsonShapeLimits& limits) {
+  Counter counter(limits);
+  nlohmann::json::sax_parse(begin, end, &counter, nlohmann::json::input_format_t::json, false);
+  return counter.shape;
+}
+
+std::string json_shape_refusal(const JsonShape& shape, const JsonShapeLimits& limits) {
+  switch (shape.problem) {
+    case JsonShape::Problem::kTooDeep: return "nests deeper than " + std::to_string(limits.max_depth) + " levels";
+    case JsonShape::Problem::kTooManyValues:
+      return "holds more than " + std::to_string(limits.max_values) + " JSON values";
+    default: return "";
+  }
 }
 
 }  // namespace reattn

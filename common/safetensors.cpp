@@ -150,7 +150,8 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
   const unsigned char* data = storage->data + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
 
-  if (const std::string why = json_shape_problem(header_begin, header_begin + header_len); !why.empty()) {
+  if (const std::string why = json_shape_refusal(check_json_shape(header_begin, header_begin + header_len));
+      !why.empty()) {
     return fail("header " + why);
   }
   nlohmann::json header;

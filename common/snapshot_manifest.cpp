@@ -175,7 +175,8 @@ std::string encode_manifest(const SnapshotManifest& m) {
 
 Expected<SnapshotManifest> decode_manifest(const std::string& text, const std::string& origin) {
   // A manifest holds a few values per layer and file: bounded before its DOM is built.
-  if (const std::string why = json_shape_problem(text.data(), text.data() + text.size()); !why.empty()) {
+  if (const std::string why = json_shape_refusal(check_json_shape(text.data(), text.data() + text.size()));
+      !why.empty()) {
     return invalid_argument(origin + ": " + why);
   }
   const json doc = json::parse(text, nullptr, false);

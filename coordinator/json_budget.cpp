@@ -1,62 +1,8 @@
 #include "coordinator/json_budget.h"
 
-#include <nlohmann/json.hpp>
-
-#include "common/excerpt.h"
+#include "common/json_shape.h"
 
 namespace reattn {
-namespace {
-
-// Counts values and depth; stops the parse at the first limit crossed.
-class Counter {
- public:
-  explicit Counter(const JsonBudget& budget) : budget_(budget) {}
-
-  bool null() { return value(); }
-  bool boolean(bool) { return value(); }
-  bool number_integer(int64_t) { return value(); }
-  bool number_unsigned(uint64_t) { return value(); }
-  bool number_float(double, const std::string&) { return value(); }
-  bool string(std::string&) { return value(); }
-  bool binary(nlohmann::json::binary_t&) { return value(); }
-  bool key(std::string&) { return value(); }
-  bool start_object(size_t) { return open(); }
-  bool start_array(size_t) { return open(); }
-  bool end_object() { return close(); }
-  bool end_array() { return close(); }
-  bool parse_error(size_t position, const std::string&, const nlohmann::detail::exception& e) {
-    problem_ = "body is not valid JSON (at byte " + std::to_string(position) + "): " + capped(e.what());
-    return false;
-  }
-
-  const std::string& problem() const { return problem_; }
-
- private:
-  bool value() {
-    if (++values_ <= budget_.max_values) return true;
-    problem_ = "body holds more than " + std::to_string(budget_.max_values) +
-               " JSON values, more than this route can need for this model";
-    return false;
-  }
-  bool open() {
-    if (++depth_ > budget_.max_depth) {
-      problem_ = "body is nested deeper than " + std::to_string(budget_.max_depth) + " levels";
-      return false;
-    }
-    return value();
-  }
-  bool close() {
-    --depth_;
-    return true;
-  }
-
-  const JsonBudget& budget_;
-  uint64_t values_ = 0;
-  int depth_ = 0;
-  std::string problem_;
-};
-
-}  // namespace
 
 JsonBudget json_budget(Route route, const Config& config) {
   JsonBudget b;
@@ -88,10 +34,19 @@ JsonBudget json_budget(Route route, const Config& config) {
 }
 
 Status check_json_budget(const std::string& body, const JsonBudget& budget) {
-  Counter counter(budget);
-  const bool ok = nlohmann::json::sax_parse(body, &counter, nlohmann::json::input_format_t::json, false);
-  if (ok) return Status::ok();
-  return invalid_argument(counter.problem().empty() ? "body is not valid JSON" : counter.problem());
+  const JsonShape shape = check_json_shape(body.data(), body.data() + body.size(), {budget.max_depth, budget.max_values});
+  switch (shape.problem) {
+    case JsonShape::Problem::kNone: return Status::ok();
+    case JsonShape::Problem::kTooDeep:
+      return invalid_argument("body is nested deeper than " + std::to_string(budget.max_depth) + " levels");
+    case JsonShape::Problem::kTooManyValues:
+      return invalid_argument("body holds more than " + std::to_string(budget.max_values) +
+                              " JSON values, more than this route can need for this model");
+    case JsonShape::Problem::kSyntax:
+      return invalid_argument("body is not valid JSON (at byte " + std::to_string(shape.syntax_at) +
+                              "): " + shape.syntax_error);
+  }
+  return invalid_argument("body is not valid JSON");
 }
 
 }  // namespace reattn
