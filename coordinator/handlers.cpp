@@ -345,12 +345,13 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
   task.client_gone = req.client_gone;
   task.answer_on_step_loop = answer_on_step_loop(wants_binary(req.accept), qlen, config_.model);
   enqueue(std::move(task),
-          [this, id = m.id, layer, mode, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
+          [this, id = m.id, layer, mode, qlen, binary = wants_binary(req.accept), out_dtype = q->out_dtype](
+              const TaskResult& r) {
             return attention_response({{"context_id", id},
                                        {"layer", layer},
                                        {"mode", query_mode_name(mode)},
                                        {"tokens", r.context.layer_length(layer)}},
-                                      r, qlen, config_, binary);
+                                      r, qlen, config_, binary, out_dtype);
           },
           std::move(done));
 }
@@ -370,12 +371,13 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
   task.client_gone = req.client_gone;
   task.answer_on_step_loop = answer_on_step_loop(wants_binary(req.accept), qlen, config_.model);
   enqueue(std::move(task),
-          [this, id = m.id, layer, qlen, binary = wants_binary(req.accept)](const TaskResult& r) {
+          [this, id = m.id, layer, qlen, binary = wants_binary(req.accept), out_dtype = step->out_dtype](
+              const TaskResult& r) {
             return attention_response({{"context_id", id},
                                        {"layer", layer},
                                        {"tokens", r.context.layer_length(layer)},
                                        {"context_tokens", r.context.tokens}},
-                                      r, qlen, config_, binary);
+                                      r, qlen, config_, binary, out_dtype);
           },
           std::move(done));
 }

@@ -190,14 +190,26 @@ Expected<int> layer_from_url(const std::map<std::string, std::string>& params, c
   return static_cast<int>(layer);
 }
 
+// ?out_dtype=F32|F16|BF16 of a safetensors body (default F32).
+Expected<DType> out_dtype_from_url(const std::map<std::string, std::string>& params) {
+  const auto it = params.find("out_dtype");
+  if (it == params.end()) return DType::kF32;
+  Expected<DType> dtype = parse_dtype(it->second);
+  if (!dtype) return invalid_argument("out_dtype: expected F32, F16 or BF16, got '" + capped(it->second) + "'");
+  return dtype;
+}
+
 Expected<QueryRequest> parse_safetensors_query(const std::string& body, const std::string& query_string,
                                                const Config& config) {
   QueryRequest req;
   const auto params = parse_query_string(query_string);
   for (const auto& [key, value] : params) {
-    if (key != "layer" && key != "mode") return invalid_argument("unknown query parameter '" + capped(key) + "'");
+    if (key != "layer" && key != "mode" && key != "out_dtype") {
+      return invalid_argument("unknown query parameter '" + capped(key) + "'");
+    }
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
+  REATTN_ASSIGN_OR_RETURN(req.out_dtype, out_dtype_from_url(params));
   if (params.count("mode")) {
     REATTN_ASSIGN_OR_RETURN(req.mode, parse_query_mode(params.at("mode")));
   }
@@ -257,9 +269,10 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   StepRequest req;
   const auto params = parse_query_string(query_string);
   for (const auto& [key, value] : params) {
-    if (key != "layer") return invalid_argument("unknown query parameter '" + capped(key) + "'");
+    if (key != "layer" && key != "out_dtype") return invalid_argument("unknown query parameter '" + capped(key) + "'");
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
+  REATTN_ASSIGN_OR_RETURN(req.out_dtype, out_dtype_from_url(params));
   REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(body, "step body"));
   const ModelConfig& m = config.model;
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));

@@ -21,12 +21,14 @@ struct QueryRequest {
   QueryMode mode = QueryMode::kTail;
   int64_t qlen = 0;
   std::vector<float> q;  // [qlen, H, D] fp32, pre-RoPE, all finite
+  DType out_dtype = DType::kF32;  // ?out_dtype= of a safetensors body: the answer's `out`
 };
 
 // The body is JSON {"layer", "q": [qlen][H][D], "mode"} (or "synthetic_q": {"seed", "qlen"}
 // in place of "q": the synthetic generator's query), or a safetensors body with a tensor "q"
 // [qlen, H, D] (F32/F16/BF16) whose layer and mode come from the query string
-// ("layer=3&mode=detached"). `content_type` picks the form; without one the body is sniffed.
+// ("layer=3&mode=detached"; "out_dtype=BF16" or F16 rounds the answer's `out` to that dtype,
+// and a binary answer then holds it in that dtype: half the bytes). `content_type` picks the form; without one the body is sniffed.
 Expected<QueryRequest> parse_query_request(const std::string& body, const std::string& content_type,
                                            const std::string& query_string, const Config& config);
 
@@ -38,11 +40,12 @@ struct StepRequest {
   DType kv_dtype = DType::kF32;
   std::string k;         // [Hkv, qlen, D] in kv_dtype (as sent), pre-RoPE
   std::string v;         // [Hkv, qlen, D] in kv_dtype
+  DType out_dtype = DType::kF32;  // ?out_dtype= of a safetensors body: the answer's `out`
 };
 
 // The body is JSON {"layer", "q": [qlen][H][D], "k": [Hkv][qlen][D], "v": [Hkv][qlen][D]}, or
 // a safetensors body with tensors q, k, v (F32/F16/BF16) and the layer in the query string
-// ("layer=3"). Shapes, qlen agreement, qlen <= local_window and storable values are checked
+// ("layer=3", and "out_dtype" as for a query). Shapes, qlen agreement, qlen <= local_window and storable values are checked
 // here, each error naming the field; the order rule is the registry's.
 Expected<StepRequest> parse_step_request(const std::string& body, const std::string& content_type,
                                          const std::string& query_string, const Config& config);

@@ -25,7 +25,7 @@ bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model) {
 }
 
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
-                                bool binary) {
+                                bool binary, DType out_dtype) {
   const ModelConfig& m = config.model;
   const ReattentionConfig& rc = config.reattention;
   const std::pair<const char*, double> timing[] = {{"score_ms", r.timing.score_ms},
@@ -38,17 +38,30 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     // Borrowed: the answer's bytes are copied once, into the body.
     std::vector<int64_t> spans;  // span recall: [spans, 2] I64, first and end (exclusive)
     for (const auto& [first, end] : r.query.recalled_spans) spans.insert(spans.end(), {first, end});
+    // `out` in out_dtype, converted as it is copied into the body (its one copy).
     std::vector<TensorBytes> tensors = {
-        {"out", "F32", {qlen, m.q_heads, m.head_dim}, r.query.out.data(), r.query.out.size() * sizeof(float)},
+        {"out", dtype_name(out_dtype), {qlen, m.q_heads, m.head_dim}, r.query.out.data(),
+         r.query.out.size() * dtype_size(out_dtype)},
         {"recalled_chunks", "I64", {static_cast<int64_t>(r.query.recalled.size())}, r.query.recalled.data(),
          r.query.recalled.size() * sizeof(int64_t)}};
     if (rc.recall == RecallMode::kSpan) {
       tensors.push_back({"recalled_spans", "I64", {static_cast<int64_t>(spans.size() / 2), 2}, spans.data(),
                          spans.size() * sizeof(int64_t)});
     }
+    std::string body = safetensors_header(tensors);
+    size_t data_bytes = 0;
+    for (const TensorBytes& t : tensors) data_bytes += t.bytes;
+    body.resize(body.size() + data_bytes);
+    char* at = body.data() + body.size() - data_bytes;
+    convert_from_f32(out_dtype, r.query.out.data(), r.query.out.size(), at);
+    at += tensors[0].bytes;
+    for (size_t i = 1; i < tensors.size(); ++i) {
+      std::memcpy(at, tensors[i].data, tensors[i].bytes);
+      at += tensors[i].bytes;
+    }
     HttpResponse resp;
     resp.content_type = "application/octet-stream";
-    resp.body = serialize_safetensors(tensors);
+    resp.body = std::move(body);
     static const char* const kHeaders[] = {"X-Reattn-Score-Ms", "X-Reattn-Merge-Ms", "X-Reattn-Attention-Ms",
                                            "X-Reattn-Total-Ms", "X-Reattn-Queue-Ms", "X-Reattn-Append-Ms"};
     static_assert(sizeof(kHeaders) / sizeof(kHeaders[0]) == sizeof(timing) / sizeof(timing[0]), "a header per time");
@@ -69,7 +82,15 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
   for (const auto& [first, end] : r.query.recalled_spans) spans.push_back({{"first_token", first}, {"last_token", end - 1}});
   fields["recalled_chunks"] = std::move(chunks);
   fields["recalled_spans"] = std::move(spans);
-  fields["out"] = nested_output<nlohmann::json>(r.query.out, qlen, m.q_heads, m.head_dim);
+  if (out_dtype == DType::kF32) {
+    fields["out"] = nested_output<nlohmann::json>(r.query.out, qlen, m.q_heads, m.head_dim);
+  } else {  // the values the binary answer would hold
+    std::vector<float> rounded(r.query.out.size());
+    std::string bits(rounded.size() * dtype_size(out_dtype), '\0');
+    convert_from_f32(out_dtype, r.query.out.data(), rounded.size(), bits.data());
+    convert_to_f32(out_dtype, bits.data(), rounded.size(), rounded.data());
+    fields["out"] = nested_output<nlohmann::json>(rounded, qlen, m.q_heads, m.head_dim);
+  }
   fields["timing"] = std::move(t);
   return json_response(200, fields);
 }

@@ -23,8 +23,10 @@ bool wants_binary(const std::string& accept);
 bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model);
 
 // `fields`: what the route reports besides the output (context_id, layer, tokens, ...).
+// out_dtype: `out` is rounded to it (the binary answer holds it in that dtype; JSON the
+// rounded values).
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
-                                bool binary);
+                                bool binary, DType out_dtype = DType::kF32);
 
 // JSON of a long-running operation: {"id", "kind", "context_id", "state", "tokens_done",
 // "tokens_total", "bytes_done", "bytes_per_s", "progress" (0..1), "created", "started",

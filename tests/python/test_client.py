@@ -252,6 +252,48 @@ class Routes(unittest.TestCase):
             np.testing.assert_array_equal(again.out, got.out)
         self.c.delete_context(ctx)
 
+    def test_out_dtype_into_and_raw_out(self):
+        """out_dtype rounds `out` on the service (half the bytes back); `into` receives the
+        answer in the caller's buffer (the result's arrays are views of it); raw_out keeps
+        `out` as sent. Each gives the same values as the F32 answer, rounded."""
+        rng = np.random.default_rng(11)
+        ctx = self.c.create_context()["id"]
+        k, v = rand_kv(rng, 96, scale=2.0)
+        self.c.append(ctx, k, v)
+        q = (rng.standard_normal((4, M["q_heads"], M["head_dim"])) * 2).astype(np.float32)
+        full = self.c.query(ctx, 1, q)
+        bf16 = safetensors.bf16_bits_to_float32(safetensors.float32_to_bf16_bits(full.out))
+        got = self.c.query(ctx, 1, q, out_dtype="BF16")
+        np.testing.assert_array_equal(got.out, bf16)
+        self.assertEqual(got.out.dtype, np.float32)
+        self.assertEqual(list(got.recalled_chunks), list(full.recalled_chunks))
+        half = self.c.query(ctx, 1, q, out_dtype="F16", raw_out=True)
+        self.assertEqual(half.out.dtype, np.float16)
+        np.testing.assert_array_equal(half.out, full.out.astype(np.float16))
+        buf = np.zeros(1 << 16, np.uint8)
+        raw = self.c.query(ctx, 1, q, out_dtype="BF16", into=buf, raw_out=True)
+        self.assertIsInstance(raw.out, safetensors.Raw16)
+        self.assertTrue(np.shares_memory(raw.out.bits, buf))
+        np.testing.assert_array_equal(safetensors.bf16_bits_to_float32(raw.out.bits), bf16)
+        small = self.c.query(ctx, 1, q, into=np.zeros(16, np.uint8))  # too small: an answer of its own
+        np.testing.assert_array_equal(small.out, full.out)
+        # A layer step takes the same: its answer in BF16, received into the buffer.
+        kk, vv = rand_kv(rng, 2, scale=2.0)
+        qq = (rng.standard_normal((2, M["q_heads"], M["head_dim"])) * 2).astype(np.float32)
+        step = self.c.step(ctx, 0, qq, kk[0], vv[0], out_dtype="BF16", into=buf, raw_out=True)
+        self.assertTrue(np.shares_memory(step.out.bits, buf))
+        self.assertEqual(step.out.shape, (2, M["q_heads"], M["head_dim"]))
+        with self.assertRaises(ValueError):
+            self.c.query(ctx, 1, q, binary=False, out_dtype="BF16")
+        with self.assertRaises(ValueError):
+            self.c.query(ctx, 1, q, out_dtype="F64")
+        with self.assertRaises(ReattnError) as e:   # the service names the parameter
+            self.c.request("POST", "/v1/contexts/%d/query?layer=1&out_dtype=F8" % ctx,
+                           body=safetensors.dumps({"q": q}), content_type="application/octet-stream")
+        self.assertEqual(e.exception.status, 400)
+        self.assertIn("out_dtype", e.exception.message)
+        self.c.delete_context(ctx)
+
     def test_bad_append_raises_and_changes_nothing(self):
         ctx = self.c.create_context()["id"]
         k, v = rand_kv(np.random.default_rng(1), 10)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import http11, operations, safetensors
-from .tensors import to_nested, to_wire, to_wire_many
+from .tensors import WIRE_DTYPES, to_nested, to_wire, to_wire_many
 
 _BINARY = "application/octet-stream"
 _TIMING_HEADERS = {  # response header -> timing key, on binary answers
@@ -46,7 +46,7 @@ class ReattnError(Exception):
 class AttentionResult:
     """The answer to a query or a layer step.
 
-    out: float32 [qlen, q_heads, head_dim]; recalled_chunks: int64 chunk ids, ascending;
+    out: float32 [qlen, q_heads, head_dim] (with raw_out: as sent, Raw16 for BF16); recalled_chunks: int64 chunk ids, ascending;
     timing: milliseconds by phase (score_ms, merge_ms, attention_ms, total_ms, queue_ms, ...);
     tokens: the layer's length after the call; context_tokens: what every layer has reached
     (steps only); layer: the layer answered; client_ms: the whole call at the client (encoding,
@@ -105,7 +105,7 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _send_once(self, method, path, body, headers):
+    def _send_once(self, method, path, body, headers, into=None):
         """One request on the kept connection; a connection the server had closed while idle
         is reopened once (the request never reached the server then)."""
         for attempt in (0, 1):
@@ -113,7 +113,7 @@ class Client:
                 self._conn = http11.Connection(self.host, self.port, self.timeout, tls=self.scheme == "https",
                                                busy_wait=self.busy_wait)
             try:
-                return self._conn.roundtrip(method, self.prefix + path, headers, body)
+                return self._conn.roundtrip(method, self.prefix + path, headers, body, into=into)
             except http11.Closed as e:
                 self._conn.close()
                 if attempt == 1:
@@ -123,9 +123,10 @@ class Client:
                 raise ReattnError(0, "connection", "%s %s to %s:%d: %s" % (method, path, self.host, self.port, e)) from None
         raise AssertionError("unreachable")
 
-    def request(self, method, path, body=None, content_type=None, accept=None, auth=True):
+    def request(self, method, path, body=None, content_type=None, accept=None, auth=True, into=None):
         """Sends one request (retrying 503 + Retry-After); returns (response, body bytes) for
-        a 2xx answer and raises ReattnError for any other."""
+        a 2xx answer and raises ReattnError for any other. into: a writable buffer the 2xx
+        answer's body is received into when it fits (then returned as a memoryview of it)."""
         headers = {}
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
@@ -135,7 +136,7 @@ class Client:
             headers["Authorization"] = "Bearer " + self.api_key
         tries = 0
         while True:
-            r, data = self._send_once(method, path, body, headers)
+            r, data = self._send_once(method, path, body, headers, into)
             if 200 <= r.status < 300:
                 return r, data
             retry_after = r.getheader("Retry-After")
@@ -284,45 +285,69 @@ class Client:
 
     # ------------------------------------------------------------ attention
 
-    def query(self, context_id, layer, q, mode="tail", binary=True, dtype=None):
+    def query(self, context_id, layer, q, mode="tail", binary=True, dtype=None, out_dtype=None, into=None,
+              raw_out=False):
         """Queries one layer: q [qlen, q_heads, head_dim] (pre-RoPE). binary: q goes as a
-        safetensors body and the answer is asked for in safetensors (False: JSON both ways)."""
+        safetensors body and the answer is asked for in safetensors (False: JSON both ways).
+        out_dtype, into, raw_out: as for step()."""
         t0 = time.perf_counter()
         path = "/v1/contexts/%d/query" % int(context_id)
         if binary:
             qw, _ = to_wire(q, "q", dtype, ndim=3)
             body = safetensors.dumps_parts({"q": qw})
-            path += "?layer=%d&mode=%s" % (int(layer), urllib.parse.quote(mode))
-            return self._attention(t0, path, body, _BINARY, layer)
+            path += "?layer=%d&mode=%s%s" % (int(layer), urllib.parse.quote(mode), _out_dtype_param(out_dtype))
+            return self._attention(t0, path, body, _BINARY, layer, into=into, raw_out=raw_out)
+        _json_only(out_dtype, into, raw_out)
         body = json.dumps({"layer": int(layer), "q": to_nested(q, "q"), "mode": mode}).encode()
         return self._attention(t0, path, body, "application/json", layer, accept=None)
 
-    def step(self, context_id, layer, q, k, v, binary=True, dtype=None):
+    def step(self, context_id, layer, q, k, v, binary=True, dtype=None, out_dtype=None, into=None, raw_out=False):
         """One layer of a forward pass: appends k, v [kv_heads, qlen, head_dim] to `layer` and
         answers the tail query q [qlen, q_heads, head_dim] whose rows are those tokens (all
-        pre-RoPE). Layer 0 first, then 1, ...: the service answers 409 out_of_order otherwise."""
+        pre-RoPE). Layer 0 first, then 1, ...: the service answers 409 out_of_order otherwise.
+
+        dtype: the wire dtype of q, k, v (None: the inputs' own). out_dtype: "F32" (the
+        default), "F16" or "BF16": the service rounds `out` to it and sends it so (half the
+        bytes back). into: a writable buffer (e.g. a pinned numpy view) the answer is received
+        into when it fits; the result's arrays are then views of it, valid until it is reused.
+        raw_out: `out` as sent (float16/float32, or Raw16 bits for BF16) instead of float32."""
         t0 = time.perf_counter()
         path = "/v1/contexts/%d/step" % int(context_id)
         if binary:
             (qw, _), (kw, _), (vw, _) = to_wire_many([(q, "q"), (k, "k"), (v, "v")], dtype, ndim=3)
             body = safetensors.dumps_parts({"q": qw, "k": kw, "v": vw})
-            return self._attention(t0, path + "?layer=%d" % int(layer), body, _BINARY, layer)
+            path += "?layer=%d%s" % (int(layer), _out_dtype_param(out_dtype))
+            return self._attention(t0, path, body, _BINARY, layer, into=into, raw_out=raw_out)
+        _json_only(out_dtype, into, raw_out)
         payload = {"layer": int(layer), "q": to_nested(q, "q"), "k": to_nested(k, "k"), "v": to_nested(v, "v")}
         return self._attention(t0, path, json.dumps(payload).encode(), "application/json", layer, accept=None)
 
-    def _attention(self, t0, path, body, content_type, layer, accept=_BINARY):
+    def _attention(self, t0, path, body, content_type, layer, accept=_BINARY, into=None, raw_out=False):
         """Sends a query or step body and decodes the answer (safetensors or JSON, whichever
         came); client_ms runs from t0, when the caller began encoding, to the decoded result."""
-        r, data = self.request("POST", path, body=body, content_type=content_type, accept=accept)
+        r, data = self.request("POST", path, body=body, content_type=content_type, accept=accept, into=into)
         if (r.getheader("Content-Type") or "").startswith(_BINARY):
-            result = _binary_result(r, data, layer)
+            result = _binary_result(r, data, layer, raw_out)
         else:
-            result = _json_result(json.loads(data.decode()), layer)
+            result = _json_result(json.loads(bytes(data).decode()), layer)
         server_ms = r.getheader(_SERVER_MS_HEADER)
         if server_ms is not None:
             result.timing["server_ms"] = float(server_ms)
         result.client_ms = (time.perf_counter() - t0) * 1e3
         return result
+
+
+def _out_dtype_param(out_dtype):
+    if out_dtype is None:
+        return ""
+    if out_dtype not in WIRE_DTYPES:
+        raise ValueError("out_dtype %r is not one of %s" % (out_dtype, ", ".join(WIRE_DTYPES)))
+    return "&out_dtype=" + out_dtype
+
+
+def _json_only(out_dtype, into, raw_out):
+    if out_dtype is not None or into is not None or raw_out:
+        raise ValueError("out_dtype, into and raw_out need binary=True (a JSON answer is parsed into new lists)")
 
 
 # ---------------------------------------------------------------- answers
@@ -353,9 +378,9 @@ def _json_result(d, layer):
                            extra={k: d[k] for k in d if k not in ("out", "recalled_chunks", "timing")})
 
 
-def _binary_result(r, data, layer):
+def _binary_result(r, data, layer, raw_out=False):
     try:
-        tensors = safetensors.loads(data)
+        tensors = safetensors.loads(data, widen_bf16=not raw_out)
     except ValueError as e:
         raise ReattnError(r.status, "bad_response", "binary answer: %s" % e) from None
     if "out" not in tensors:
@@ -370,7 +395,8 @@ def _binary_result(r, data, layer):
         value = r.getheader(name)
         return int(value) if value is not None else None
 
-    return AttentionResult(out=tensors["out"].astype(np.float32, copy=False),
+    out = tensors["out"]
+    return AttentionResult(out=out if raw_out else out.astype(np.float32, copy=False),
                            recalled_chunks=tensors.get("recalled_chunks", np.zeros(0, np.int64)).astype(np.int64),
                            timing=timing, layer=layer, tokens=int_header("X-Reattn-Tokens"),
                            context_tokens=int_header("X-Reattn-Context-Tokens"))

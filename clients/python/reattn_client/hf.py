@@ -25,6 +25,54 @@ import warnings
 import numpy as np
 
 SUPPORTED = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+# torch dtype name -> safetensors dtype name, for the wire and for `out`.
+_WIRE_NAMES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+# Room in the pinned answer buffer beyond `out`: the header and recalled_chunks (int64 each).
+_ANSWER_SLACK_BYTES = 4 << 20
+
+
+class _PinnedStaging:
+    """Pinned host memory reused by every step of a model on a GPU: q, k and v are copied from
+    the GPU straight into the request body's memory, and the answer is received into pinned
+    memory that `out` is copied to the GPU from. No pageable copies and no allocation per step
+    (a 4096-token step moves ~80 MiB each way at the LLaMA-3-8B shapes)."""
+
+    def __init__(self, torch, tokens, q_heads, kv_heads, head_dim, wire, out):
+        self.torch, self.wire, self.out = torch, wire, out
+        self.q_size, self.kv_size = tokens * q_heads * head_dim, tokens * kv_heads * head_dim
+        self.send = torch.empty(self.q_size + 2 * self.kv_size, dtype=wire, pin_memory=True)
+        out_bytes = self.q_size * torch.empty(0, dtype=out).element_size()
+        self.recv = torch.empty(out_bytes + _ANSWER_SLACK_BYTES, dtype=torch.uint8, pin_memory=True)
+        self.recv_np = self.recv.numpy()
+        self.recv_at = self.recv_np.ctypes.data
+
+    def stage(self, q, k, v):
+        """q [qlen, H, D], k and v [Hkv, qlen, D] on the GPU -> the same in pinned memory."""
+        nq, nkv = q.numel(), k.numel()
+        qh = self.send[:nq].view(q.shape)
+        kh = self.send[self.q_size:self.q_size + nkv].view(k.shape)
+        vh = self.send[self.q_size + self.kv_size:self.q_size + self.kv_size + nkv].view(v.shape)
+        for host, dev in ((qh, q), (kh, k), (vh, v)):
+            host.copy_(dev.to(self.wire), non_blocking=True)
+        # The body is read by the socket next: the copies must have landed. (This also waits
+        # for the previous answer's copy out of `recv`, queued on the same stream.)
+        self.torch.cuda.current_stream().synchronize()
+        return qh, kh, vh
+
+    def out_on(self, out, device):
+        """The answer's `out` (a view of recv when it fit there) -> a tensor on `device`."""
+        torch = self.torch
+        arr = out.bits if hasattr(out, "bits") else out
+        at = arr.ctypes.data - self.recv_at
+        if 0 <= at and at + arr.nbytes <= self.recv_np.nbytes:
+            host = self.recv[at:at + arr.nbytes].view(self.out)
+            return host.to(device, non_blocking=True)
+        # It did not fit (an unusually long recalled_chunks): an ordinary copy.
+        if hasattr(out, "bits"):
+            host = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        else:
+            host = torch.from_numpy(np.ascontiguousarray(arr))
+        return host.to(device=device, dtype=self.out)
 
 
 class Session:
@@ -39,6 +87,7 @@ class Session:
         self.step_tokens = step_tokens
         self.dtype = dtype
         self._restore = []
+        self._staging = None
         self.reset_timing()
 
     def reset_timing(self):
@@ -105,17 +154,39 @@ def _attention_forward(session, attn, layer, q_heads, kv_heads, head_dim):
         q = attn.q_proj(h).view(qlen, q_heads, head_dim)
         k = attn.k_proj(h).view(qlen, kv_heads, head_dim).transpose(0, 1)
         v = attn.v_proj(h).view(qlen, kv_heads, head_dim).transpose(0, 1)
-        # The copy to the host waits for the model's own kernels: keep that out of client_ms.
-        q, k, v = q.cpu(), k.cpu(), v.cpu()
-        t0 = time.perf_counter()
-        r = session.client.step(session.context_id, layer, q, k, v, dtype=session.dtype)
-        session.client_ms += (time.perf_counter() - t0) * 1e3
+        model_dtype = str(hidden_states.dtype)
+        out_name = _WIRE_NAMES.get(model_dtype, "F32")
+        if hidden_states.is_cuda and model_dtype in _WIRE_NAMES and qlen <= session.step_tokens:
+            staging = _staging_for(session, torch, hidden_states.dtype, q_heads, kv_heads, head_dim)
+            # The copy to the host waits for the model's own kernels: keep that out of client_ms.
+            q, k, v = staging.stage(q, k, v)
+            t0 = time.perf_counter()
+            r = session.client.step(session.context_id, layer, q, k, v, out_dtype=out_name,
+                                     into=staging.recv_np, raw_out=True)
+            session.client_ms += (time.perf_counter() - t0) * 1e3
+            out = staging.out_on(r.out, hidden_states.device)
+        else:
+            q, k, v = q.cpu(), k.cpu(), v.cpu()
+            t0 = time.perf_counter()
+            r = session.client.step(session.context_id, layer, q, k, v, dtype=session.dtype, out_dtype=out_name)
+            session.client_ms += (time.perf_counter() - t0) * 1e3
+            out = torch.from_numpy(np.ascontiguousarray(r.out)).to(device=hidden_states.device,
+                                                                   dtype=hidden_states.dtype)
         session.service_ms += r.timing.get("total_ms", 0.0)
         session.steps += 1
-        out = torch.from_numpy(np.ascontiguousarray(r.out)).to(device=hidden_states.device, dtype=hidden_states.dtype)
         return attn.o_proj(out.reshape(1, qlen, q_heads * head_dim)), None
 
     return forward
+
+
+def _staging_for(session, torch, model_dtype, q_heads, kv_heads, head_dim):
+    """The session's pinned buffers, made on the first GPU step (again if the dtype changed)."""
+    wire = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(session.dtype, model_dtype)
+    st = session._staging
+    if st is None or st.wire != wire or st.out != model_dtype:
+        st = session._staging = _PinnedStaging(torch, session.step_tokens, q_heads, kv_heads, head_dim, wire,
+                                               model_dtype)
+    return st
 
 
 def _check_mask(mask):

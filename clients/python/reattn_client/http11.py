@@ -61,10 +61,12 @@ class Connection:
         self.sock = sock
         self.buf = bytearray()
 
-    def roundtrip(self, method, target, headers, body=None):
+    def roundtrip(self, method, target, headers, body=None, into=None):
         """Sends one request, returns (Response, body). body: bytes or a list of byte buffers
         (sent in order without joining them). The answer's body is a bytearray (or b"" when
-        empty). Raises Closed when the kept connection was found closed before the answer
+        empty); into: a writable buffer that a 2xx answer's body is received into when it
+        fits (the body is then a memoryview of it: no allocation, e.g. pinned memory that a
+        GPU copy reads next). Raises Closed when the kept connection was found closed before the answer
         began, OSError/ValueError otherwise."""
         if self.sock is None:
             self._connect()
@@ -81,7 +83,7 @@ class Connection:
             self.close()
             raise Closed(str(e)) from None
         try:
-            response, data = self._read_response(method)
+            response, data = self._read_response(method, into)
         except Exception:
             self.close()
             raise
@@ -146,15 +148,27 @@ class Connection:
                 raise ValueError("HTTP answer: no %r within %d bytes" % (marker, limit))
             self._fill(first and not self.buf)
 
-    def _read_exact(self, n):
-        """The next n bytes as one bytearray: what the buffer holds, then the rest received
-        straight into the result (no intermediate copies of a large body)."""
-        if len(self.buf) >= n:
+    def _read_exact(self, n, into=None):
+        """The next n bytes as one bytearray (or a memoryview of `into`, when given and large
+        enough): what the buffer holds, then the rest received straight into the result (no
+        intermediate copies of a large body)."""
+        view = None
+        if into is not None:
+            view = memoryview(into).cast("B")
+            view = view[:n] if view.nbytes >= n and not view.readonly else None
+        if view is None and len(self.buf) >= n:
             out = self.buf[:n]
             del self.buf[:n]
             return out
-        out = bytearray(n)
-        view = memoryview(out)
+        if view is None:
+            out = bytearray(n)
+            view = memoryview(out)
+        else:
+            out = view
+        if len(self.buf) >= n:
+            view[:] = self.buf[:n]
+            del self.buf[:n]
+            return out
         have = len(self.buf)
         view[:have] = self.buf
         self.buf = bytearray()
@@ -165,7 +179,7 @@ class Connection:
             have += got
         return out
 
-    def _read_response(self, method):
+    def _read_response(self, method, into=None):
         while True:
             head = self._read_until(b"\r\n\r\n", _MAX_HEAD_BYTES, first=True).decode("latin-1")
             lines = head.split("\r\n")
@@ -188,7 +202,7 @@ class Connection:
             return response, self._read_chunked()
         length = response.getheader("Content-Length")
         if length is not None:
-            return response, self._read_exact(int(length))
+            return response, self._read_exact(int(length), into if 200 <= status < 300 else None)
         # No length: the body runs to the end of the connection.
         while True:
             try:

@@ -159,8 +159,9 @@ def _decoded_header(text):
     return entries
 
 
-def loads(data):
-    """safetensors bytes -> {name: numpy array}; BF16 comes back as float32.
+def loads(data, widen_bf16=True):
+    """safetensors bytes -> {name: numpy array}; BF16 comes back as float32 (widen_bf16=False:
+    as a Raw16 of its bits, a view like the other tensors).
     A writable buffer (a bytearray) is used in place: the arrays are views of it. A read-only
     one (bytes) is copied, so the arrays are always writable. Raises ValueError naming what
     is malformed."""
@@ -177,8 +178,11 @@ def loads(data):
             raise ValueError("safetensors: tensor %r: data_offsets [%s, %s] do not fit shape %s of %s in %d bytes"
                              % (name, begin, end, shape, dtype, len(body)))
         raw = body[begin:end]
-        if dtype == _BF16:
+        if dtype == _BF16 and widen_bf16:
             arr = bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+        elif dtype == _BF16:
+            bits = np.frombuffer(raw, dtype="<u2").reshape(shape)
+            arr = Raw16(bits.copy() if data.readonly else bits)
         else:
             arr = np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)
             if data.readonly:
