@@ -510,11 +510,13 @@ Status run_prefill(ServiceLoop& loop, const Config& cfg, const GridOptions& opt,
     ls.layer = 0;
     ls.layer_tokens = n;
     ls.qlen = step;
-    ls.q = q;
-    // k and v as a model sends them: bf16 [Hkv, step, D].
-    ls.kv_dtype = DType::kBF16;
-    ls.k = bf16_bytes(kv, opt.seed + 2 * s + 1);
-    ls.v = bf16_bytes(kv, opt.seed + 2 * s + 2);
+    // q in F32, then k and v as a model sends them: bf16 [Hkv, step, D], in one body.
+    auto body = std::make_shared<std::string>(reinterpret_cast<const char*>(q.data()), q.size() * sizeof(float));
+    const uint64_t k_at = body->size();
+    *body += bf16_bytes(kv, opt.seed + 2 * s + 1);
+    const uint64_t v_at = body->size();
+    *body += bf16_bytes(kv, opt.seed + 2 * s + 2);
+    ls.tensors = StepTensors{std::move(body), DType::kF32, DType::kBF16, 0, k_at, v_at};
     const Operation op = std::move(ls);
     const auto t0 = Clock::now();
     REATTN_RETURN_IF_ERROR(submit_checked(loop, op, &result, "layer step " + std::to_string(s)));

@@ -124,6 +124,22 @@ void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floa
   plan.queries.push_back(query);
 }
 
+void append_query(StepPlan& plan, QueryPlan query, DType dtype, const void* q, size_t q_values) {
+  query.q_offset = static_cast<int64_t>(plan.q.size());
+  plan.q.resize(plan.q.size() + q_values);
+  convert_to_f32(dtype, q, q_values, plan.q.data() + query.q_offset);
+  plan.queries.push_back(query);
+}
+
+bool StepTensors::fit(uint64_t q_values, uint64_t kv_values) const {
+  if (!body) return false;
+  const auto inside = [&](uint64_t offset, uint64_t bytes) {
+    return offset <= body->size() && bytes <= body->size() - offset;
+  };
+  const uint64_t kv_bytes = kv_values * dtype_size(kv_dtype);
+  return inside(q_offset, q_values * dtype_size(q_dtype)) && inside(k_offset, kv_bytes) && inside(v_offset, kv_bytes);
+}
+
 const char* operation_name(const Operation& op) {
   static const char* const kNames[] = {"create",     "erase",    "append_kv", "synthetic", "query_step",
                                        "shutdown",   "layer_step", "load_kv", "snapshot", "restore"};
@@ -171,10 +187,11 @@ std::string encode_operation(const Operation& op) {
                           w.put(o.layer);
                           w.put(o.layer_tokens);
                           w.put(o.qlen);
-                          w.put_vector(o.q);
-                          w.put(static_cast<int32_t>(o.kv_dtype));
-                          w.put_bytes(o.k);
-                          w.put_bytes(o.v);
+                          w.put(static_cast<int32_t>(o.tensors.q_dtype));
+                          w.put(static_cast<int32_t>(o.tensors.kv_dtype));
+                          w.put(o.tensors.q_offset);
+                          w.put(o.tensors.k_offset);
+                          w.put(o.tensors.v_offset);
                         },
                         [&](const LoadKv& o) {
                           w.put(o.context_id);
@@ -250,8 +267,11 @@ Expected<Operation> decode_operation(const std::string& bytes) {
       break;
     case 6: {
       LayerStep o;
-      r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) && r.get_vector(&o.q) &&
-          r.get_enum(&o.kv_dtype, DType::kF32, DType::kBF16) && r.get_bytes(&o.k) && r.get_bytes(&o.v);
+      r.get(&o.context_id) && r.get(&o.layer) && r.get(&o.layer_tokens) && r.get(&o.qlen) &&
+          r.get_enum(&o.tensors.q_dtype, DType::kF32, DType::kBF16) &&
+          r.get_enum(&o.tensors.kv_dtype, DType::kF32, DType::kBF16) && r.get(&o.tensors.q_offset) &&
+          r.get(&o.tensors.k_offset) && r.get(&o.tensors.v_offset);
+      o.tensors.body = std::make_shared<std::string>();  // filled by the next broadcast
       op = std::move(o);
       break;
     }

@@ -41,6 +41,8 @@ struct StepPlan {
 
 // Appends `query` (whose q_offset indexes `q`) to `plan`, moving its rows behind the plan's.
 void append_query(StepPlan& plan, QueryPlan query, const float* q, size_t q_floats);
+// The same from q in `dtype`, converted into the plan.
+void append_query(StepPlan& plan, QueryPlan query, DType dtype, const void* q, size_t q_values);
 
 struct StepTiming {
   double score_ms = 0;      // local chunk scoring and top-k
@@ -81,18 +83,32 @@ struct AppendSynthetic {
   std::vector<int64_t> needles;
 };
 struct Shutdown {};
+// The q, k and v of a layer step as the client sent them (F32, F16 or BF16, pre-RoPE): byte
+// ranges of one shared buffer, the request's body itself (a JSON request's values are laid
+// out in one such buffer). It follows the encoded operation as its own broadcast, so on rank 0
+// it is never copied, and each value is converted once, where it is used.
+struct StepTensors {
+  std::shared_ptr<std::string> body;
+  DType q_dtype = DType::kF32;   // q [qlen, H, D] at q_offset
+  DType kv_dtype = DType::kF32;  // k, v [Hkv, qlen, D] at k_offset, v_offset
+  uint64_t q_offset = 0;
+  uint64_t k_offset = 0;
+  uint64_t v_offset = 0;
+  const char* at(uint64_t offset) const { return body->data() + offset; }
+  // Whether q, k and v of these sizes lie inside the body.
+  bool fit(uint64_t q_values, uint64_t kv_values) const;
+};
+
 // One layer of a model's forward pass: appends k and v to layer `layer` only, then runs the
-// tail query whose rows are those tokens. Rank 0 checked the order rule (check_layer_step);
-// every rank checks that the layer holds `layer_tokens` before it.
+// tail query whose rows are those tokens. Rank 0 checked the order rule (check_layer_step)
+// and the tensors' shapes and values; every rank checks that the layer holds `layer_tokens`
+// before it and that the tensors fit the body.
 struct LayerStep {
   ContextId context_id = 0;
   int32_t layer = 0;
   int64_t layer_tokens = 0;  // the layer's length before the step
   int64_t qlen = 0;
-  std::vector<float> q;      // [qlen, H, D], pre-RoPE
-  DType kv_dtype = DType::kF32;
-  std::string k;             // [Hkv, qlen, D] in kv_dtype, pre-RoPE: as the client sent it, so
-  std::string v;             // each value is converted once, into the storage dtype
+  StepTensors tensors;
 };
 
 // One step of a bulk load from a safetensors file that every rank maps and reads itself (k and
@@ -150,7 +166,7 @@ const char* operation_name(const Operation& op);
 // The context an operation names (0 for a step or shutdown).
 ContextId operation_context(const Operation& op);
 
-// AppendKv's body is not in the bytes: it travels as the next broadcast.
+// AppendKv's and LayerStep's body is not in the bytes: it travels as the next broadcast.
 std::string encode_operation(const Operation& op);
 // Every count, enum and length is range-checked; anything malformed is an error.
 Expected<Operation> decode_operation(const std::string& bytes);

@@ -356,9 +356,11 @@ void Handlers::query(const HttpRequest& req, const RouteMatch& m, Responder done
           std::move(done));
 }
 
-void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder done) {
+void Handlers::layer_step(HttpRequest& req, const RouteMatch& m, Responder done) {
   if (auto problem = context_problem(m, false)) return done(std::move(*problem));
-  Expected<StepRequest> step = parse_step_request(req.body, req.content_type, req.query_string, config_);
+  // A safetensors body is moved, never copied, from here to the ranks (q, k, v are views of it).
+  Expected<StepRequest> step = parse_step_request(std::make_shared<std::string>(std::move(req.body)),
+                                                  req.content_type, req.query_string, config_);
   if (!step) return done(body_error(step.status()));
   if (Status s = registry_.check_layer_step(m.id, step->layer, step->qlen); !s.is_ok()) {
     return done(status_response(s));
@@ -366,7 +368,7 @@ void Handlers::layer_step(const HttpRequest& req, const RouteMatch& m, Responder
   const int layer = step->layer;
   const int64_t qlen = step->qlen;
   Task task;
-  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->q), step->kv_dtype, std::move(step->k), std::move(step->v)};
+  task.op = LayerStep{m.id, layer, 0, qlen, std::move(step->tensors)};
   task.request_id = req.request_id;
   task.client_gone = req.client_gone;
   task.answer_on_step_loop = answer_on_step_loop(wants_binary(req.accept), qlen, config_.model);

@@ -61,7 +61,7 @@ class Handlers {
   void append_kv(HttpRequest& req, const RouteMatch& m, Responder done);  // takes the body
   void synthetic(const HttpRequest& req, const RouteMatch& m, Responder done);
   void query(const HttpRequest& req, const RouteMatch& m, Responder done);
-  void layer_step(const HttpRequest& req, const RouteMatch& m, Responder done);
+  void layer_step(HttpRequest& req, const RouteMatch& m, Responder done);
   // A bulk load: checks the file's header at once, answers 202 with the operation.
   void load(const HttpRequest& req, const RouteMatch& m, Responder done);
   // The long-running operations' table (/v1/operations).

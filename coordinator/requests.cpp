@@ -23,6 +23,7 @@ namespace {
 using nlohmann::json;
 
 constexpr size_t kMaxNeedles = 1024;
+constexpr const char* kQueryParametersNeedSafetensors = "query parameters are only read with a safetensors body";
 
 std::string lower(std::string s) {
   for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -246,17 +247,21 @@ Expected<StepRequest> parse_json_step(const std::string& body, const Config& con
   REATTN_RETURN_IF_ERROR(check_layer(layer, m));
   req.layer = static_cast<int>(layer);
   const float max_abs = config.max_stored_value();
-  REATTN_RETURN_IF_ERROR(
-      read_nested(doc["q"], "q", {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}, max_abs, &req.q, &req.qlen));
   int64_t k_len = -1, v_len = -1;
-  std::vector<float> k, v;
+  std::vector<float> q, k, v;
+  REATTN_RETURN_IF_ERROR(
+      read_nested(doc["q"], "q", {{"qlen"}, {"q_heads", m.q_heads}, {"head_dim", m.head_dim}}, max_abs, &q, &req.qlen));
   REATTN_RETURN_IF_ERROR(
       read_nested(doc["k"], "k", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &k, &k_len));
   REATTN_RETURN_IF_ERROR(
       read_nested(doc["v"], "v", {{"kv_heads", m.kv_heads}, {"qlen"}, {"head_dim", m.head_dim}}, max_abs, &v, &v_len));
-  req.kv_dtype = DType::kF32;
-  req.k.assign(reinterpret_cast<const char*>(k.data()), k.size() * sizeof(float));
-  req.v.assign(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+  // q, k, v in F32, back to back in one buffer.
+  auto bytes = std::make_shared<std::string>();
+  for (const std::vector<float>* t : {&q, &k, &v}) {
+    bytes->append(reinterpret_cast<const char*>(t->data()), t->size() * sizeof(float));
+  }
+  req.tensors = StepTensors{std::move(bytes), DType::kF32, DType::kF32, 0, q.size() * sizeof(float),
+                            (q.size() + k.size()) * sizeof(float)};
   if (k_len != v_len) {
     return invalid_argument("k, v: k has " + std::to_string(k_len) + " tokens, v " + std::to_string(v_len));
   }
@@ -264,7 +269,7 @@ Expected<StepRequest> parse_json_step(const std::string& body, const Config& con
   return req;
 }
 
-Expected<StepRequest> parse_safetensors_step(const std::string& body, const std::string& query_string,
+Expected<StepRequest> parse_safetensors_step(std::shared_ptr<std::string> body, const std::string& query_string,
                                              const Config& config) {
   StepRequest req;
   const auto params = parse_query_string(query_string);
@@ -273,7 +278,7 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   }
   REATTN_ASSIGN_OR_RETURN(req.layer, layer_from_url(params, config.model));
   REATTN_ASSIGN_OR_RETURN(req.out_dtype, out_dtype_from_url(params));
-  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(body, "step body"));
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::parse_borrowed(*body, "step body"));
   const ModelConfig& m = config.model;
   REATTN_ASSIGN_OR_RETURN(TensorView q, file.get("q"));
   REATTN_ASSIGN_OR_RETURN(TensorView k, file.get("k"));
@@ -290,10 +295,11 @@ Expected<StepRequest> parse_safetensors_step(const std::string& body, const std:
   req.qlen = q.shape[0];
   REATTN_RETURN_IF_ERROR(check_step_qlen(req, k.shape[1], config.reattention));
   for (const TensorView* t : {&q, &k, &v}) REATTN_RETURN_IF_ERROR(check_storable(*t, config.max_stored_value()));
-  req.q = q.to_f32();
-  req.kv_dtype = k.dtype;
-  req.k.assign(reinterpret_cast<const char*>(k.data), k.bytes);
-  req.v.assign(reinterpret_cast<const char*>(v.data), v.bytes);
+  const auto offset = [base = body->data()](const TensorView& t) {
+    return static_cast<uint64_t>(reinterpret_cast<const char*>(t.data) - base);
+  };
+  const uint64_t q_at = offset(q), k_at = offset(k), v_at = offset(v);
+  req.tensors = StepTensors{std::move(body), q.dtype, k.dtype, q_at, k_at, v_at};
   return req;
 }
 
@@ -303,7 +309,7 @@ Expected<T> parse_either(const std::string& body, const std::string& content_typ
                          const Config& config, Expected<T> (*from_json)(const std::string&, const Config&),
                          Expected<T> (*from_safetensors)(const std::string&, const std::string&, const Config&)) {
   if (is_json_body(body, content_type)) {
-    if (!query_string.empty()) return invalid_argument("query parameters are only read with a safetensors body");
+    if (!query_string.empty()) return invalid_argument(kQueryParametersNeedSafetensors);
     return from_json(body, config);
   }
   return from_safetensors(body, query_string, config);
@@ -311,9 +317,13 @@ Expected<T> parse_either(const std::string& body, const std::string& content_typ
 
 }  // namespace
 
-Expected<StepRequest> parse_step_request(const std::string& body, const std::string& content_type,
+Expected<StepRequest> parse_step_request(std::shared_ptr<std::string> body, const std::string& content_type,
                                          const std::string& query_string, const Config& config) {
-  return parse_either<StepRequest>(body, content_type, query_string, config, parse_json_step, parse_safetensors_step);
+  if (is_json_body(*body, content_type)) {
+    if (!query_string.empty()) return invalid_argument(kQueryParametersNeedSafetensors);
+    return parse_json_step(*body, config);
+  }
+  return parse_safetensors_step(std::move(body), query_string, config);
 }
 
 bool is_json_body(const std::string& body, const std::string& content_type) {

@@ -11,6 +11,7 @@
 
 #include "common/config.h"
 #include "common/dtype.h"
+#include "common/protocol.h"
 #include "common/status.h"
 
 namespace reattn {
@@ -36,10 +37,7 @@ Expected<QueryRequest> parse_query_request(const std::string& body, const std::s
 struct StepRequest {
   int layer = 0;
   int64_t qlen = 0;
-  std::vector<float> q;  // [qlen, H, D] fp32, pre-RoPE
-  DType kv_dtype = DType::kF32;
-  std::string k;         // [Hkv, qlen, D] in kv_dtype (as sent), pre-RoPE
-  std::string v;         // [Hkv, qlen, D] in kv_dtype
+  StepTensors tensors;   // q [qlen, H, D], k, v [Hkv, qlen, D] as sent (views of the body)
   DType out_dtype = DType::kF32;  // ?out_dtype= of a safetensors body: the answer's `out`
 };
 
@@ -47,7 +45,9 @@ struct StepRequest {
 // a safetensors body with tensors q, k, v (F32/F16/BF16) and the layer in the query string
 // ("layer=3", and "out_dtype" as for a query). Shapes, qlen agreement, qlen <= local_window and storable values are checked
 // here, each error naming the field; the order rule is the registry's.
-Expected<StepRequest> parse_step_request(const std::string& body, const std::string& content_type,
+// A safetensors body is kept (shared) and the tensors are views of it; a JSON body's values
+// are laid out in a new buffer.
+Expected<StepRequest> parse_step_request(std::shared_ptr<std::string> body, const std::string& content_type,
                                          const std::string& query_string, const Config& config);
 
 // POST /v1/contexts/{id}/synthetic: {"tokens": >= 1, "seed": >= 0 (default 0), "needles": [token, ...]}

@@ -26,11 +26,11 @@ void SafetensorsKvSource::read(int layer, int kv_head, int64_t offset, int64_t c
 }
 
 void LayerStepKvSource::read(int, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {
-  const size_t esize = dtype_size(step_.kv_dtype);
-  const size_t first = (static_cast<size_t>(kv_head) * step_.qlen + offset) * head_dim_ * esize;
+  const StepTensors& t = step_.tensors;
+  const size_t first = (static_cast<size_t>(kv_head) * step_.qlen + offset) * head_dim_ * dtype_size(t.kv_dtype);
   const size_t n = static_cast<size_t>(count) * head_dim_;
-  convert(step_.kv_dtype, step_.k.data() + first, n, dtype, k);
-  convert(step_.kv_dtype, step_.v.data() + first, n, dtype, v);
+  convert(t.kv_dtype, t.at(t.k_offset) + first, n, dtype, k);
+  convert(t.kv_dtype, t.at(t.v_offset) + first, n, dtype, v);
 }
 
 void SyntheticKvSource::read_f32(int layer, int kv_head, int64_t offset, int64_t count, float* k, float* v) const {

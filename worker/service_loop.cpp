@@ -1,6 +1,7 @@
 #include "worker/service_loop.h"
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -12,6 +13,18 @@ namespace reattn {
 namespace {
 
 bool is_fault(const Status& s) { return s.code() == ErrorCode::kFatal; }
+
+// The bytes that follow an operation as their own broadcast (an append's or a layer step's
+// body), or null.
+std::shared_ptr<std::string> trailing_body(const Operation& op) {
+  if (const auto* append = std::get_if<AppendKv>(&op)) return append->body;
+  if (const auto* step = std::get_if<LayerStep>(&op)) return step->tensors.body;
+  return nullptr;
+}
+
+bool has_trailing_body(const Operation& op) {
+  return std::holds_alternative<AppendKv>(op) || std::holds_alternative<LayerStep>(op);
+}
 
 }  // namespace
 
@@ -30,10 +43,11 @@ Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
   if (control_.world() > 1) {
     std::string bytes = encode_operation(op);
     REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
-    if (const auto* append = std::get_if<AppendKv>(&op)) {
+    if (has_trailing_body(op)) {
       // The body follows as its own broadcast, sent from the request's buffer.
-      if (!append->body) return internal_error("append_kv: no body");
-      REATTN_RETURN_IF_ERROR(control_.broadcast(*append->body, 0));
+      const std::shared_ptr<std::string> body = trailing_body(op);
+      if (!body) return internal_error(std::string(operation_name(op)) + ": no body");
+      REATTN_RETURN_IF_ERROR(control_.broadcast(*body, 0));
     }
   }
   return apply(op, result);
@@ -46,7 +60,7 @@ Status ServiceLoop::serve() {
     Expected<Operation> op = decode_operation(bytes);
     // Rank 0 sent the same bytes to everyone; a message that does not decode is a bug.
     if (!op) return Status(ErrorCode::kFatal, op.status().message());
-    if (auto* append = std::get_if<AppendKv>(&*op)) REATTN_RETURN_IF_ERROR(control_.broadcast(*append->body, 0));
+    if (has_trailing_body(*op)) REATTN_RETURN_IF_ERROR(control_.broadcast(*trailing_body(*op), 0));
     if (std::holds_alternative<Shutdown>(*op)) return Status::ok();
     OperationResult result;
     REATTN_RETURN_IF_ERROR(apply(*op, &result));
@@ -173,10 +187,9 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
   } else if (ctx->layer_tokens[op.layer] != op.layer_tokens) {
     check = internal_error("layer " + std::to_string(op.layer) + " of context " + std::to_string(op.context_id) +
                            " differs between ranks");
-  } else if (op.qlen < 1 || op.q.size() != static_cast<size_t>(op.qlen * m.q_heads * m.head_dim) ||
-             op.k.size() != static_cast<size_t>(op.qlen * m.kv_heads * m.head_dim) * dtype_size(op.kv_dtype) ||
-             op.v.size() != op.k.size()) {
-    check = internal_error("layer step: q, k, v do not match qlen " + std::to_string(op.qlen));
+  } else if (op.qlen < 1 || !op.tensors.fit(static_cast<uint64_t>(op.qlen) * m.q_heads * m.head_dim,
+                                             static_cast<uint64_t>(op.qlen) * m.kv_heads * m.head_dim)) {
+    check = internal_error("layer step: q, k, v of qlen " + std::to_string(op.qlen) + " do not fit the body");
   }
   const LayerStepKvSource source(op, m.head_dim);
   const auto t_append = std::chrono::steady_clock::now();
@@ -195,7 +208,8 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
   query.layer = op.layer;
   query.mode = QueryMode::kTail;
   query.owner_rank = store_.find(op.context_id)->owner_rank;
-  append_query(plan, query, op.q.data(), op.q.size());
+  append_query(plan, query, op.tensors.q_dtype, op.tensors.at(op.tensors.q_offset),
+               static_cast<size_t>(op.qlen) * m.q_heads * m.head_dim);
   const int64_t tokens = result->tokens;
   REATTN_RETURN_IF_ERROR(apply_step(plan, result));
   result->tokens = tokens;

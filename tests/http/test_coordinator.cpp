@@ -336,7 +336,9 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
 
   // Every kind survives, and names itself.
   const Operation kinds[] = {CreateContext{5, 1}, EraseContext{5}, AppendKv{5, 9, std::make_shared<std::string>("body")},
-                             StepPlan{}, Shutdown{}, LayerStep{5, 1, 40, 1, {1.0f, 2.0f}, DType::kBF16, "kk", "vv"}};
+                             StepPlan{}, Shutdown{},
+                             LayerStep{5, 1, 40, 1, StepTensors{std::make_shared<std::string>("qqqqkkvv"), DType::kF16,
+                                                                DType::kBF16, 0, 4, 6}}};
   for (const Operation& k : kinds) {
     Expected<Operation> again = decode_operation(encode_operation(k));
     ASSERT_TRUE(again.is_ok()) << operation_name(k);
@@ -365,11 +367,19 @@ TEST(Operation, RoundTripsAndRejectsMalformedBytes) {
   ASSERT_NE(step, nullptr);
   EXPECT_EQ(step->layer, 1);
   EXPECT_EQ(step->layer_tokens, 40);
-  EXPECT_EQ(step->q, (std::vector<float>{1.0f, 2.0f}));
-  EXPECT_EQ(step->kv_dtype, DType::kBF16);
-  EXPECT_EQ(step->v, "vv");
-  // The body does not travel in the operation's bytes.
+  EXPECT_EQ(step->tensors.q_dtype, DType::kF16);
+  EXPECT_EQ(step->tensors.kv_dtype, DType::kBF16);
+  EXPECT_EQ(step->tensors.k_offset, 4u);
+  EXPECT_EQ(step->tensors.v_offset, 6u);
+  ASSERT_NE(step->tensors.body, nullptr);  // empty, for the next broadcast to fill
+  EXPECT_TRUE(step->tensors.body->empty());
+  // q [1, 2] F16 and k, v [1, 1] BF16 fit the 8 bytes; one value more does not.
+  EXPECT_TRUE(std::get<LayerStep>(kinds[5]).tensors.fit(2, 1));
+  EXPECT_FALSE(std::get<LayerStep>(kinds[5]).tensors.fit(2, 2));
+  EXPECT_FALSE(std::get<LayerStep>(kinds[5]).tensors.fit(5, 1));
+  // The bodies do not travel in the operation's bytes.
   EXPECT_EQ(encode_operation(kinds[2]).find("body"), std::string::npos);
+  EXPECT_EQ(encode_operation(kinds[5]).find("qqqq"), std::string::npos);
 }
 
 // Enum fields out of range are refused, not cast.

@@ -71,7 +71,7 @@ TEST(ValueLimits, HugeKInALayerStepIsRefused) {
   const Config config = test::tiny_service_config(4);
   const std::string body =
       json{{"layer", 0}, {"q", nested(1, 4, 16, 1.0)}, {"k", nested(2, 1, 16, 1e30)}, {"v", nested(2, 1, 16, 1.0)}}.dump();
-  const Expected<StepRequest> step = parse_step_request(body, "application/json", "", config);
+  const Expected<StepRequest> step = parse_step_request(std::make_shared<std::string>(body), "application/json", "", config);
   ASSERT_FALSE(step.is_ok());
   EXPECT_NE(step.status().message().find("k[0][0][0]"), std::string::npos) << step.status().message();
   EXPECT_NE(step.status().message().find("finite in fp32"), std::string::npos) << step.status().message();
