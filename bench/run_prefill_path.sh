@@ -3,7 +3,8 @@
 # reattn-copy-probe (build-gpu), measures this machine's copy ceilings (memcpy, MPI
 # point-to-point between two ranks, loopback TCP), then bench/prefill_overhead.py with 4096-token
 # steps on 1 and on 2 ranks (the time outside the service, split by the server's log), and the
-# qlen-1 step at 1M tokens on one GPU. Summary in $OUT/prefill_path.log, every log in
+# qlen-1 step at 1M tokens on one GPU, the adapter's tests, and with E2E_TOKENS=N the LLaMA-shaped
+# model through reattn on 2 ranks (parity, then an N-token prompt). Summary in $OUT/prefill_path.log, every log in
 # $OUT/prefill_path_logs.tgz.   Usage: bash bench/run_prefill_path.sh   (on nvidia-h200-x2)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,12 @@ done
 timeout 100 python3 bench/step_overhead.py --server build-gpu/reattn-server --ranks 1 --tokens 1048576 \
   --variants step_binary --logs "$L/step_server" --json "$OUT/step_overhead.json" >"$L/step_overhead.log" 2>&1
 say "qlen-1 step, 1 rank, 1M tokens: rc=$? $(grep -vE '^\{' "$L/step_overhead.log" | tail -3 | tr '\n' ' ')"
+timeout 200 python3 tests/python/test_hf_adapter.py --server build-gpu/reattn-server >"$L/hf_adapter.log" 2>&1
+say "hf adapter tests (the pinned GPU path too): rc=$? $(tail -1 "$L/hf_adapter.log")"
+if [ "${E2E_TOKENS:-0}" -gt 0 ]; then
+  timeout 300 python3 bench/model_e2e.py --server build-gpu/reattn-server --ranks 2 --kinds llama \
+    --prompt-tokens "$E2E_TOKENS" --progress 16 --json "$OUT/model_e2e_llama.json" >"$L/model_e2e.log" 2>&1
+  say "model e2e, 2 ranks, $E2E_TOKENS tokens: rc=$? $(tail -7 "$L/model_e2e.log")"
+fi
 say "done: $((SECONDS - t0)) s"
 tar -C "$OUT" -czf "$OUT/prefill_path_logs.tgz" logs && rm -rf "$L"

@@ -156,6 +156,37 @@ class Adapter(unittest.TestCase):
             return (a.argmax(-1) == truth.argmax(-1)).float().mean().item()
         self.assertGreaterEqual(top1(got), top1(own) - 0.05)
 
+    def test_gpu_pinned_path(self):
+        """On a GPU the adapter copies q/k/v into pinned request memory and receives `out`
+        (in the model's dtype) into pinned memory: fp32 logits equal the model's own, bf16
+        ones are as close to fp32 as the model's own bf16 run."""
+        if not torch.cuda.is_available():
+            self.skipTest("no CUDA device")
+        from reattn_client import hf
+        ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(7)).cuda()
+        truth = None
+        for dtype in (torch.float32, torch.bfloat16):
+            model = tiny_model("llama", seed=3).to("cuda", dtype)
+            with torch.no_grad():
+                own = model(ids).logits.float()
+            truth = own if truth is None else truth
+            ctx = self.client.create_context()["id"]
+            session = hf.attach(model, self.client, ctx)
+            try:
+                with torch.no_grad():
+                    got = model(ids).logits.float()
+            finally:
+                session.detach()
+                self.client.delete_context(ctx)
+            self.assertIsNotNone(session._staging, "the pinned path ran")
+            self.assertEqual(session._staging.out, dtype)
+            err, scale = (got - truth).abs().max().item(), max(1.0, truth.abs().max().item())
+            if dtype == torch.float32:
+                self.assertLess(err, 2e-4 * scale, "fp32 logits max |diff| %g" % err)
+            else:
+                err_own = (own - truth).abs().max().item()
+                self.assertLessEqual(err, 2.0 * err_own + 1e-3 * scale, "bf16 %g vs own %g" % (err, err_own))
+
     def test_shape_mismatch_is_refused(self):
         from reattn_client import hf
         config = tiny_config("llama")
