@@ -90,8 +90,9 @@ struct ServerConfig {
   double queue_deadline_s = 60;        // a request not started this long after arrival gets 503
   double drain_deadline_s = 60;        // SIGTERM: the job ends by then, drained or not
   int max_connections = 1024;          // open HTTP connections; more are refused
-  // After a step, the step loop polls the queue this long (yielding) before it sleeps: the
-  // next layer's step of a decode then starts without a thread wake-up. 0: sleep at once;
+  // After a step, the step loop polls the queue this long (yielding) before it sleeps, and
+  // after each event an HTTP I/O thread polls its sockets this long: the next layer's step of
+  // a decode is then read and started without thread wake-ups. 0: sleep at once;
   // -1 (auto): 1000 with a GPU backend (host cores are free while the GPU works), 0 with the
   // cpu backend (its kernels use every core, and a polling thread would take one from them).
   int busy_poll_us = -1;

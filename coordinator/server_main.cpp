@@ -22,6 +22,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -144,7 +146,7 @@ class Coordinator {
     signals_.async_wait([this](const boost::system::error_code& ec, int signo) {
       if (!ec) drain(signo);
     });
-    for (int i = 0; i < config_.server.http_threads; ++i) threads_.emplace_back([this] { ioc_.run(); });
+    for (int i = 0; i < config_.server.http_threads; ++i) threads_.emplace_back([this] { serve_io(); });
     log_event(LogLevel::kInfo, "listening", {{"address", host}, {"port", bound}, {"pid", static_cast<int64_t>(getpid())}});
     return Status::ok();
   }
@@ -216,6 +218,7 @@ class Coordinator {
   Status run(ServiceLoop& loop, bool host_compute) {
     Config config = config_;
     config.server.busy_poll_us = config_.server.busy_poll_us_for(host_compute);
+    io_poll_us_.store(config.server.busy_poll_us, std::memory_order_relaxed);
     StepLoop step_loop(loop, queue_, registry_, metrics_, state_, config,
                        [this](std::function<void()> f) { server_.post_work(std::move(f)); });
     return step_loop.run();
@@ -268,7 +271,26 @@ class Coordinator {
     });
   }
 
+  // An HTTP I/O thread: runs the sockets' handlers; after each, it polls for busy_poll_us
+  // before it sleeps in the kernel, so the next request of a decode (a layer step a few
+  // hundred microseconds later) is read without a thread wake-up.
+  void serve_io() {
+    for (;;) {
+      const int poll_us = io_poll_us_.load(std::memory_order_relaxed);
+      if (poll_us > 0) {
+        const auto window = std::chrono::microseconds(poll_us);
+        auto until = std::chrono::steady_clock::now() + window;
+        while (!ioc_.stopped() && std::chrono::steady_clock::now() < until) {
+          if (ioc_.poll() > 0) until = std::chrono::steady_clock::now() + window;
+        }
+      }
+      if (ioc_.run_one() == 0) return;  // stopped
+    }
+  }
+
   const Config config_;
+  // server.busy_poll_us as resolved for the backend (run()); 0 until then.
+  std::atomic<int> io_poll_us_{0};
   boost::asio::io_context ioc_;
   Metrics metrics_;
   ServiceState state_;

@@ -9,6 +9,7 @@ import http.server
 import os
 import sys
 import threading
+import time
 import unittest
 
 import numpy as np
@@ -327,5 +328,38 @@ class Routes(unittest.TestCase):
         self.c.delete_context(ctx)
 
 
+class Polling(unittest.TestCase):
+    """server.busy_poll_us (auto on a GPU backend, off on the CPU one, so forced here): the
+    step loop and the HTTP I/O thread poll before they sleep. Answers are the same as without
+    polling, keep-alive requests back to back and after a pause are served, and the server
+    stops when asked."""
+
+    def test_polling_server_answers_alike(self):
+        rng = np.random.default_rng(5)
+        k, v = rand_kv(rng, 64, scale=2.0)
+        q = (rng.standard_normal((3, M["q_heads"], M["head_dim"])) * 2).astype(np.float32)
+        answers = []
+        for name, poll in (("poll_off", 0), ("poll_on", 2000)):
+            server = harness.Server(harness.ARGS, harness.TMP.path, name, RECALL,
+                                    server={"busy_poll_us": poll, "http_threads": 1})
+            try:
+                with server.client() as c:
+                    ctx = c.create_context()["id"]
+                    c.append(ctx, k, v)
+                    got = [c.query(ctx, 1, q).out for _ in range(3)]
+                    time.sleep(0.05)                  # past the polling window: asleep, then woken
+                    got.append(c.query(ctx, 1, q).out)
+                    step = c.step(ctx, 0, q[:1], k[0][:, :1], v[0][:, :1])
+                    got.append(step.out)
+                    answers.append(got)
+                # SIGTERM: drained and ended, polling threads included.
+                server.svc.terminate_rank0()
+                self.assertEqual(server.svc.wait(30), 0, "%s: the job ends on SIGTERM" % name)
+            finally:
+                server.stop()
+        for off, on in zip(*answers):
+            np.testing.assert_array_equal(off, on)
+
+
 if __name__ == "__main__":
-    sys.exit(harness.main([Codec, Transport, Routes]))
+    sys.exit(harness.main([Codec, Transport, Routes, Polling]))
