@@ -23,6 +23,8 @@ namespace {
 using nlohmann::json;
 
 constexpr size_t kMaxNeedles = 1024;
+// A step body's header bytes sent on to the other ranks with its tensors, at most.
+constexpr uint64_t kMaxForwardedStepHeaderBytes = 64 * 1024;
 constexpr const char* kQueryParametersNeedSafetensors = "query parameters are only read with a safetensors body";
 
 std::string lower(std::string s) {
@@ -191,13 +193,14 @@ Expected<int> layer_from_url(const std::map<std::string, std::string>& params, c
   return static_cast<int>(layer);
 }
 
-// ?out_dtype=F32|F16|BF16 of a safetensors body (default F32).
+// ?out_dtype=F32|F16|BF16 of a safetensors body (default F32), spelt exactly so.
 Expected<DType> out_dtype_from_url(const std::map<std::string, std::string>& params) {
   const auto it = params.find("out_dtype");
   if (it == params.end()) return DType::kF32;
-  Expected<DType> dtype = parse_dtype(it->second);
-  if (!dtype) return invalid_argument("out_dtype: expected F32, F16 or BF16, got '" + capped(it->second) + "'");
-  return dtype;
+  for (DType d : {DType::kF32, DType::kF16, DType::kBF16}) {
+    if (it->second == dtype_name(d)) return d;
+  }
+  return invalid_argument("out_dtype: expected F32, F16 or BF16, got '" + capped(it->second) + "'");
 }
 
 Expected<QueryRequest> parse_safetensors_query(const std::string& body, const std::string& query_string,
@@ -298,7 +301,16 @@ Expected<StepRequest> parse_safetensors_step(std::shared_ptr<std::string> body, 
   const auto offset = [base = body->data()](const TensorView& t) {
     return static_cast<uint64_t>(reinterpret_cast<const char*>(t.data) - base);
   };
-  const uint64_t q_at = offset(q), k_at = offset(k), v_at = offset(v);
+  uint64_t q_at = offset(q), k_at = offset(k), v_at = offset(v);
+  // The body goes to every rank as it is: a header padded far beyond its tensors (a large
+  // __metadata__) is not sent on; the tensors are copied out of it instead.
+  const uint64_t first = std::min({q_at, k_at, v_at});
+  if (first > kMaxForwardedStepHeaderBytes) {
+    body = std::make_shared<std::string>(body->data() + first, body->size() - first);
+    q_at -= first;
+    k_at -= first;
+    v_at -= first;
+  }
   req.tensors = StepTensors{std::move(body), q.dtype, k.dtype, q_at, k_at, v_at};
   return req;
 }

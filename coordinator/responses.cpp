@@ -1,5 +1,6 @@
 #include "coordinator/responses.h"
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -23,6 +24,22 @@ bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model) {
   constexpr int64_t kMaxOutBytes = 64 * 1024;
   return binary && qlen * model.q_heads * model.head_dim * static_cast<int64_t>(sizeof(float)) <= kMaxOutBytes;
 }
+
+namespace {
+
+// `out` written in `dtype`. F16 saturates at its largest finite value: an output is an average
+// of v, and v may be stored beyond F16's range (BF16 and F32 hold every storable value).
+void write_out(DType dtype, const std::vector<float>& out, void* dst) {
+  if (dtype != DType::kF16) return convert_from_f32(dtype, out.data(), out.size(), dst);
+  constexpr float kMaxF16 = 65504.0f;
+  auto* bytes = static_cast<unsigned char*>(dst);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint16_t bits = float_to_f16(std::clamp(out[i], -kMaxF16, kMaxF16));
+    std::memcpy(bytes + 2 * i, &bits, 2);
+  }
+}
+
+}  // namespace
 
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
                                 bool binary, DType out_dtype) {
@@ -53,7 +70,7 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     for (const TensorBytes& t : tensors) data_bytes += t.bytes;
     body.resize(body.size() + data_bytes);
     char* at = body.data() + body.size() - data_bytes;
-    convert_from_f32(out_dtype, r.query.out.data(), r.query.out.size(), at);
+    write_out(out_dtype, r.query.out, at);
     at += tensors[0].bytes;
     for (size_t i = 1; i < tensors.size(); ++i) {
       std::memcpy(at, tensors[i].data, tensors[i].bytes);
@@ -87,7 +104,7 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
   } else {  // the values the binary answer would hold
     std::vector<float> rounded(r.query.out.size());
     std::string bits(rounded.size() * dtype_size(out_dtype), '\0');
-    convert_from_f32(out_dtype, r.query.out.data(), rounded.size(), bits.data());
+    write_out(out_dtype, r.query.out, bits.data());
     convert_to_f32(out_dtype, bits.data(), rounded.size(), rounded.data());
     fields["out"] = nested_output<nlohmann::json>(rounded, qlen, m.q_heads, m.head_dim);
   }

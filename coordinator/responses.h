@@ -24,7 +24,7 @@ bool answer_on_step_loop(bool binary, int64_t qlen, const ModelConfig& model);
 
 // `fields`: what the route reports besides the output (context_id, layer, tokens, ...).
 // out_dtype: `out` is rounded to it (the binary answer holds it in that dtype; JSON the
-// rounded values).
+// rounded values); F16 saturates at +-65504.
 HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int64_t qlen, const Config& config,
                                 bool binary, DType out_dtype = DType::kF32);
 

@@ -41,14 +41,12 @@ Status ServiceLoop::submit(const Operation& op, OperationResult* result) {
   if (control_.rank() != 0) return internal_error("ServiceLoop::submit called on rank " + std::to_string(control_.rank()));
   // Alone, rank 0 applies the operation from the request's own buffers: nothing to encode.
   if (control_.world() > 1) {
+    const std::shared_ptr<std::string> body = trailing_body(op);
+    if (has_trailing_body(op) && !body) return internal_error(std::string(operation_name(op)) + ": no body");
     std::string bytes = encode_operation(op);
     REATTN_RETURN_IF_ERROR(control_.broadcast(bytes, 0));
-    if (has_trailing_body(op)) {
-      // The body follows as its own broadcast, sent from the request's buffer.
-      const std::shared_ptr<std::string> body = trailing_body(op);
-      if (!body) return internal_error(std::string(operation_name(op)) + ": no body");
-      REATTN_RETURN_IF_ERROR(control_.broadcast(*body, 0));
-    }
+    // The body follows as its own broadcast, sent from the request's buffer.
+    if (body) REATTN_RETURN_IF_ERROR(control_.broadcast(*body, 0));
   }
   return apply(op, result);
 }

@@ -3,6 +3,8 @@
 // config keys and the deadlines other ranks wait.
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <memory>
 #include <string>
 
 #include "comm/deadline.h"
@@ -168,6 +170,41 @@ TEST(Safetensors, KvBodiesAreStrict) {
 
   s = SafetensorsFile::parse(kv(DType::kF32, DType::kF32, false) + "trailing", "kv body").status();
   EXPECT_NE(s.message().find("8 trailing bytes"), std::string::npos) << s.message();
+}
+
+// A step body travels to every rank as it came, unless its header is padded far beyond its
+// tensors (a large __metadata__): then only the tensors go on, with the same values.
+TEST(Safetensors, StepBodyForwardsItsTensorsNotABloatedHeader) {
+  const Config c = test::tiny_service_config(4);
+  const ModelConfig& m = c.model;
+  const std::vector<float> q(static_cast<size_t>(m.q_heads * m.head_dim), 0.25f);
+  const std::vector<float> kv(static_cast<size_t>(m.kv_heads * m.head_dim), 0.5f);
+  std::vector<TensorBytes> tensors = {
+      {"q", "F32", {1, m.q_heads, m.head_dim}, q.data(), q.size() * sizeof(float)},
+      {"k", "F32", {m.kv_heads, 1, m.head_dim}, kv.data(), kv.size() * sizeof(float)},
+      {"v", "F32", {m.kv_heads, 1, m.head_dim}, kv.data(), kv.size() * sizeof(float)}};
+  const std::string plain = serialize_safetensors(tensors);
+  const size_t data_bytes = (q.size() + 2 * kv.size()) * sizeof(float);
+  // The same tensors after a 1 MiB __metadata__ entry in the header.
+  std::string header = plain.substr(8, plain.size() - 8 - data_bytes);
+  header.insert(1, "\"__metadata__\":{\"pad\":\"" + std::string(1 << 20, 'x') + "\"},");
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string bloated(8, '\0');
+  for (int i = 0; i < 8; ++i) bloated[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  bloated += header + plain.substr(plain.size() - data_bytes);
+  const std::string octet = "application/octet-stream";
+  for (const std::string* body : {&plain, static_cast<const std::string*>(&bloated)}) {
+    Expected<StepRequest> step = parse_step_request(std::make_shared<std::string>(*body), octet, "layer=0", c);
+    ASSERT_TRUE(step.is_ok()) << step.status().message();
+    const StepTensors& t = step->tensors;
+    ASSERT_TRUE(t.fit(q.size(), kv.size()));
+    if (body == &bloated) EXPECT_EQ(t.body->size(), data_bytes);  // the header stayed behind
+    float first_q = 0, first_v = 0;
+    std::memcpy(&first_q, t.at(t.q_offset), sizeof(float));
+    std::memcpy(&first_v, t.at(t.v_offset), sizeof(float));
+    EXPECT_EQ(first_q, 0.25f);
+    EXPECT_EQ(first_v, 0.5f);
+  }
 }
 
 // Query and step bodies are as strict as K/V bodies: an extra tensor is named and refused.

@@ -6,6 +6,7 @@ Transport behaviour (503 + Retry-After retried a bounded number of times, one ke
 connection) against a small in-process HTTP server. The safetensors codec without a server."""
 
 import http.server
+import json
 import os
 import sys
 import threading
@@ -288,11 +289,41 @@ class Routes(unittest.TestCase):
             self.c.query(ctx, 1, q, binary=False, out_dtype="BF16")
         with self.assertRaises(ValueError):
             self.c.query(ctx, 1, q, out_dtype="F64")
-        with self.assertRaises(ReattnError) as e:   # the service names the parameter
-            self.c.request("POST", "/v1/contexts/%d/query?layer=1&out_dtype=F8" % ctx,
-                           body=safetensors.dumps({"q": q}), content_type="application/octet-stream")
-        self.assertEqual(e.exception.status, 400)
-        self.assertIn("out_dtype", e.exception.message)
+        for bad in ("F8", "bf16", ""):              # the service names the parameter; exact spellings
+            with self.assertRaises(ReattnError) as e:
+                self.c.request("POST", "/v1/contexts/%d/query?layer=1&out_dtype=%s" % (ctx, bad),
+                               body=safetensors.dumps({"q": q}), content_type="application/octet-stream")
+            self.assertEqual(e.exception.status, 400, bad)
+            self.assertIn("out_dtype", e.exception.message)
+        # A buffer that cannot take the answer is refused before anything is sent: the step
+        # is not applied.
+        before = self.c.context(ctx)["layer_tokens"]
+        with self.assertRaises(ValueError):
+            self.c.step(ctx, 0, qq[:1], kk[0][:, :1], vv[0][:, :1], into=np.zeros(1 << 16, np.uint8)[::2])
+        with self.assertRaises(ValueError):
+            self.c.step(ctx, 0, qq[:1], kk[0][:, :1], vv[0][:, :1], into=b"read-only")
+        self.assertEqual(self.c.context(ctx)["layer_tokens"], before)
+        self.c.delete_context(ctx)
+
+    def test_f16_out_saturates(self):
+        """Stored values may exceed F16's range; an F16 `out` saturates at +-65504 (binary and
+        JSON answers alike) instead of turning into inf or null."""
+        ctx = self.c.create_context()["id"]
+        k, v = rand_kv(np.random.default_rng(12), 40)
+        v[:] = 1e6
+        v[:, 1] = -1e6
+        self.c.append(ctx, k, v)
+        q = np.ones((1, M["q_heads"], M["head_dim"]), np.float32)
+        r = self.c.query(ctx, 0, q, out_dtype="F16", raw_out=True)
+        self.assertEqual(r.out.dtype, np.float16)
+        self.assertTrue(np.isfinite(r.out).all())
+        self.assertEqual(float(np.abs(r.out).max()), 65504.0)
+        _, data = self.c.request("POST", "/v1/contexts/%d/query?layer=0&out_dtype=F16" % ctx,
+                                 body=safetensors.dumps({"q": q}), content_type="application/octet-stream",
+                                 accept="application/json")
+        out = np.array(json.loads(bytes(data).decode())["out"], dtype=np.float64)
+        self.assertTrue(np.isfinite(out).all())
+        np.testing.assert_array_equal(out, r.out.astype(np.float64))
         self.c.delete_context(ctx)
 
     def test_bad_append_raises_and_changes_nothing(self):

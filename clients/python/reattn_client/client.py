@@ -325,7 +325,8 @@ class Client:
     def _attention(self, t0, path, body, content_type, layer, accept=_BINARY, into=None, raw_out=False):
         """Sends a query or step body and decodes the answer (safetensors or JSON, whichever
         came); client_ms runs from t0, when the caller began encoding, to the decoded result."""
-        r, data = self.request("POST", path, body=body, content_type=content_type, accept=accept, into=into)
+        r, data = self.request("POST", path, body=body, content_type=content_type, accept=accept,
+                               into=_checked_into(into))
         if (r.getheader("Content-Type") or "").startswith(_BINARY):
             result = _binary_result(r, data, layer, raw_out)
         else:
@@ -335,6 +336,20 @@ class Client:
             result.timing["server_ms"] = float(server_ms)
         result.client_ms = (time.perf_counter() - t0) * 1e3
         return result
+
+
+def _checked_into(into):
+    """`into` as a writable byte view, checked before anything is sent (a bad one found while
+    the answer is read would leave a step applied and its answer lost)."""
+    if into is None:
+        return None
+    try:
+        view = memoryview(into).cast("B")
+    except TypeError:
+        raise ValueError("into: expected a C-contiguous buffer (a bytearray or a contiguous numpy array)") from None
+    if view.readonly:
+        raise ValueError("into: the buffer is read-only")
+    return view
 
 
 def _out_dtype_param(out_dtype):

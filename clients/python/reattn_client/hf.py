@@ -45,6 +45,7 @@ class _PinnedStaging:
         self.recv = torch.empty(out_bytes + _ANSWER_SLACK_BYTES, dtype=torch.uint8, pin_memory=True)
         self.recv_np = self.recv.numpy()
         self.recv_at = self.recv_np.ctypes.data
+        self.pending = None  # an event after the last copy out of `recv`
 
     def stage(self, q, k, v):
         """q [qlen, H, D], k and v [Hkv, qlen, D] on the GPU -> the same in pinned memory."""
@@ -54,9 +55,13 @@ class _PinnedStaging:
         vh = self.send[self.q_size + self.kv_size:self.q_size + self.kv_size + nkv].view(v.shape)
         for host, dev in ((qh, q), (kh, k), (vh, v)):
             host.copy_(dev.to(self.wire), non_blocking=True)
-        # The body is read by the socket next: the copies must have landed. (This also waits
-        # for the previous answer's copy out of `recv`, queued on the same stream.)
-        self.torch.cuda.current_stream().synchronize()
+        # The socket reads the body next: the copies (queued on q's device's stream, whichever
+        # device is current) must have landed; and the answer is received into `recv` next:
+        # the previous answer's copy out of it (perhaps to another device) must be done.
+        self.torch.cuda.current_stream(q.device).synchronize()
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
         return qh, kh, vh
 
     def out_on(self, out, device):
@@ -66,7 +71,10 @@ class _PinnedStaging:
         at = arr.ctypes.data - self.recv_at
         if 0 <= at and at + arr.nbytes <= self.recv_np.nbytes:
             host = self.recv[at:at + arr.nbytes].view(self.out)
-            return host.to(device, non_blocking=True)
+            on_device = host.to(device, non_blocking=True)
+            self.pending = torch.cuda.Event()
+            self.pending.record(torch.cuda.current_stream(on_device.device))
+            return on_device
         # It did not fit (an unusually long recalled_chunks): an ordinary copy.
         if hasattr(out, "bits"):
             host = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
@@ -181,7 +189,7 @@ def _attention_forward(session, attn, layer, q_heads, kv_heads, head_dim):
 
 def _staging_for(session, torch, model_dtype, q_heads, kv_heads, head_dim):
     """The session's pinned buffers, made on the first GPU step (again if the dtype changed)."""
-    wire = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(session.dtype, model_dtype)
+    wire = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(session.dtype) or model_dtype
     st = session._staging
     if st is None or st.wire != wire or st.out != model_dtype:
         st = session._staging = _PinnedStaging(torch, session.step_tokens, q_heads, kv_heads, head_dim, wire,
@@ -256,6 +264,8 @@ def attach(model, client, context_id, step_tokens=None, dtype=None):
     shape = _check_shapes(model, info["model"], layers)
     window = int(info["reattention"]["local_window"])
     step_tokens = min(int(step_tokens or window), window)
+    if dtype is not None and dtype not in ("F32", "F16", "BF16"):
+        raise ValueError("reattn.hf.attach: dtype %r is not one of F32, F16, BF16" % (dtype,))
     session = Session(model, client, context_id, step_tokens, dtype)
     for index, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
