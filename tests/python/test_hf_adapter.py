@@ -163,10 +163,13 @@ class Adapter(unittest.TestCase):
         if not torch.cuda.is_available():
             self.skipTest("no CUDA device")
         from reattn_client import hf
-        ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(7)).cuda()
+        # The last GPU: with two, the model is not on the current device (cuda:0), so its copies
+        # run on another device's stream than the current one.
+        device = "cuda:%d" % (torch.cuda.device_count() - 1)
+        ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(7)).to(device)
         truth = None
         for dtype in (torch.float32, torch.bfloat16):
-            model = tiny_model("llama", seed=3).to("cuda", dtype)
+            model = tiny_model("llama", seed=3).to(device, dtype)
             with torch.no_grad():
                 own = model(ids).logits.float()
             truth = own if truth is None else truth
