@@ -254,6 +254,10 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
   return file;
 }
 
+uint64_t SafetensorsFile::offset_of(const TensorView& view) const {
+  return static_cast<uint64_t>(view.data - storage_->data);
+}
+
 Expected<TensorView> SafetensorsFile::get(const std::string& name) const {
   auto it = tensors_.find(name);
   if (it != tensors_.end()) return it->second;

@@ -45,6 +45,9 @@ class SafetensorsFile {
                                                 const std::string& origin = "<body>");
 
   bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  // Where a view of this file's tensor begins, in bytes from the start of the blob (the file
+  // offset of an open() file's tensor).
+  uint64_t offset_of(const TensorView& view) const;
   // NotFound naming the tensor and the ones the file has.
   Expected<TensorView> get(const std::string& name) const;
   std::vector<std::string> names() const;

@@ -4,13 +4,20 @@
 // Every rank of a job is simulated in one process (KvStore takes its rank and world).
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <vector>
 
+#include "common/safetensors.h"
 #include "common/semantics.h"
 #include "kernels/make_backend.h"
+#include "worker/kv_source.h"
 #include "worker/kv_store.h"
 
 namespace reattn {
@@ -152,6 +159,59 @@ TEST(KvLoad, ARestoredCheckpointIsTheContextAsItWas) {
   }
   KvStore store(**backend, c, 0, 1);
   EXPECT_EQ(store.checkpoint(9).status().code(), ErrorCode::kNotFound);
+}
+
+// A load's file is read with pread: reads match the file's values; a file cut short in place
+// while it is read (between the checks a slice makes and its reads) is a problem the load
+// reports, not a SIGBUS; a value that cannot be stored is named with its place.
+TEST(KvLoad, FileSourceReadsAndSurvivesATruncation) {
+  const Config c = tiny();
+  const ModelConfig& m = c.model;
+  const int64_t tokens = 64;
+  const size_t per = static_cast<size_t>(m.layers) * m.kv_heads * tokens * m.head_dim;
+  std::vector<float> k(per), v(per);
+  for (size_t i = 0; i < per; ++i) {
+    k[i] = static_cast<float>(i % 97) * 0.25f;
+    v[i] = -static_cast<float>(i % 89) * 0.5f;
+  }
+  const std::string path = ::testing::TempDir() + "file_kv_source.safetensors";
+  const std::vector<int64_t> shape = {m.layers, m.kv_heads, tokens, m.head_dim};
+  ASSERT_TRUE(write_file(path, serialize_safetensors({make_tensor("k", DType::kF32, shape, k),
+                                                      make_tensor("v", DType::kF32, shape, v)}))
+                  .is_ok());
+  Expected<std::unique_ptr<FileKvSource>> file = FileKvSource::open(path, m, c.max_stored_value());
+  ASSERT_TRUE(file.is_ok()) << file.status().to_string();
+  const FileKvSource& src = **file;
+  EXPECT_EQ(src.tokens(), tokens);
+  // Layer 1, kv head 1, tokens [10, 15) in F32: the file's own values.
+  std::vector<float> got_k(5 * m.head_dim), got_v(5 * m.head_dim);
+  src.read(1, 1, 10, 5, DType::kF32, got_k.data(), got_v.data());
+  const size_t at = ((static_cast<size_t>(1) * m.kv_heads + 1) * tokens + 10) * m.head_dim;
+  EXPECT_EQ(got_k, std::vector<float>(k.begin() + at, k.begin() + at + got_k.size()));
+  EXPECT_EQ(got_v, std::vector<float>(v.begin() + at, v.begin() + at + got_v.size()));
+  EXPECT_TRUE(src.problem().is_ok());
+  // Cut to half its size: v lies wholly past the end now.
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(per * sizeof(float))), 0);
+  src.read(1, 1, 10, 5, DType::kF32, got_k.data(), got_v.data());
+  const Status s = src.problem();
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("truncated"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("layer 1, kv head 1, tokens [10, 15)"), std::string::npos) << s.message();
+  EXPECT_EQ(got_v, std::vector<float>(got_v.size(), 0.0f));  // what was missing reads as zeros
+  std::remove(path.c_str());
+
+  // A value beyond what the store can hold is named where it is.
+  k[at + 3] = std::numeric_limits<float>::infinity();
+  ASSERT_TRUE(write_file(path, serialize_safetensors({make_tensor("k", DType::kF32, shape, k),
+                                                      make_tensor("v", DType::kF32, shape, v)}))
+                  .is_ok());
+  Expected<std::unique_ptr<FileKvSource>> bad = FileKvSource::open(path, m, c.max_stored_value());
+  ASSERT_TRUE(bad.is_ok());
+  std::vector<float> more_k(8 * m.head_dim), more_v(8 * m.head_dim);
+  (*bad)->read(1, 1, 8, 8, DType::kF32, more_k.data(), more_v.data());  // [8, 16) holds token 10's value
+  EXPECT_NE((*bad)->problem().message().find("layer 1, kv head 1, tokens [8, 16)"), std::string::npos)
+      << (*bad)->problem().message();
+  std::remove(path.c_str());
 }
 
 }  // namespace

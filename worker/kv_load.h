@@ -1,6 +1,6 @@
-// A rank's side of bulk loads (LoadKv, common/protocol.h): each rank maps the safetensors file
-// itself and reads only the blocks it holds, slice by slice, checking their values as they
-// are read; a checkpoint taken at the start puts the context back on abort.
+// A rank's side of bulk loads (LoadKv, common/protocol.h): each rank opens the safetensors file
+// itself and reads (pread, never a mapping: FileKvSource) only the blocks it holds, slice by
+// slice, checking their values as they are read; a checkpoint taken at the start puts the context back on abort.
 // Call only from the step loop's thread (like the KvStore it writes to).
 #pragma once
 
@@ -20,7 +20,7 @@ class KvLoads {
   KvLoads(KvStore& store, const Config& config) : store_(store), config_(config) {}
 
   // Each returns this rank's outcome; the caller agrees it across ranks.
-  // kBegin: resolves the path under server.load_root, maps the file, checks its header against
+  // kBegin: resolves the path under server.load_root, opens the file, checks its header against
   // the model and op.file_tokens, the context's length against op.context_tokens, and takes
   // the checkpoint.
   Status begin(const LoadKv& op);
@@ -34,10 +34,10 @@ class KvLoads {
 
  private:
   struct Load {
-    std::unique_ptr<SafetensorsKvSource> file;
+    std::unique_ptr<FileKvSource> file;
     KvCheckpoint checkpoint;
     std::string path;     // the file's real path
-    int64_t file_bytes;   // its size when it was mapped
+    int64_t file_bytes;   // its size when it was opened
   };
 
   KvStore& store_;

@@ -1,5 +1,12 @@
 #include "worker/kv_source.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace reattn {
@@ -23,6 +30,70 @@ void SafetensorsKvSource::read(int layer, int kv_head, int64_t offset, int64_t c
   const int64_t first = ((static_cast<int64_t>(layer) * kv_heads_ + kv_head) * kv_.tokens + offset) * head_dim_;
   convert(kv_.k.dtype, kv_.k.data + first * dtype_size(kv_.k.dtype), count * head_dim_, dtype, k);
   convert(kv_.v.dtype, kv_.v.data + first * dtype_size(kv_.v.dtype), count * head_dim_, dtype, v);
+}
+
+Expected<std::unique_ptr<FileKvSource>> FileKvSource::open(const std::string& path, const ModelConfig& model,
+                                                           float max_abs) {
+  REATTN_ASSIGN_OR_RETURN(SafetensorsFile header, SafetensorsFile::open(path));
+  REATTN_ASSIGN_OR_RETURN(KvTensors kv, kv_tensors(header, model));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return invalid_argument("cannot open '" + path + "': " + std::strerror(errno));
+  return std::unique_ptr<FileKvSource>(new FileKvSource(fd, std::move(header), std::move(kv), model, max_abs));
+}
+
+FileKvSource::FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const ModelConfig& model, float max_abs)
+    : fd_(fd),
+      header_(std::move(header)),
+      kv_(std::move(kv)),
+      k_at_(header_.offset_of(kv_.k)),
+      v_at_(header_.offset_of(kv_.v)),
+      kv_heads_(model.kv_heads),
+      head_dim_(model.head_dim),
+      max_abs_(max_abs) {}
+
+FileKvSource::~FileKvSource() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status FileKvSource::problem() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return problem_;
+}
+
+void FileKvSource::note(Status s) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (problem_.is_ok()) problem_ = std::move(s);
+}
+
+void FileKvSource::read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {
+  thread_local std::vector<unsigned char> raw;
+  const size_t n = static_cast<size_t>(count) * head_dim_;
+  const std::string where = "layer " + std::to_string(layer) + ", kv head " + std::to_string(kv_head) + ", tokens [" +
+                            std::to_string(offset) + ", " + std::to_string(offset + count) + ")";
+  for (const auto& [t, at, out] : {std::tuple{&kv_.k, k_at_, k}, std::tuple{&kv_.v, v_at_, v}}) {
+    const size_t esize = dtype_size(t->dtype);
+    const uint64_t element = (static_cast<uint64_t>(layer) * kv_heads_ + kv_head) * kv_.tokens + offset;
+    const uint64_t first = at + element * head_dim_ * esize;
+    raw.resize(n * esize);
+    size_t got = 0;
+    while (got < raw.size()) {
+      const ssize_t r = ::pread(fd_, raw.data() + got, raw.size() - got, static_cast<off_t>(first + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      got += static_cast<size_t>(r);
+    }
+    if (got < raw.size()) {
+      note(invalid_argument("the load file was truncated or became unreadable while it was being loaded (" + where +
+                            ": " + std::to_string(got) + " of " + std::to_string(raw.size()) + " bytes at offset " +
+                            std::to_string(first) + ")"));
+      std::memset(raw.data() + got, 0, raw.size() - got);
+    } else if (max_abs_ > 0) {
+      const TensorView part{t->name, t->dtype, {count, head_dim_}, raw.data(), raw.size()};
+      const Status s = check_storable(part, max_abs_);
+      if (!s.is_ok()) note(invalid_argument("the file's values at " + where + ": " + s.message()));
+    }
+    convert(t->dtype, raw.data(), n, dtype, out);
+  }
 }
 
 void LayerStepKvSource::read(int, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {

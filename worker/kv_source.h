@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
 
 #include "common/protocol.h"
 #include "common/synthetic.h"
@@ -52,6 +55,40 @@ class SafetensorsKvSource final : public KvSource {
   KvTensors kv_;
   int kv_heads_ = 0;
   int head_dim_ = 0;
+};
+
+// `k` and `v` [layers, Hkv, tokens, D] of a safetensors file on disk, read with pread rather
+// than through a mapping: a file cut short while it is being read gives a short read, kept as
+// the source's problem (the values missing read as zeros), where reading a mapping past the
+// file's end would end the process (SIGBUS). Each value range read is checked
+// (check_storable against max_abs) as it arrives, so only the blocks a rank reads are checked.
+class FileKvSource final : public KvSource {
+ public:
+  // Opens the file and checks its header against the model (kv_tensors).
+  static Expected<std::unique_ptr<FileKvSource>> open(const std::string& path, const ModelConfig& model,
+                                                      float max_abs);
+  ~FileKvSource() override;
+  FileKvSource(const FileKvSource&) = delete;
+  FileKvSource& operator=(const FileKvSource&) = delete;
+  int64_t tokens() const override { return kv_.tokens; }
+  void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override;
+  // The first problem any read found (a short read, a value that cannot be stored), or ok.
+  Status problem() const;
+
+ private:
+  FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const ModelConfig& model, float max_abs);
+  void note(Status s) const;
+
+  int fd_ = -1;
+  SafetensorsFile header_;  // the views' shapes and dtypes; their bytes are never read
+  KvTensors kv_;
+  uint64_t k_at_ = 0;       // file offsets of k's and v's data
+  uint64_t v_at_ = 0;
+  int kv_heads_ = 0;
+  int head_dim_ = 0;
+  float max_abs_ = 0;
+  mutable std::mutex mu_;   // reads run on several threads at once
+  mutable Status problem_;
 };
 
 // The k and v of a layer step ([Hkv, qlen, D] each in the step's dtype), for whichever layer

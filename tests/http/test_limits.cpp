@@ -198,7 +198,9 @@ TEST(Safetensors, StepBodyForwardsItsTensorsNotABloatedHeader) {
     ASSERT_TRUE(step.is_ok()) << step.status().message();
     const StepTensors& t = step->tensors;
     ASSERT_TRUE(t.fit(q.size(), kv.size()));
-    if (body == &bloated) EXPECT_EQ(t.body->size(), data_bytes);  // the header stayed behind
+    if (body == &bloated) {
+      EXPECT_EQ(t.body->size(), data_bytes);  // the header stayed behind
+    }
     float first_q = 0, first_v = 0;
     std::memcpy(&first_q, t.at(t.q_offset), sizeof(float));
     std::memcpy(&first_v, t.at(t.v_offset), sizeof(float));
