@@ -187,15 +187,19 @@ def main():
             result["query_ms_during_load"]["p99"] / result["query_ms_baseline"]["p99"], 2)
         result["query_ms_during_load"]["max"] = round(max(during.ms), 3) if during.ms else None
         # What a query waits behind: the load's slices as the server timed them (debug log).
-        slices = {}
+        slices, parts = {}, {}
         for e in svc.log_lines():
             if e.get("msg") == "operation slice" and e.get("operation") == op["id"]:
                 slices.setdefault(e.get("slice", "?"), []).append(e["ms"])
+                for key in ("rank0_ms", "wait_ms", "rank0_read_ms"):  # rank 0's share, the wait for the others
+                    if key in e:
+                        parts.setdefault(key, []).append(round(e[key], 1))
         result["slice_ms"] = {name: {"count": len(v), "p50": round(percentile(v, 50), 3),
                                      "p99": round(percentile(v, 99), 3), "max": round(max(v), 3)}
                               for name, v in slices.items()}
         # In order (the first is the load's begin, the last its commit): where the slow ones fall.
         result["slice_ms_in_order"] = {name: [round(x, 1) for x in v] for name, v in slices.items()}
+        result["slice_parts_in_order"] = parts
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

@@ -50,6 +50,11 @@ struct StepTiming {
   double attention_ms = 0;  // chunk or state exchange, windowed attention, state merge, reply
   double total_ms = 0;      // the query step: score + candidates + attention
   double append_ms = 0;     // a layer step: appending its k/v on every rank, before the query step
+  // A long operation's slice, on rank 0: its own share of the work, the wait for the other
+  // ranks' outcome, and (a load) the time its reads of the file took, summed over threads.
+  double local_ms = 0;
+  double wait_ms = 0;
+  double read_ms = 0;
 };
 
 struct QueryResult {

@@ -341,7 +341,9 @@ Status StepLoop::run_slice() {
   // Each slice holds up the queries queued behind it: its time, at debug level.
   log_event(LogLevel::kDebug, "operation slice",
             {{"operation", a.id}, {"kind", operation_kind_name(a.op->kind())}, {"slice", operation_name(*slice)},
-             {"status", result.status.to_string()}, {"ms", ms_between(started, std::chrono::steady_clock::now())}});
+             {"status", result.status.to_string()}, {"ms", ms_between(started, std::chrono::steady_clock::now())},
+             {"rank0_ms", result.timing.local_ms}, {"wait_ms", result.timing.wait_ms},
+             {"rank0_read_ms", result.timing.read_ms}});
   const int64_t bytes_before = a.op->progress().bytes_done;
   const Status s = a.op->on_slice_done(*slice, result, registry_);
   const OperationProgress p = a.op->progress();

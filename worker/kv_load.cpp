@@ -52,7 +52,7 @@ Status KvLoads::begin(const LoadKv& op) {
   return Status::ok();
 }
 
-Status KvLoads::slice(const LoadKv& op) {
+Status KvLoads::slice(const LoadKv& op, double* read_ms) {
   const auto it = loads_.find(op.context_id);
   if (it == loads_.end()) return internal_error("no load under way on context " + std::to_string(op.context_id));
   const FileKvSource& file = *it->second.file;
@@ -69,7 +69,10 @@ Status KvLoads::slice(const LoadKv& op) {
   const FileSlice slice(file, op.offset, op.count);
   // The owner copies into its ring only the blocks that are there at the end of the whole load.
   const int64_t load_end = it->second.checkpoint.tokens + file.tokens();
-  REATTN_RETURN_IF_ERROR(store_.append(op.context_id, slice, -1, load_end));
+  const double read_before = file.read_ms();
+  const Status appended = store_.append(op.context_id, slice, -1, load_end);
+  if (read_ms) *read_ms = file.read_ms() - read_before;
+  REATTN_RETURN_IF_ERROR(appended);
   // A failed slice is followed by the load's abort, which puts the context back.
   return file.problem();
 }

@@ -25,8 +25,9 @@ class KvLoads {
   // the checkpoint.
   Status begin(const LoadKv& op);
   // kSlice: appends file tokens [op.offset, op.offset + op.count) to every layer. A value that
-  // cannot be stored fails it (the context is then left for abort to put back).
-  Status slice(const LoadKv& op);
+  // cannot be stored fails it (the context is then left for abort to put back). read_ms: the
+  // time its reads of the file took, summed over the threads that read.
+  Status slice(const LoadKv& op, double* read_ms = nullptr);
   // kCommit: the load stays; its file and checkpoint are released.
   void commit(ContextId id) { loads_.erase(id); }
   // kAbort: the context as it was at kBegin (nothing to do where kBegin did not get as far).

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -76,12 +77,15 @@ void FileKvSource::read(int layer, int kv_head, int64_t offset, int64_t count, D
     const uint64_t first = at + element * head_dim_ * esize;
     raw.resize(n * esize);
     size_t got = 0;
+    const auto started = std::chrono::steady_clock::now();
     while (got < raw.size()) {
       const ssize_t r = ::pread(fd_, raw.data() + got, raw.size() - got, static_cast<off_t>(first + got));
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) break;
       got += static_cast<size_t>(r);
     }
+    read_ns_ += static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count());
     if (got < raw.size()) {
       note(invalid_argument("the load file was truncated or became unreadable while it was being loaded (" + where +
                             ": " + std::to_string(got) + " of " + std::to_string(raw.size()) + " bytes at offset " +

@@ -3,6 +3,7 @@
 // dtype, so each rank reads only the blocks it holds and converts each value at most once.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -74,6 +75,8 @@ class FileKvSource final : public KvSource {
   void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override;
   // The first problem any read found (a short read, a value that cannot be stored), or ok.
   Status problem() const;
+  // Time spent in pread so far, summed over the threads that read (milliseconds).
+  double read_ms() const { return static_cast<double>(read_ns_.load()) / 1e6; }
 
  private:
   FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const ModelConfig& model, float max_abs);
@@ -89,6 +92,7 @@ class FileKvSource final : public KvSource {
   float max_abs_ = 0;
   mutable std::mutex mu_;   // reads run on several threads at once
   mutable Status problem_;
+  mutable std::atomic<uint64_t> read_ns_{0};
 };
 
 // The k and v of a layer step ([Hkv, qlen, D] each in the step's dtype), for whichever layer

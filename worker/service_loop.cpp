@@ -218,13 +218,20 @@ Status ServiceLoop::apply_layer_step(const LayerStep& op, OperationResult* resul
 
 Status ServiceLoop::apply_load(const LoadKv& op, OperationResult* result) {
   Status local = Status::ok();
+  const auto started = std::chrono::steady_clock::now();
+  double read_ms = 0;
   switch (op.phase) {
     case LoadPhase::kBegin: local = loads_.begin(op); break;
-    case LoadPhase::kSlice: local = loads_.slice(op); break;
+    case LoadPhase::kSlice: local = loads_.slice(op, &read_ms); break;
     case LoadPhase::kCommit: loads_.commit(op.context_id); break;
     case LoadPhase::kAbort: local = loads_.abort(op.context_id); break;
   }
+  const auto done = std::chrono::steady_clock::now();
   const Status agreed = control_.agree(local);
+  result->timing.local_ms = std::chrono::duration<double, std::milli>(done - started).count();
+  result->timing.wait_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - done).count();
+  result->timing.read_ms = read_ms;
   if (is_fault(agreed)) return agreed;
   // A begin that failed somewhere is undone where it went through (it changed nothing there).
   if (op.phase == LoadPhase::kBegin && !agreed.is_ok()) (void)loads_.abort(op.context_id);
