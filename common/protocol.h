@@ -130,7 +130,7 @@ struct LoadKv {
   int64_t file_tokens = 0;     // kBegin: tokens the file holds, as rank 0 read its header
   int64_t context_tokens = 0;  // kBegin: the context's length before the load; every rank checks it
   int64_t offset = 0;          // kSlice
-  int64_t count = 0;           // kSlice
+  int64_t count = 0;           // kSlice; kBegin: the first slice's (read ahead from the start)
 };
 
 // A snapshot runs as slices (coordinator/snapshot_operations.h): kWrite slices append layers

@@ -34,6 +34,7 @@ std::optional<Operation> LoadOperation::next_slice() {
       op.path = path_;
       op.file_tokens = file_tokens_;
       op.context_tokens = tokens_before_;
+      op.count = std::min(slice_tokens_, file_tokens_);  // the first slice's, for the ranks to read ahead
       return op;
     case Next::kSlices:
       op.phase = LoadPhase::kSlice;

@@ -48,6 +48,8 @@ Status KvLoads::begin(const LoadKv& op) {
   REATTN_ASSIGN_OR_RETURN(KvCheckpoint checkpoint, store_.checkpoint(op.context_id));
   struct stat st{};
   if (::stat(path.c_str(), &st) != 0) return invalid_argument("the load file vanished as it was opened");
+  // The first slice's reads start now, while queries run before it.
+  source->read_ahead(0, op.count);
   loads_[op.context_id] = Load{std::move(source), std::move(checkpoint), path, st.st_size};
   return Status::ok();
 }
@@ -73,6 +75,8 @@ Status KvLoads::slice(const LoadKv& op, double* read_ms) {
   const Status appended = store_.append(op.context_id, slice, -1, load_end);
   if (read_ms) *read_ms = file.read_ms() - read_before;
   REATTN_RETURN_IF_ERROR(appended);
+  // The next slice's reads start now, while queries run between the slices.
+  file.read_ahead(op.offset + op.count, op.count);
   // A failed slice is followed by the load's abort, which puts the context back.
   return file.problem();
 }

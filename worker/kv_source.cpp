@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -64,6 +65,19 @@ Status FileKvSource::problem() const {
 void FileKvSource::note(Status s) const {
   std::lock_guard<std::mutex> lock(mu_);
   if (problem_.is_ok()) problem_ = std::move(s);
+}
+
+void FileKvSource::read_ahead(int64_t first, int64_t count) const {
+  count = std::min(count, kv_.tokens - first);
+  if (first < 0 || count <= 0) return;
+  for (const auto& [t, at] : {std::pair{&kv_.k, k_at_}, std::pair{&kv_.v, v_at_}}) {
+    const uint64_t token_bytes = static_cast<uint64_t>(head_dim_) * dtype_size(t->dtype);
+    for (int64_t row = 0; row < static_cast<int64_t>(kv_.k.shape[0]) * kv_heads_; ++row) {
+      const uint64_t begin = at + (static_cast<uint64_t>(row) * kv_.tokens + first) * token_bytes;
+      (void)::posix_fadvise(fd_, static_cast<off_t>(begin), static_cast<off_t>(count * token_bytes),
+                            POSIX_FADV_WILLNEED);
+    }
+  }
 }
 
 void FileKvSource::read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {

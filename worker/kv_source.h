@@ -75,6 +75,11 @@ class FileKvSource final : public KvSource {
   void read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const override;
   // The first problem any read found (a short read, a value that cannot be stored), or ok.
   Status problem() const;
+  // Asks the kernel to start reading tokens [first, first + count) of every layer and KV head
+  // now (posix_fadvise WILLNEED), so a later read of them finds them in the page cache: a
+  // load reads the next slice ahead while queries run between slices. Out-of-range parts are
+  // skipped; advice the kernel refuses changes nothing.
+  void read_ahead(int64_t first, int64_t count) const;
   // Time spent in pread so far, summed over the threads that read (milliseconds).
   double read_ms() const { return static_cast<double>(read_ns_.load()) / 1e6; }
 
