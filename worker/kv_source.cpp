@@ -83,8 +83,10 @@ void FileKvSource::read_ahead(int64_t first, int64_t count) const {
 void FileKvSource::read(int layer, int kv_head, int64_t offset, int64_t count, DType dtype, void* k, void* v) const {
   thread_local std::vector<unsigned char> raw;
   const size_t n = static_cast<size_t>(count) * head_dim_;
-  const std::string where = "layer " + std::to_string(layer) + ", kv head " + std::to_string(kv_head) + ", tokens [" +
-                            std::to_string(offset) + ", " + std::to_string(offset + count) + ")";
+  const auto where = [&] {
+    return "layer " + std::to_string(layer) + ", kv head " + std::to_string(kv_head) + ", tokens [" +
+           std::to_string(offset) + ", " + std::to_string(offset + count) + ")";
+  };
   for (const auto& [t, at, out] : {std::tuple{&kv_.k, k_at_, k}, std::tuple{&kv_.v, v_at_, v}}) {
     const size_t esize = dtype_size(t->dtype);
     const uint64_t element = (static_cast<uint64_t>(layer) * kv_heads_ + kv_head) * kv_.tokens + offset;
@@ -101,14 +103,14 @@ void FileKvSource::read(int layer, int kv_head, int64_t offset, int64_t count, D
     read_ns_ += static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count());
     if (got < raw.size()) {
-      note(invalid_argument("the load file was truncated or became unreadable while it was being loaded (" + where +
+      note(invalid_argument("the load file was truncated or became unreadable while it was being loaded (" + where() +
                             ": " + std::to_string(got) + " of " + std::to_string(raw.size()) + " bytes at offset " +
                             std::to_string(first) + ")"));
       std::memset(raw.data() + got, 0, raw.size() - got);
     } else if (max_abs_ > 0) {
       const TensorView part{t->name, t->dtype, {count, head_dim_}, raw.data(), raw.size()};
       const Status s = check_storable(part, max_abs_);
-      if (!s.is_ok()) note(invalid_argument("the file's values at " + where + ": " + s.message()));
+      if (!s.is_ok()) note(invalid_argument("the file's values at " + where() + ": " + s.message()));
     }
     convert(t->dtype, raw.data(), n, dtype, out);
   }
