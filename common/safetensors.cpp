@@ -52,6 +52,7 @@ struct SafetensorsFile::Storage {
   const unsigned char* data = nullptr;
   size_t size = 0;
   void* mapping = nullptr;  // set when the bytes are a file mapping
+  bool header_only = false; // `buffer` holds the length and header; `size` is the file's
   std::string buffer;       // set when the bytes were parsed from memory
   std::shared_ptr<const std::string> shared;  // set when the bytes are shared with the caller
 
@@ -75,16 +76,21 @@ std::vector<float> TensorView::to_f32() const {
   return out;
 }
 
-Expected<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+Expected<int> open_regular_file(const std::string& path, struct stat* st) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return invalid_argument("cannot open '" + path + "': " + std::strerror(errno));
-  struct stat st {};
-  const bool stat_ok = fstat(fd, &st) == 0;
-  if (!stat_ok || !S_ISREG(st.st_mode)) {
+  const bool stat_ok = fstat(fd, st) == 0;
+  if (!stat_ok || !S_ISREG(st->st_mode)) {
     const std::string why = stat_ok ? "not a regular file" : std::strerror(errno);
     ::close(fd);
     return invalid_argument("cannot open '" + path + "': " + why);
   }
+  return fd;
+}
+
+Expected<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  struct stat st {};
+  REATTN_ASSIGN_OR_RETURN(const int fd, open_regular_file(path, &st));
   auto storage = std::make_shared<Storage>();
   storage->origin = path;
   storage->size = static_cast<size_t>(st.st_size);
@@ -101,6 +107,50 @@ Expected<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
   }
   ::close(fd);  // the mapping stays valid without the descriptor
   return parse_storage(std::move(storage), path);
+}
+
+Expected<SafetensorsFile> SafetensorsFile::read_header(int fd, uint64_t size, const std::string& origin) {
+  const auto read_at = [&](uint64_t offset, size_t bytes, std::string* out) {
+    out->resize(bytes);
+    size_t got = 0;
+    while (got < bytes) {
+      const ssize_t r = ::pread(fd, &(*out)[got], bytes - got, static_cast<off_t>(offset + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return false;
+      got += static_cast<size_t>(r);
+    }
+    return true;
+  };
+  auto storage = std::make_shared<Storage>();
+  storage->origin = origin;
+  storage->header_only = true;
+  storage->size = static_cast<size_t>(size);
+  std::string length;
+  if (size >= 8) {
+    if (!read_at(0, 8, &length)) return invalid_argument(origin + ": cannot read the header length (the file changed?)");
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<unsigned char>(length[i]);
+    // Out-of-range lengths are refused by the parse, naming the limit; only a length that fits
+    // both is read.
+    if (header_len <= kMaxHeaderBytes && header_len <= size - 8) {
+      std::string header;
+      if (!read_at(8, static_cast<size_t>(header_len), &header)) {
+        return invalid_argument(origin + ": cannot read the header (the file changed?)");
+      }
+      length += header;
+    }
+  }
+  storage->buffer = std::move(length);
+  storage->data = reinterpret_cast<const unsigned char*>(storage->buffer.data());
+  return parse_storage(std::move(storage), origin);
+}
+
+Expected<SafetensorsFile> SafetensorsFile::open_header(const std::string& path) {
+  struct stat st {};
+  REATTN_ASSIGN_OR_RETURN(const int fd, open_regular_file(path, &st));
+  Expected<SafetensorsFile> file = read_header(fd, static_cast<uint64_t>(st.st_size), path);
+  ::close(fd);
+  return file;
 }
 
 Expected<SafetensorsFile> SafetensorsFile::parse(std::string bytes, const std::string& origin) {
@@ -147,7 +197,8 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
                                                     " bytes after the length)"));
   }
   const char* header_begin = reinterpret_cast<const char*>(storage->data + 8);
-  const unsigned char* data = storage->data + 8 + header_len;
+  // Where the data section starts (not read for a header-only storage).
+  const unsigned char* data = storage->header_only ? nullptr : storage->data + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
 
   if (const std::string why = json_shape_refusal(check_json_shape(header_begin, header_begin + header_len));
@@ -224,8 +275,9 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
                   (numel > data_size / elem ? "more than the file holds"
                                             : std::to_string(numel * elem) + " bytes"));
     }
-    view.data = data + begin;
+    view.data = storage->header_only ? nullptr : data + begin;
     view.bytes = static_cast<size_t>(end - begin);
+    file.offsets_[name] = 8 + header_len + begin;
     auto it = file.tensors_.emplace(name, std::move(view)).first;
     if (begin != end) ranges.push_back({begin, end, &it->first});
   }
@@ -255,7 +307,8 @@ Expected<SafetensorsFile> SafetensorsFile::parse_storage(std::shared_ptr<Storage
 }
 
 uint64_t SafetensorsFile::offset_of(const TensorView& view) const {
-  return static_cast<uint64_t>(view.data - storage_->data);
+  const auto it = offsets_.find(view.name);
+  return it == offsets_.end() ? 0 : it->second;
 }
 
 Expected<TensorView> SafetensorsFile::get(const std::string& name) const {

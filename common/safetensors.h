@@ -4,6 +4,8 @@
 // crashes on hostile bytes.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -35,6 +37,13 @@ class SafetensorsFile {
   // Maps the file read-only. Errors: missing/unreadable file, truncated header, bad JSON,
   // unknown dtype, offsets outside the data, size != numel * dtype size, overlapping tensors.
   static Expected<SafetensorsFile> open(const std::string& path);
+  // The header alone of the open file `fd` (`size`: its size, from fstat), read with pread:
+  // the data section is neither read nor mapped, so a file cut short meanwhile cannot fault
+  // the process. Shapes, dtypes and offset_of are usable; the views' `data` is null. The
+  // same checks as open() (offsets within `size`, tiling, dtypes).
+  static Expected<SafetensorsFile> read_header(int fd, uint64_t size, const std::string& origin);
+  // read_header of the file at `path` (opened and closed here).
+  static Expected<SafetensorsFile> open_header(const std::string& path);
   // Parses a copy of an in-memory blob (e.g. an HTTP body).
   static Expected<SafetensorsFile> parse(std::string bytes, const std::string& origin = "<body>");
   // Parses bytes it does not own or copy: the caller keeps `bytes` alive and unchanged for as
@@ -57,7 +66,12 @@ class SafetensorsFile {
   static Expected<SafetensorsFile> parse_storage(std::shared_ptr<Storage> storage, const std::string& origin);
   std::shared_ptr<Storage> storage_;
   std::map<std::string, TensorView> tensors_;
+  std::map<std::string, uint64_t> offsets_;  // each tensor's first byte, from the start of the blob
 };
+
+// Opens `path` read-only (close-on-exec): the descriptor, with *st its fstat; anything but a
+// regular file is refused, naming the path.
+Expected<int> open_regular_file(const std::string& path, struct stat* st);
 
 // One tensor to write: `data` holds numel * dtype_size(dtype) bytes.
 struct TensorToWrite {

@@ -396,8 +396,8 @@ void Handlers::load(const HttpRequest& req, const RouteMatch& m, Responder done)
   if (!asked) return done(body_error(asked.status()));
   Expected<std::string> path = resolve_under_root(config_.server.load_root, asked->path, "server.load_root (--load-root)");
   if (!path) return done(status_response(path.status()));
-  // The header only: the file is mapped, and its data is read by the ranks, slice by slice.
-  Expected<SafetensorsFile> file = SafetensorsFile::open(*path);
+  // The header only (pread): its data is read by the ranks, slice by slice.
+  Expected<SafetensorsFile> file = SafetensorsFile::open_header(*path);
   if (!file) {
     // Named as the client named it: the server's directories are not echoed.
     std::string why = file.status().message();

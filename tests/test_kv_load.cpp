@@ -4,6 +4,8 @@
 // Every rank of a job is simulated in one process (KvStore takes its rank and world).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -198,6 +200,22 @@ TEST(KvLoad, FileSourceReadsAndSurvivesATruncation) {
   EXPECT_NE(s.message().find("truncated"), std::string::npos) << s.message();
   EXPECT_NE(s.message().find("layer 1, kv head 1, tokens [10, 15)"), std::string::npos) << s.message();
   EXPECT_EQ(got_v, std::vector<float>(got_v.size(), 0.0f));  // what was missing reads as zeros
+  EXPECT_NE(src.unchanged().message().find("truncated"), std::string::npos) << src.unchanged().message();
+  std::remove(path.c_str());
+
+  // Rewritten in place at the same size: unchanged() names the modification.
+  ASSERT_TRUE(write_file(path, serialize_safetensors({make_tensor("k", DType::kF32, shape, k),
+                                                      make_tensor("v", DType::kF32, shape, v)}))
+                  .is_ok());
+  Expected<std::unique_ptr<FileKvSource>> again = FileKvSource::open(path, m, c.max_stored_value());
+  ASSERT_TRUE(again.is_ok());
+  EXPECT_TRUE((*again)->unchanged().is_ok());
+  struct stat on_disk {};
+  ASSERT_EQ(::stat(path.c_str(), &on_disk), 0);
+  EXPECT_EQ((*again)->file_bytes(), static_cast<int64_t>(on_disk.st_size));
+  const struct timespec later[2] = {{0, UTIME_OMIT}, {2000000000, 0}};  // a new modification time
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), later, 0), 0);
+  EXPECT_NE((*again)->unchanged().message().find("modified"), std::string::npos) << (*again)->unchanged().message();
   std::remove(path.c_str());
 
   // A value beyond what the store can hold is named where it is.

@@ -108,6 +108,39 @@ TEST(Safetensors, OpenMapsAWrittenFile) {
   EXPECT_EQ(missing.status().message(), "tensor 'x' not found in " + path + " (it has: w)");
 }
 
+// The header alone (pread; the data section neither read nor mapped): the same shapes,
+// dtypes and offsets as open(), views without data, and the same refusals, by path.
+TEST(Safetensors, OpenHeaderReadsTheHeaderOnly) {
+  const std::string path = temp_path("header.safetensors");
+  const std::string blob = serialize_safetensors({make_tensor("a", DType::kF16, {2, 5}, test_values(10, 1)),
+                                                  make_tensor("b", DType::kF32, {7}, test_values(7, 2))});
+  ASSERT_TRUE(write_file(path, blob).is_ok());
+  Expected<SafetensorsFile> mapped = SafetensorsFile::open(path);
+  Expected<SafetensorsFile> header = SafetensorsFile::open_header(path);
+  ASSERT_TRUE(mapped.is_ok() && header.is_ok()) << header.status().to_string();
+  for (const char* name : {"a", "b"}) {
+    const TensorView m = *mapped->get(name), h = *header->get(name);
+    EXPECT_EQ(h.shape, m.shape) << name;
+    EXPECT_EQ(h.dtype, m.dtype) << name;
+    EXPECT_EQ(h.bytes, m.bytes) << name;
+    EXPECT_EQ(h.data, nullptr) << name;
+    EXPECT_EQ(header->offset_of(h), mapped->offset_of(m)) << name;
+    // The offset is where the tensor's bytes are in the file.
+    EXPECT_EQ(std::memcmp(blob.data() + header->offset_of(h), m.data, m.bytes), 0) << name;
+  }
+  // Cut short in the data section: refused as open() refuses it, naming the path.
+  ASSERT_TRUE(write_file(path, blob.substr(0, blob.size() - 4)).is_ok());
+  const Status cut = SafetensorsFile::open_header(path).status();
+  EXPECT_EQ(cut.message().rfind(path + ": ", 0), 0u) << cut.message();
+  EXPECT_NE(cut.message().find("past the data section"), std::string::npos) << cut.message();
+  for (const auto& [bytes, what] : {std::pair<std::string, std::string>{"", "empty file"}, {"abcde", "truncated"}}) {
+    ASSERT_TRUE(write_file(path, bytes).is_ok());
+    EXPECT_NE(SafetensorsFile::open_header(path).status().message().find(what), std::string::npos) << what;
+  }
+  unlink(path.c_str());
+  EXPECT_NE(SafetensorsFile::open_header(path).status().message().find("No such file"), std::string::npos);
+}
+
 TEST(Safetensors, OpenReportsMissingFileAndShortFile) {
   const std::string missing = temp_path("does_not_exist.safetensors");
   auto f = SafetensorsFile::open(missing);

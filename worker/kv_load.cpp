@@ -46,11 +46,10 @@ Status KvLoads::begin(const LoadKv& op) {
                             std::to_string(op.file_tokens) + " when the load was requested (it changed)");
   }
   REATTN_ASSIGN_OR_RETURN(KvCheckpoint checkpoint, store_.checkpoint(op.context_id));
-  struct stat st{};
-  if (::stat(path.c_str(), &st) != 0) return invalid_argument("the load file vanished as it was opened");
   // The first slice's reads start now, while queries run before it.
   source->read_ahead(0, op.count);
-  loads_[op.context_id] = Load{std::move(source), std::move(checkpoint), path, st.st_size};
+  const int64_t bytes = source->file_bytes();
+  loads_[op.context_id] = Load{std::move(source), std::move(checkpoint), path, bytes};
   return Status::ok();
 }
 
@@ -58,12 +57,13 @@ Status KvLoads::slice(const LoadKv& op, double* read_ms) {
   const auto it = loads_.find(op.context_id);
   if (it == loads_.end()) return internal_error("no load under way on context " + std::to_string(op.context_id));
   const FileKvSource& file = *it->second.file;
-  // A file replaced or cut short since the last slice fails here, by name; one cut short during
-  // this slice, in the reads (a short pread: FileKvSource).
+  // A file replaced, cut short or rewritten since the last slice fails here, by name; one cut
+  // short during this slice, in the reads (a short pread: FileKvSource).
   struct stat st{};
   if (::stat(it->second.path.c_str(), &st) != 0 || st.st_size < it->second.file_bytes) {
     return invalid_argument("the load file was removed or truncated while it was being loaded");
   }
+  REATTN_RETURN_IF_ERROR(file.unchanged());
   if (op.offset < 0 || op.count < 1 || op.offset > file.tokens() - op.count) {
     return internal_error("load slice [" + std::to_string(op.offset) + ", +" + std::to_string(op.count) +
                           ") is outside the file's " + std::to_string(file.tokens()) + " tokens");
@@ -75,10 +75,11 @@ Status KvLoads::slice(const LoadKv& op, double* read_ms) {
   const Status appended = store_.append(op.context_id, slice, -1, load_end);
   if (read_ms) *read_ms = file.read_ms() - read_before;
   REATTN_RETURN_IF_ERROR(appended);
+  // A failed slice is followed by the load's abort, which puts the context back.
+  REATTN_RETURN_IF_ERROR(file.problem());
   // The next slice's reads start now, while queries run between the slices.
   file.read_ahead(op.offset + op.count, op.count);
-  // A failed slice is followed by the load's abort, which puts the context back.
-  return file.problem();
+  return Status::ok();
 }
 
 Status KvLoads::abort(ContextId id) {

@@ -1,6 +1,7 @@
 #include "worker/kv_source.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -36,15 +37,23 @@ void SafetensorsKvSource::read(int layer, int kv_head, int64_t offset, int64_t c
 
 Expected<std::unique_ptr<FileKvSource>> FileKvSource::open(const std::string& path, const ModelConfig& model,
                                                            float max_abs) {
-  REATTN_ASSIGN_OR_RETURN(SafetensorsFile header, SafetensorsFile::open(path));
-  REATTN_ASSIGN_OR_RETURN(KvTensors kv, kv_tensors(header, model));
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return invalid_argument("cannot open '" + path + "': " + std::strerror(errno));
-  return std::unique_ptr<FileKvSource>(new FileKvSource(fd, std::move(header), std::move(kv), model, max_abs));
+  // One descriptor for the header and every read: a file renamed over meanwhile is not mixed in.
+  struct stat st {};
+  REATTN_ASSIGN_OR_RETURN(const int fd, open_regular_file(path, &st));
+  Expected<SafetensorsFile> header = SafetensorsFile::read_header(fd, static_cast<uint64_t>(st.st_size), path);
+  Expected<KvTensors> kv = header ? kv_tensors(*header, model) : Expected<KvTensors>(header.status());
+  if (!kv) {
+    ::close(fd);
+    return kv.status();
+  }
+  return std::unique_ptr<FileKvSource>(new FileKvSource(fd, st, std::move(*header), std::move(*kv), model, max_abs));
 }
 
-FileKvSource::FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const ModelConfig& model, float max_abs)
+FileKvSource::FileKvSource(int fd, const struct stat& st, SafetensorsFile header, KvTensors kv,
+                           const ModelConfig& model, float max_abs)
     : fd_(fd),
+      bytes_(static_cast<int64_t>(st.st_size)),
+      modified_ns_(static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec),
       header_(std::move(header)),
       kv_(std::move(kv)),
       k_at_(header_.offset_of(kv_.k)),
@@ -52,6 +61,17 @@ FileKvSource::FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const M
       kv_heads_(model.kv_heads),
       head_dim_(model.head_dim),
       max_abs_(max_abs) {}
+
+Status FileKvSource::unchanged() const {
+  struct stat st {};
+  if (fstat(fd_, &st) != 0) return invalid_argument(std::string("cannot stat the load file: ") + std::strerror(errno));
+  if (st.st_size < bytes_) return invalid_argument("the load file was truncated while it was being loaded");
+  const int64_t modified = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  if (st.st_size != bytes_ || modified != modified_ns_) {
+    return invalid_argument("the load file was modified while it was being loaded");
+  }
+  return Status::ok();
+}
 
 FileKvSource::~FileKvSource() {
   if (fd_ >= 0) ::close(fd_);

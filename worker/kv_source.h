@@ -3,6 +3,8 @@
 // dtype, so each rank reads only the blocks it holds and converts each value at most once.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -65,9 +67,15 @@ class SafetensorsKvSource final : public KvSource {
 // (check_storable against max_abs) as it arrives, so only the blocks a rank reads are checked.
 class FileKvSource final : public KvSource {
  public:
-  // Opens the file and checks its header against the model (kv_tensors).
+  // Opens the file, reads its header (pread: SafetensorsFile::read_header) and checks it
+  // against the model (kv_tensors).
   static Expected<std::unique_ptr<FileKvSource>> open(const std::string& path, const ModelConfig& model,
                                                       float max_abs);
+  // Its size when it was opened.
+  int64_t file_bytes() const { return bytes_; }
+  // ok while the open file has its size and modification time of open(); else an error
+  // naming a truncation or a modification (a file rewritten in place mid-load).
+  Status unchanged() const;
   ~FileKvSource() override;
   FileKvSource(const FileKvSource&) = delete;
   FileKvSource& operator=(const FileKvSource&) = delete;
@@ -84,10 +92,13 @@ class FileKvSource final : public KvSource {
   double read_ms() const { return static_cast<double>(read_ns_.load()) / 1e6; }
 
  private:
-  FileKvSource(int fd, SafetensorsFile header, KvTensors kv, const ModelConfig& model, float max_abs);
+  FileKvSource(int fd, const struct stat& st, SafetensorsFile header, KvTensors kv, const ModelConfig& model,
+               float max_abs);
   void note(Status s) const;
 
   int fd_ = -1;
+  int64_t bytes_ = 0;        // size and modification time at open()
+  int64_t modified_ns_ = 0;
   SafetensorsFile header_;  // the views' shapes and dtypes; their bytes are never read
   KvTensors kv_;
   uint64_t k_at_ = 0;       // file offsets of k's and v's data
