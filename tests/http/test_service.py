@@ -631,6 +631,22 @@ class Suite:
     def load_test(self, svc):
         c = self.c
         total, clients = self.args.load_queries, self.args.load_clients
+        stats = self.load_round(svc, total, clients)
+        # Batching needs queries to arrive while a step runs: on a loaded 2-core machine one round
+        # can go by without overlap, so up to two more rounds look for it (a service that never
+        # batches fails all three).
+        rounds = 1
+        while stats["max_batch"] <= 1 and rounds < 3 and not stats["errors"]:
+            more = self.load_round(svc, total, clients)
+            rounds += 1
+            stats["max_batch"] = more["max_batch"]
+            stats["errors"] += more["errors"]
+        c.check(stats["max_batch"] > 1, "load test: concurrent queries were batched (largest %d in %d round(s))"
+                % (stats["max_batch"], rounds))
+
+    def load_round(self, svc, total, clients):
+        """`total` queries from `clients` threads, every answer checked; returns the counts."""
+        c = self.c
         lock = threading.Lock()
         stats = {"ok": 0, "errors": [], "max_batch": 0, "answered": set()}
         counter = iter(range(total))
@@ -675,7 +691,7 @@ class Suite:
             print("  load error: " + e, flush=True)
         c.check(not stats["errors"], "load test: no errors (%d)" % len(stats["errors"]))
         c.check(stats["ok"] == total and len(stats["answered"]) == total, "load test: nothing lost")
-        c.check(stats["max_batch"] > 1, "load test: concurrent queries were batched (largest %d)" % stats["max_batch"])
+        return stats
 
     # ------------------------------------------------------------ queue full, drain
 
