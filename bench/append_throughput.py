@@ -45,10 +45,7 @@ def kv_body(layers, kv_heads, tokens, dim):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", required=True, help="reattn-server binary")
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    sc.add_job_args(ap)
     ap.add_argument("--tokens", type=int, default=512, help="tokens per append (512: a 64 MiB body)")
     ap.add_argument("--iters", type=int, default=8, help="timed appends (after one warm-up)")
     ap.add_argument("--json", help="write the result here too")

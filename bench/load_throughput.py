@@ -94,10 +94,7 @@ class QueryLoop:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", required=True, help="reattn-server binary")
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    sc.add_job_args(ap)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens in the file (8192: 1 GiB at the default shapes)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)

@@ -10,10 +10,10 @@ step loop's ("operation" lines).
 
     python3 bench/prefill_overhead.py --backend cpu --qlen 256 --calls 6
     python3 bench/prefill_overhead.py --backend cuda --qlen 4096 --calls 12 --logs bench/out/prefill_overhead"""
-import argparse, os, sys, time
+import argparse, os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
 import numpy as np
-from model_service import REPO, Service, add_service_args, derived_config, percentile
+from model_service import REPO, Service, add_service_args, derived_config
 from reattn_client.safetensors import Raw16, float32_to_bf16_bits
 p = argparse.ArgumentParser(); add_service_args(p)
 p.add_argument("--qlen", type=int, default=4096); p.add_argument("--calls", type=int, default=6)

@@ -55,10 +55,7 @@ def server_config(base_path, out_path, backend, tokens):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server", required=True)
-    p.add_argument("--mpirun", default="mpirun")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    sc.add_job_args(p)
     p.add_argument("--config", default=os.path.join(HERE, "..", "configs", "tiny.yaml"))
     p.add_argument("--tokens", type=int, default=20000)
     p.add_argument("--dir", default=None, help="work directory (default: a new one under /tmp)")

@@ -91,10 +91,7 @@ def timed_operation(cl, start):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", required=True, help="reattn-server binary")
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+    sc.add_job_args(ap)
     ap.add_argument("--config", default=os.path.join(HERE, "..", "configs", "qwen2-1.5b.yaml"),
                     help="the model and reattention sections are used (default: Qwen2-1.5B)")
     ap.add_argument("--tokens", type=int, default=65536)

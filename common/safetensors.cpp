@@ -366,7 +366,13 @@ std::string serialize_safetensors(const std::vector<TensorBytes>& tensors) {
   size_t data_bytes = 0;
   for (const auto& t : tensors) data_bytes += t.bytes;
   out.reserve(out.size() + data_bytes);
-  for (const auto& t : tensors) out.append(static_cast<const char*>(t.data), t.bytes);
+  for (const auto& t : tensors) {
+    if (t.data != nullptr) {
+      out.append(static_cast<const char*>(t.data), t.bytes);
+    } else {
+      out.append(t.bytes, '\0');  // the caller's to fill
+    }
+  }
   return out;
 }
 

@@ -101,7 +101,8 @@ std::string safetensors_header(const std::vector<TensorBytes>& tensors);
 
 // Serialises tensors (in the given order) to a safetensors blob.
 std::string serialize_safetensors(const std::vector<TensorToWrite>& tensors);
-// The same from borrowed bytes: each tensor's bytes are copied once, into the blob.
+// The same from borrowed bytes: each tensor's bytes are copied once, into the blob; a tensor
+// whose `data` is null is left zeroed there, for the caller to write (e.g. converted).
 std::string serialize_safetensors(const std::vector<TensorBytes>& tensors);
 // Convenience: an fp32 vector converted to `dtype`.
 TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int64_t> shape,

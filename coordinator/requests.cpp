@@ -25,7 +25,6 @@ using nlohmann::json;
 constexpr size_t kMaxNeedles = 1024;
 // A step body's header bytes sent on to the other ranks with its tensors, at most.
 constexpr uint64_t kMaxForwardedStepHeaderBytes = 64 * 1024;
-constexpr const char* kQueryParametersNeedSafetensors = "query parameters are only read with a safetensors body";
 
 std::string lower(std::string s) {
   for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -315,27 +314,26 @@ Expected<StepRequest> parse_safetensors_step(std::shared_ptr<std::string> body, 
   return req;
 }
 
-// A JSON body (no query parameters) or a safetensors body (parameters in the URL).
-template <typename T>
+// A JSON body (no query parameters) or a safetensors body (parameters in the URL), parsed by
+// from_safetensors() (which holds the body as it needs it: borrowed or shared).
+template <typename T, typename FromSafetensors>
 Expected<T> parse_either(const std::string& body, const std::string& content_type, const std::string& query_string,
                          const Config& config, Expected<T> (*from_json)(const std::string&, const Config&),
-                         Expected<T> (*from_safetensors)(const std::string&, const std::string&, const Config&)) {
+                         FromSafetensors from_safetensors) {
   if (is_json_body(body, content_type)) {
-    if (!query_string.empty()) return invalid_argument(kQueryParametersNeedSafetensors);
+    if (!query_string.empty()) return invalid_argument("query parameters are only read with a safetensors body");
     return from_json(body, config);
   }
-  return from_safetensors(body, query_string, config);
+  return from_safetensors();
 }
 
 }  // namespace
 
 Expected<StepRequest> parse_step_request(std::shared_ptr<std::string> body, const std::string& content_type,
                                          const std::string& query_string, const Config& config) {
-  if (is_json_body(*body, content_type)) {
-    if (!query_string.empty()) return invalid_argument(kQueryParametersNeedSafetensors);
-    return parse_json_step(*body, config);
-  }
-  return parse_safetensors_step(std::move(body), query_string, config);
+  const std::string& text = *body;  // kept alive by `body` until the safetensors parse takes it
+  return parse_either<StepRequest>(text, content_type, query_string, config, parse_json_step,
+                                   [&] { return parse_safetensors_step(std::move(body), query_string, config); });
 }
 
 bool is_json_body(const std::string& body, const std::string& content_type) {
@@ -351,7 +349,7 @@ bool is_json_body(const std::string& body, const std::string& content_type) {
 Expected<QueryRequest> parse_query_request(const std::string& body, const std::string& content_type,
                                            const std::string& query_string, const Config& config) {
   return parse_either<QueryRequest>(body, content_type, query_string, config, parse_json_query,
-                                    parse_safetensors_query);
+                                    [&] { return parse_safetensors_query(body, query_string, config); });
 }
 
 Expected<SyntheticRequest> parse_synthetic_request(const std::string& body) {

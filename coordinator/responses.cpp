@@ -55,27 +55,19 @@ HttpResponse attention_response(nlohmann::json fields, const TaskResult& r, int6
     // Borrowed: the answer's bytes are copied once, into the body.
     std::vector<int64_t> spans;  // span recall: [spans, 2] I64, first and end (exclusive)
     for (const auto& [first, end] : r.query.recalled_spans) spans.insert(spans.end(), {first, end});
-    // `out` in out_dtype, converted as it is copied into the body (its one copy).
+    // `out` in out_dtype, converted as it is written into the body (its one copy).
     std::vector<TensorBytes> tensors = {
-        {"out", dtype_name(out_dtype), {qlen, m.q_heads, m.head_dim}, r.query.out.data(),
-         r.query.out.size() * dtype_size(out_dtype)},
+        {"out", dtype_name(out_dtype), {qlen, m.q_heads, m.head_dim}, nullptr, r.query.out.size() * dtype_size(out_dtype)},
         {"recalled_chunks", "I64", {static_cast<int64_t>(r.query.recalled.size())}, r.query.recalled.data(),
          r.query.recalled.size() * sizeof(int64_t)}};
     if (rc.recall == RecallMode::kSpan) {
       tensors.push_back({"recalled_spans", "I64", {static_cast<int64_t>(spans.size() / 2), 2}, spans.data(),
                          spans.size() * sizeof(int64_t)});
     }
-    std::string body = safetensors_header(tensors);
+    std::string body = serialize_safetensors(tensors);
     size_t data_bytes = 0;
     for (const TensorBytes& t : tensors) data_bytes += t.bytes;
-    body.resize(body.size() + data_bytes);
-    char* at = body.data() + body.size() - data_bytes;
-    write_out(out_dtype, r.query.out, at);
-    at += tensors[0].bytes;
-    for (size_t i = 1; i < tensors.size(); ++i) {
-      std::memcpy(at, tensors[i].data, tensors[i].bytes);
-      at += tensors[i].bytes;
-    }
+    write_out(out_dtype, r.query.out, body.data() + body.size() - data_bytes);  // `out` comes first
     HttpResponse resp;
     resp.content_type = "application/octet-stream";
     resp.body = std::move(body);

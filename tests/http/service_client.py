@@ -211,6 +211,15 @@ def _die_with_parent():
         pass
 
 
+def add_job_args(parser, ranks=2):
+    """The command-line options that pick the job a benchmark starts: --server (the binary),
+    --mpirun, --ranks and --backend (the config's backend kind)."""
+    parser.add_argument("--server", required=True, help="reattn-server binary")
+    parser.add_argument("--mpirun", default="mpirun")
+    parser.add_argument("--ranks", type=int, default=ranks)
+    parser.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
 class Service:
     """reattn-server under mpirun: started, waited for, stopped, always killed at the end."""
 

@@ -128,8 +128,20 @@ class Adapter(unittest.TestCase):
     def test_mistral(self):
         self.check_kind("mistral")
 
-    def test_bf16_llama(self):
+    def through_service(self, model, ids):
+        """The model's float logits for `ids` with its attention through a new context (then
+        detached and deleted), and the adapter's session."""
         from reattn_client import hf
+        ctx = self.client.create_context()["id"]
+        session = hf.attach(model, self.client, ctx)
+        try:
+            with torch.no_grad():
+                return model(ids).logits.float(), session
+        finally:
+            session.detach()
+            self.client.delete_context(ctx)
+
+    def test_bf16_llama(self):
         fp32 = tiny_model("llama", seed=3)
         model = tiny_model("llama", seed=3)
         for p in model.parameters():
@@ -139,14 +151,7 @@ class Adapter(unittest.TestCase):
         with torch.no_grad():
             truth = fp32(ids).logits
             own = model(ids).logits.float()
-        ctx = self.client.create_context()["id"]
-        session = hf.attach(model, self.client, ctx)
-        try:
-            with torch.no_grad():
-                got = model(ids).logits.float()
-        finally:
-            session.detach()
-            self.client.delete_context(ctx)
+        got, _ = self.through_service(model, ids)
         err_own, err = (own - truth).abs().max().item(), (got - truth).abs().max().item()
         self.assertGreater(err_own, 0.0, "the bf16 run differs from fp32")
         self.assertLessEqual(err, 2.0 * err_own + 1e-3 * truth.abs().max().item(),
@@ -162,7 +167,6 @@ class Adapter(unittest.TestCase):
         ones are as close to fp32 as the model's own bf16 run."""
         if not torch.cuda.is_available():
             self.skipTest("no CUDA device")
-        from reattn_client import hf
         # The last GPU: with two, the model is not on the current device (cuda:0), so its copies
         # run on another device's stream than the current one.
         device = "cuda:%d" % (torch.cuda.device_count() - 1)
@@ -173,14 +177,7 @@ class Adapter(unittest.TestCase):
             with torch.no_grad():
                 own = model(ids).logits.float()
             truth = own if truth is None else truth
-            ctx = self.client.create_context()["id"]
-            session = hf.attach(model, self.client, ctx)
-            try:
-                with torch.no_grad():
-                    got = model(ids).logits.float()
-            finally:
-                session.detach()
-                self.client.delete_context(ctx)
+            got, session = self.through_service(model, ids)
             self.assertIsNotNone(session._staging, "the pinned path ran")
             self.assertEqual(session._staging.out, dtype)
             err, scale = (got - truth).abs().max().item(), max(1.0, truth.abs().max().item())
